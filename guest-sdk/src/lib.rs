@@ -83,6 +83,7 @@ fn describe_publish_error(e: &PublishError) -> String {
     match e {
         PublishError::AccessDenied(s) => format!("access denied to subject {s:?}"),
         PublishError::InvalidSubject(s) => format!("invalid subject {s:?}"),
+        PublishError::InvalidHeader(h) => format!("invalid header {h:?}"),
         PublishError::PayloadTooLarge(max) => format!("payload larger than {max} bytes"),
         PublishError::QuotaExceeded => "publish quota for this event exceeded".to_string(),
         PublishError::Unavailable(why) => format!("broker unavailable: {why}"),

@@ -1,0 +1,34 @@
+//! wasmev: a runtime for WebAssembly event handlers.
+//!
+//! The host reads `runtime.toml`, subscribes to the subjects it lists on NATS or the
+//! embedded broker, and runs each event through a sandboxed Wasm component that
+//! implements the `wasmev:events/handler` world. The `wasmev` binary is a thin CLI over
+//! [`runtime::run`], [`check`] and [`ingress`].
+
+pub mod admin;
+pub mod broker;
+pub mod dispatch;
+pub mod engine;
+pub mod handler;
+pub mod ingress;
+pub mod limits;
+pub mod manifest;
+pub mod metrics;
+pub mod publish;
+pub mod runtime;
+pub mod sandbox;
+pub mod subject;
+
+pub use manifest::Manifest;
+pub use runtime::{Host, Options, run};
+
+/// Everything `wasmev run` does before connecting: parse and validate the manifest, then
+/// compile every module and check it against the world. Returns every problem found.
+pub fn check(path: &std::path::Path) -> Result<Manifest, Vec<String>> {
+    let manifest = Manifest::load(path).map_err(|e| vec![e.to_string()])?;
+    let engine = engine::new_engine().map_err(|e| vec![format!("{e:#}")])?;
+    let linker = handler::linker(&engine).map_err(|e| vec![format!("{e:#}")])?;
+    handler::compile_all(&engine, &linker, &manifest.handlers)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    Ok(manifest)
+}

@@ -34,16 +34,16 @@ struct EmailSender;
 impl Handler for EmailSender {
     fn handle(event: Event) -> Result<(), HandleError> {
         let user: UserCreated = event.json()?;
-        if !plausible_email(&user.email) {
-            return Err(HandleError::Reject(format!(
-                "user {} has no valid email address: {:?}",
-                user.id, user.email
-            )));
-        }
         let user_id = match &user.id {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
+        if !plausible_email(&user.email) {
+            return Err(HandleError::Reject(format!(
+                "user {user_id} has no valid email address: {:?}",
+                user.email
+            )));
+        }
         let from = config("from").unwrap_or_else(|| DEFAULT_FROM.to_string());
         let subject_template = config("subject").unwrap_or_else(|| DEFAULT_SUBJECT.to_string());
         let body_template = config("body").unwrap_or_else(|| DEFAULT_BODY.to_string());

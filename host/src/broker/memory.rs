@@ -1,0 +1,227 @@
+//! The embedded in-process broker: NATS subject semantics (wildcards, queue groups) with
+//! no server to run. It is the zero-setup default, not a test double.
+//!
+//! Delivery is at-most-once like NATS core, with one difference in the user's favour:
+//! when a subscriber's buffer is full the publisher waits (up to the publish timeout)
+//! instead of the message being dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{Message, PublishError, validate_header};
+use crate::limits;
+use crate::subject::{Pattern, Subject};
+
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    // A std lock, never held across an await: publishes only clone senders out of it.
+    subs: RwLock<Vec<Sub>>,
+    next_id: AtomicU64,
+    /// Rotates which member of a queue group gets the next message.
+    round_robin: AtomicUsize,
+}
+
+struct Sub {
+    id: u64,
+    pattern: Pattern,
+    queue: Option<String>,
+    tx: mpsc::Sender<Message>,
+}
+
+/// A subscription on the embedded broker; unsubscribes on drop.
+pub struct MemorySubscription {
+    rx: mpsc::Receiver<Message>,
+    id: u64,
+    broker: Weak<Inner>,
+}
+
+impl MemorySubscription {
+    pub async fn next(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        if let Some(inner) = self.broker.upgrade() {
+            let mut subs = inner.subs.write().unwrap_or_else(|e| e.into_inner());
+            subs.retain(|s| s.id != self.id);
+        }
+    }
+}
+
+impl MemoryBroker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn subscribe(&self, pattern: Pattern, queue: Option<&str>) -> MemorySubscription {
+        let (tx, rx) = mpsc::channel(limits::SUBSCRIPTION_BUFFER);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let sub = Sub {
+            id,
+            pattern,
+            queue: queue.map(str::to_string),
+            tx,
+        };
+        self.inner
+            .subs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sub);
+        MemorySubscription {
+            rx,
+            id,
+            broker: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// Publish to every matching plain subscriber and to one member of each matching queue
+    /// group. Returns how many subscribers received the message.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Bytes,
+    ) -> Result<usize, PublishError> {
+        Subject::new(subject).map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        for (k, v) in headers {
+            validate_header(k, v)?;
+        }
+        let targets = self.targets(subject);
+        let message = Message {
+            subject: subject.to_string(),
+            reply: None,
+            headers: headers.to_vec(),
+            payload,
+        };
+        let mut delivered = 0;
+        for tx in targets {
+            // Why wait instead of dropping: nothing is lost while the host is up. Why a
+            // timeout: a handler publishing into its own full subscription would otherwise
+            // wait on itself forever.
+            match tokio::time::timeout(limits::PUBLISH_TIMEOUT, tx.send(message.clone())).await {
+                Ok(Ok(())) => delivered += 1,
+                // The subscriber went away between matching and sending: not a failure.
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    return Err(PublishError::Unavailable(format!(
+                        "a subscriber of {subject:?} has not taken messages for {}s",
+                        limits::PUBLISH_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        }
+        Ok(delivered)
+    }
+
+    fn targets(&self, subject: &str) -> Vec<mpsc::Sender<Message>> {
+        let subs = self.inner.subs.read().unwrap_or_else(|e| e.into_inner());
+        let mut targets = Vec::new();
+        let mut groups: HashMap<&str, Vec<&mpsc::Sender<Message>>> = HashMap::new();
+        for sub in subs.iter().filter(|s| s.pattern.matches(subject)) {
+            match &sub.queue {
+                None => targets.push(sub.tx.clone()),
+                Some(q) => groups.entry(q).or_default().push(&sub.tx),
+            }
+        }
+        if !groups.is_empty() {
+            let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed);
+            for members in groups.values() {
+                targets.push(members[turn % members.len()].clone());
+            }
+        }
+        targets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn pattern(s: &str) -> Pattern {
+        Pattern::new(s).unwrap()
+    }
+
+    async fn recv(sub: &mut MemorySubscription) -> Option<Message> {
+        tokio::time::timeout(Duration::from_millis(200), sub.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    #[tokio::test]
+    async fn wildcards_route_like_nats() {
+        let broker = MemoryBroker::new();
+        let mut star = broker.subscribe(pattern("user.*"), None);
+        let mut tail = broker.subscribe(pattern("user.>"), None);
+        let mut exact = broker.subscribe(pattern("user.created"), None);
+        let n = broker
+            .publish("user.created", &[], Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(n, 3);
+        for sub in [&mut star, &mut tail, &mut exact] {
+            assert_eq!(recv(sub).await.unwrap().subject, "user.created");
+        }
+        let n = broker
+            .publish("user.created.v2", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "only `user.>` matches two tokens after `user`");
+        assert!(recv(&mut tail).await.is_some());
+        assert!(recv(&mut star).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn queue_group_members_share_messages() {
+        let broker = MemoryBroker::new();
+        let mut a = broker.subscribe(pattern("jobs"), Some("workers"));
+        let mut b = broker.subscribe(pattern("jobs"), Some("workers"));
+        let mut watcher = broker.subscribe(pattern("jobs"), None);
+        for _ in 0..10 {
+            assert_eq!(broker.publish("jobs", &[], Bytes::new()).await.unwrap(), 2);
+        }
+        let (mut got_a, mut got_b, mut got_w) = (0, 0, 0);
+        while recv(&mut a).await.is_some() {
+            got_a += 1;
+        }
+        while recv(&mut b).await.is_some() {
+            got_b += 1;
+        }
+        while recv(&mut watcher).await.is_some() {
+            got_w += 1;
+        }
+        assert_eq!(got_a + got_b, 10, "each message goes to exactly one member");
+        assert!(got_a > 0 && got_b > 0, "the group shares the load");
+        assert_eq!(got_w, 10, "plain subscribers see everything");
+    }
+
+    #[tokio::test]
+    async fn dropping_a_subscription_unsubscribes() {
+        let broker = MemoryBroker::new();
+        let sub = broker.subscribe(pattern("a"), None);
+        drop(sub);
+        assert_eq!(broker.publish("a", &[], Bytes::new()).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn invalid_headers_are_refused() {
+        let broker = MemoryBroker::new();
+        let bad = [("X-Ok".to_string(), "line\r\nINJECT".to_string())];
+        assert!(matches!(
+            broker.publish("a", &bad, Bytes::new()).await,
+            Err(PublishError::InvalidHeader(_))
+        ));
+    }
+}

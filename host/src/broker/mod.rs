@@ -1,0 +1,129 @@
+//! Brokers the host can run on: the embedded in-process broker (the default) and NATS.
+//!
+//! Both speak the same subject language (see [`crate::subject`]) and hand dispatch the
+//! same [`Message`]. An enum rather than a trait object: there are exactly two, and the
+//! publish path is hot.
+
+pub mod memory;
+pub mod nats;
+
+use bytes::Bytes;
+
+use crate::subject::Pattern;
+
+/// A message as dispatch sees it, whichever broker it came from.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub subject: String,
+    pub reply: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+/// Why a publish could not be handed to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "invalid header {0:?}: names must be printable ASCII without `:` or spaces, values must not contain line breaks"
+    )]
+    InvalidHeader(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The broker a host is connected to.
+#[derive(Clone)]
+pub enum Broker {
+    Memory(memory::MemoryBroker),
+    Nats(nats::NatsBroker),
+}
+
+/// A live subscription. Dropping it unsubscribes.
+pub enum Subscription {
+    Memory(memory::MemorySubscription),
+    Nats(nats::NatsSubscription),
+}
+
+impl Subscription {
+    /// The next message, or `None` when the subscription has ended (broker closed).
+    pub async fn next(&mut self) -> Option<Message> {
+        match self {
+            Subscription::Memory(s) => s.next().await,
+            Subscription::Nats(s) => s.next().await,
+        }
+    }
+}
+
+impl Broker {
+    /// Subscribe to `pattern`, optionally as a member of queue group `queue`.
+    ///
+    /// The subscription may not be active on the server yet when this returns; call
+    /// [`Broker::confirm`] after the last subscribe.
+    pub async fn subscribe(
+        &self,
+        pattern: &Pattern,
+        queue: Option<&str>,
+    ) -> anyhow::Result<Subscription> {
+        Ok(match self {
+            Broker::Memory(b) => Subscription::Memory(b.subscribe(pattern.clone(), queue)),
+            Broker::Nats(b) => Subscription::Nats(b.subscribe(pattern, queue).await?),
+        })
+    }
+
+    /// Wait until the broker has processed every subscribe made before this call.
+    pub async fn confirm(&self) -> anyhow::Result<()> {
+        match self {
+            Broker::Memory(_) => Ok(()),
+            Broker::Nats(b) => b.confirm().await,
+        }
+    }
+
+    /// Publish a message. Returns once the broker has taken it (not once it is handled).
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Bytes,
+    ) -> Result<(), PublishError> {
+        match self {
+            Broker::Memory(b) => b.publish(subject, headers, payload).await.map(|_| ()),
+            Broker::Nats(b) => b.publish(subject, headers, payload).await,
+        }
+    }
+
+    /// The largest message the broker takes, in bytes.
+    pub fn max_payload(&self) -> usize {
+        match self {
+            Broker::Memory(_) => crate::limits::MAX_PUBLISH_PAYLOAD,
+            Broker::Nats(b) => b.max_payload(),
+        }
+    }
+
+    /// Whether the broker is connected right now.
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Broker::Memory(_) => true,
+            Broker::Nats(b) => b.is_connected(),
+        }
+    }
+
+    /// A short description for logs: "embedded" or the NATS URL.
+    pub fn describe(&self) -> String {
+        match self {
+            Broker::Memory(_) => "embedded broker".into(),
+            Broker::Nats(b) => format!("nats at {}", b.url()),
+        }
+    }
+}
+
+/// Header names and values as NATS accepts them; the embedded broker enforces the same
+/// rules so a handler behaves identically on both.
+pub fn validate_header(name: &str, value: &str) -> Result<(), PublishError> {
+    let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    let value_ok = !value.contains(['\r', '\n']);
+    if name_ok && value_ok {
+        Ok(())
+    } else {
+        Err(PublishError::InvalidHeader(name.to_string()))
+    }
+}

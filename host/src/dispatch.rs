@@ -1,0 +1,194 @@
+//! Running one event: a fresh store and instance from the handler's pre-instantiated
+//! component, the call under deadline and memory limits, and what came of it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::{Store, Trap, UpdateDeadline};
+
+use crate::broker::Message;
+use crate::handler::Handler;
+use crate::limits;
+use crate::metrics::FailReason;
+use crate::sandbox::bindings::wasmev::events::types::{Event, HandleError};
+use crate::sandbox::{State, sanitize};
+
+/// Headers that carry a publisher-chosen event id, in order of preference.
+const ID_HEADERS: [&str; 2] = ["Nats-Msg-Id", "Wasmev-Event-Id"];
+
+/// What came of one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Ok,
+    Failed {
+        reason: FailReason,
+        detail: String,
+        /// For `retry`: the delay the guest asked for.
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Outcome {
+    fn failed(reason: FailReason, detail: impl Into<String>) -> Self {
+        Outcome::Failed {
+            reason,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// The event record a guest sees for `msg`.
+pub fn event_for(msg: &Message, attempt: u32) -> Event {
+    let id = ID_HEADERS
+        .iter()
+        .find_map(|name| msg.headers.iter().find(|(k, _)| k == name))
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    Event {
+        id,
+        subject: msg.subject.clone(),
+        payload: msg.payload.to_vec(),
+        headers: msg.headers.clone(),
+        reply_to: msg.reply.clone(),
+        attempt,
+    }
+}
+
+/// Run `event` through `handler` in a fresh instance; record metrics and log the result.
+pub async fn dispatch(handler: &Arc<Handler>, event: Event) -> Outcome {
+    let metrics = &handler.metrics;
+    metrics.received.inc();
+    let started = Instant::now();
+    let subject = event.subject.clone();
+    let event_id = event.id.clone();
+    let outcome = run(handler, event).await;
+    metrics.duration.observe(started.elapsed().as_secs_f64());
+    match &outcome {
+        Outcome::Ok => {
+            metrics.ok.inc();
+            tracing::debug!(handler = %handler.spec.name, %subject, %event_id, "event handled");
+        }
+        Outcome::Failed { reason, detail, .. } => {
+            metrics.failed(*reason).inc();
+            tracing::warn!(
+                handler = %handler.spec.name,
+                %subject,
+                %event_id,
+                reason = reason.as_str(),
+                "event failed: {detail}"
+            );
+        }
+    }
+    outcome
+}
+
+async fn run(handler: &Arc<Handler>, event: Event) -> Outcome {
+    let deadline = handler.spec.deadline;
+    let mut store = Store::new(
+        handler.pre.engine(),
+        State::new(handler.clone(), &event.subject),
+    );
+    store.limiter(|state| state);
+    // Preemption: every epoch tick the guest yields to the executor, so a spinning guest
+    // shares the worker threads; past the deadline it is interrupted with a trap.
+    let deadline_at = Instant::now() + deadline;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(if Instant::now() >= deadline_at {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Yield(1)
+        })
+    });
+
+    let call = async {
+        let instance = handler.pre.instantiate_async(&mut store).await?;
+        instance.call_handle(&mut store, &event).await
+    };
+    // The epoch interrupt stops a guest that is computing; this timeout also stops one that
+    // is waiting in a host call (a publish to a stalled broker). A little slack so a
+    // computing guest is reported by the (more precise) epoch trap.
+    let result = tokio::time::timeout(deadline + limits::EPOCH_TICK * 2, call).await;
+
+    let state = store.data();
+    log_guest_output(handler, state);
+    match result {
+        Err(_) => Outcome::failed(FailReason::deadline, deadline_text(deadline)),
+        Ok(Ok(Ok(()))) => Outcome::Ok,
+        Ok(Ok(Err(HandleError::Retry(ms)))) => Outcome::Failed {
+            reason: FailReason::retry,
+            detail: match ms {
+                Some(ms) => format!("handler asked to retry in {ms}ms"),
+                None => "handler asked to retry".into(),
+            },
+            retry_after: ms.map(|ms| Duration::from_millis(u64::from(ms))),
+        },
+        Ok(Ok(Err(HandleError::Reject(reason)))) => Outcome::failed(
+            FailReason::reject,
+            format!(
+                "handler rejected the event: {}",
+                sanitize(reason.as_bytes(), limits::MAX_LOG_LINE)
+            ),
+        ),
+        Ok(Err(err)) => {
+            if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+                Outcome::failed(FailReason::deadline, deadline_text(deadline))
+            } else if state.memory_denied {
+                Outcome::failed(
+                    FailReason::memory,
+                    format!(
+                        "handler exceeded its memory limit of {}",
+                        bytesize::ByteSize::b(handler.spec.memory).display().iec()
+                    ),
+                )
+            } else {
+                Outcome::failed(FailReason::trap, trap_text(&err))
+            }
+        }
+    }
+}
+
+fn deadline_text(deadline: Duration) -> String {
+    format!(
+        "handler exceeded its deadline of {}",
+        humantime::format_duration(deadline)
+    )
+}
+
+/// The trap's message and, when present, the innermost guest frames: enough to find the
+/// bug without dumping a whole backtrace per event into the log.
+fn trap_text(err: &wasmtime::Error) -> String {
+    let mut text = String::from("handler trapped");
+    for cause in err.chain() {
+        let line = cause.to_string();
+        let line = line.lines().take(4).collect::<Vec<_>>().join(" | ");
+        text.push_str(": ");
+        text.push_str(&line);
+    }
+    sanitize(text.as_bytes(), limits::MAX_LOG_LINE)
+}
+
+/// Forward what the guest printed to the log, line by line, tagged with the handler.
+fn log_guest_output(handler: &Handler, state: &State) {
+    for (stream, output) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+        let (bytes, dropped) = output.take();
+        for line in bytes[..]
+            .split(|b: &u8| *b == b'\n')
+            .filter(|l| !l.is_empty())
+        {
+            let line = sanitize(line, limits::MAX_LOG_LINE);
+            tracing::info!(target: "guest", handler = %handler.spec.name, stream, "{line}");
+        }
+        if dropped > 0 {
+            handler.metrics.output_dropped.inc_by(dropped);
+            tracing::warn!(
+                handler = %handler.spec.name,
+                stream,
+                dropped,
+                "guest output over the {} byte cap was dropped",
+                limits::GUEST_OUTPUT_CAP
+            );
+        }
+    }
+}

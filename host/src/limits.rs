@@ -1,0 +1,85 @@
+//! Every resource limit the host enforces, its default, and the reason for its value.
+//!
+//! Per-handler limits come from `runtime.toml`; the global caps here bound what a manifest
+//! may ask for, because they size shared structures (the instance pool) or protect the
+//! host itself.
+
+use std::time::Duration;
+
+/// Wall-clock time one event may run inside a handler when the manifest does not say.
+///
+/// Why 5 s: handlers have no sockets or files, so their work is CPU plus publishes; seconds
+/// are generous for that, yet short enough that a stuck handler does not hold a permit
+/// (and, on JetStream, the message) for long.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Longest deadline a manifest may set. Why: a deadline is also how long shutdown may have
+/// to wait for one event; five minutes bounds that.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Linear memory one handler instance may grow to when the manifest does not say.
+///
+/// Why 64 MiB: a Rust handler uses a few MiB; interpreters compiled to Wasm (JS, Python)
+/// start around 20–40 MiB. 64 MiB fits both with headroom, and 16 in flight stay under 1 GiB.
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+
+/// Largest per-handler memory a manifest may set; also the size of each slot in the
+/// pooling allocator. Why 1 GiB: enough for any event handler we have seen, while keeping
+/// the pool's virtual reservation (slots × (slot + guard)) far below the address space.
+pub const MAX_MEMORY: u64 = 1 << 30;
+
+/// Events one handler may process at once when the manifest does not say.
+///
+/// Why 16: on a small machine (the 2-core CI box) more concurrency than this buys no
+/// throughput for CPU-bound guests; it does bound memory at 16 × the memory limit.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
+
+/// Instances that may exist at once across all handlers: the pooling allocator's size.
+///
+/// Why 1000: wasmtime's default; the sum of all handlers' `max_in_flight` must fit, which
+/// the manifest check enforces so that instantiation can never fail for lack of a slot.
+pub const INSTANCE_POOL: u32 = 1000;
+
+/// Wasm stack a guest may use. Why 512 KiB: wasmtime's default, and well below the
+/// 2 MiB async (fiber) stack, so host functions always have stack left when a guest
+/// recursed as deep as it may.
+pub const MAX_WASM_STACK: usize = 512 << 10;
+
+/// Fiber stack for running guests on the async executor (wasmtime's default).
+pub const ASYNC_STACK: usize = 2 << 20;
+
+/// How often the engine's epoch advances. Each tick lets a running guest be preempted
+/// (it yields to the scheduler) and its deadline checked. Why 10 ms: preemption within a
+/// scheduler slice, at a cost of one atomic increment per tick.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Bytes of stdout and of stderr kept per event; the rest is dropped and counted.
+/// Why 64 KiB: enough for any diagnostic, small enough that a print loop cannot grow the
+/// host's log or memory.
+pub const GUEST_OUTPUT_CAP: usize = 64 << 10;
+
+/// Longest single log line a guest may write through the `log` import; longer lines are
+/// cut. Why 4 KiB: one screen of text; a log line is not a payload channel.
+pub const MAX_LOG_LINE: usize = 4 << 10;
+
+/// Largest payload a guest may publish. Why 1 MiB: nats-server's default `max_payload`;
+/// the effective limit is the smaller of this and what the connected server announces.
+pub const MAX_PUBLISH_PAYLOAD: usize = 1 << 20;
+
+/// Publishes one event may make. Why 100: fan-out beyond that is a bug or a loop, and the
+/// cap keeps one event from flooding the broker.
+pub const MAX_PUBLISHES_PER_EVENT: u32 = 100;
+
+/// How long one publish may wait for the broker. Why 5 s: the async-nats client buffers
+/// while reconnecting; past this the guest gets `unavailable` instead of hanging.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long shutdown waits for in-flight events before giving up on them. Why 10 s:
+/// longer than the default deadline (so a default handler always finishes), shorter
+/// than common process supervisors' kill timeouts (systemd's 90 s, Kubernetes' 30 s).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Events buffered per subscription between the broker and dispatch. Why 256: dispatch
+/// waits for a permit before taking the next event, so this only smooths bursts; the
+/// embedded broker makes publishers wait when it is full instead of dropping.
+pub const SUBSCRIPTION_BUFFER: usize = 256;

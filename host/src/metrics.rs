@@ -1,0 +1,228 @@
+//! Prometheus metrics, per handler: events received, ok, failed by reason, durations,
+//! publishes by result, guest output dropped.
+//!
+//! Label sets are resolved once per handler into [`HandlerMetrics`], so the per-event path
+//! only increments atomics (no map lookups, no label allocation).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Why an event did not end in `ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FailReason {
+    /// The guest asked for a retry.
+    retry,
+    /// The guest rejected the event.
+    reject,
+    /// The guest trapped (panic, unreachable, stack overflow, bad memory access...).
+    trap,
+    /// The event ran past its deadline.
+    deadline,
+    /// The guest tried to grow memory past its limit.
+    memory,
+    /// The host could not run the event (instantiation failed, payload too large...).
+    host,
+}
+
+impl FailReason {
+    pub const ALL: [FailReason; 6] = [
+        FailReason::retry,
+        FailReason::reject,
+        FailReason::trap,
+        FailReason::deadline,
+        FailReason::memory,
+        FailReason::host,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::retry => "retry",
+            FailReason::reject => "reject",
+            FailReason::trap => "trap",
+            FailReason::deadline => "deadline",
+            FailReason::memory => "memory",
+            FailReason::host => "host",
+        }
+    }
+}
+
+/// How a guest publish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum PublishResult {
+    ok,
+    access_denied,
+    invalid_subject,
+    invalid_header,
+    payload_too_large,
+    quota_exceeded,
+    unavailable,
+}
+
+impl PublishResult {
+    const ALL: [PublishResult; 7] = [
+        PublishResult::ok,
+        PublishResult::access_denied,
+        PublishResult::invalid_subject,
+        PublishResult::invalid_header,
+        PublishResult::payload_too_large,
+        PublishResult::quota_exceeded,
+        PublishResult::unavailable,
+    ];
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandlerLabel {
+    handler: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailLabels {
+    handler: String,
+    reason: FailReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PublishLabels {
+    handler: String,
+    result: PublishResult,
+}
+
+/// The host's metric registry.
+pub struct Metrics {
+    registry: Registry,
+    received: Family<HandlerLabel, Counter>,
+    ok: Family<HandlerLabel, Counter>,
+    failed: Family<FailLabels, Counter>,
+    duration: Family<HandlerLabel, Histogram>,
+    publishes: Family<PublishLabels, Counter>,
+    output_dropped: Family<HandlerLabel, Counter>,
+    /// 1 once every subscription is confirmed.
+    pub ready: Gauge,
+}
+
+/// One handler's metric handles, resolved once.
+#[derive(Clone)]
+pub struct HandlerMetrics {
+    pub received: Counter,
+    pub ok: Counter,
+    failed: [Counter; FailReason::ALL.len()],
+    pub duration: Histogram,
+    publishes: [Counter; PublishResult::ALL.len()],
+    pub output_dropped: Counter,
+}
+
+impl HandlerMetrics {
+    pub fn failed(&self, reason: FailReason) -> &Counter {
+        &self.failed[reason as usize]
+    }
+
+    pub fn publish(&self, result: PublishResult) -> &Counter {
+        &self.publishes[result as usize]
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    // 50 µs .. ~3.3 s in powers of 2: per-event costs start in microseconds.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("wasmev");
+        let received = Family::<HandlerLabel, Counter>::default();
+        let ok = Family::<HandlerLabel, Counter>::default();
+        let failed = Family::<FailLabels, Counter>::default();
+        let duration = Family::<HandlerLabel, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> _,
+        );
+        let publishes = Family::<PublishLabels, Counter>::default();
+        let output_dropped = Family::<HandlerLabel, Counter>::default();
+        let ready = Gauge::default();
+        registry.register(
+            "events_received",
+            "Events delivered to a handler",
+            received.clone(),
+        );
+        registry.register("events_ok", "Events a handler completed", ok.clone());
+        registry.register(
+            "events_failed",
+            "Events that did not complete, by reason",
+            failed.clone(),
+        );
+        registry.register(
+            "event_duration_seconds",
+            "Time from dispatch to result, including instantiation",
+            duration.clone(),
+        );
+        registry.register(
+            "guest_publishes",
+            "Guest publish calls by result",
+            publishes.clone(),
+        );
+        registry.register(
+            "guest_output_dropped_bytes",
+            "Guest stdout/stderr bytes dropped past the per-event cap",
+            output_dropped.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 once every subscription is confirmed",
+            ready.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            received,
+            ok,
+            failed,
+            duration,
+            publishes,
+            output_dropped,
+            ready,
+        })
+    }
+
+    /// Resolve (and so pre-register, at zero) every series for `handler`.
+    pub fn handler(&self, handler: &str) -> HandlerMetrics {
+        let label = HandlerLabel {
+            handler: handler.to_string(),
+        };
+        HandlerMetrics {
+            received: self.received.get_or_create(&label).clone(),
+            ok: self.ok.get_or_create(&label).clone(),
+            failed: FailReason::ALL.map(|reason| {
+                self.failed
+                    .get_or_create(&FailLabels {
+                        handler: handler.to_string(),
+                        reason,
+                    })
+                    .clone()
+            }),
+            duration: self.duration.get_or_create(&label).clone(),
+            publishes: PublishResult::ALL.map(|result| {
+                self.publishes
+                    .get_or_create(&PublishLabels {
+                        handler: handler.to_string(),
+                        result,
+                    })
+                    .clone()
+            }),
+            output_dropped: self.output_dropped.get_or_create(&label).clone(),
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,218 @@
+//! NATS subjects: validated concrete subjects, subscription patterns, and matching.
+//!
+//! The same rules serve the manifest (subscriptions and publish grants), guest publishes
+//! (checked before anything reaches a connection) and the embedded broker's routing, so
+//! the embedded broker and NATS agree on what matches what.
+
+use std::fmt;
+
+/// Longest subject we accept, in bytes.
+///
+/// Why 256: nats-server has no fixed limit, but every subject is copied into each message
+/// and walked token by token while routing; real-world subjects are far shorter. A cap keeps
+/// a guest from turning subjects into a payload side channel.
+pub const MAX_SUBJECT_LEN: usize = 256;
+
+/// Why a string is not a valid subject or pattern.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error("subject is empty")]
+    Empty,
+    #[error("subject is {0} bytes long; the limit is {MAX_SUBJECT_LEN}")]
+    TooLong(usize),
+    #[error("subject contains whitespace or a control character")]
+    Whitespace,
+    #[error("subject has an empty token (a leading, trailing or doubled `.`)")]
+    EmptyToken,
+    #[error("wildcards (`*`, `>`) are not allowed here; publish to a concrete subject")]
+    Wildcard,
+    #[error("`>` may only be the last token")]
+    TailNotLast,
+    #[error("wildcard must be a whole token, found {0:?}")]
+    PartialWildcard(String),
+}
+
+/// Checks the rules shared by subjects and patterns; `wildcards` says whether `*` and `>`
+/// may appear as whole tokens.
+fn validate(s: &str, wildcards: bool) -> Result<(), SubjectError> {
+    if s.is_empty() {
+        return Err(SubjectError::Empty);
+    }
+    if s.len() > MAX_SUBJECT_LEN {
+        return Err(SubjectError::TooLong(s.len()));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(SubjectError::Whitespace);
+    }
+    let mut tokens = s.split('.').peekable();
+    while let Some(token) = tokens.next() {
+        if token.is_empty() {
+            return Err(SubjectError::EmptyToken);
+        }
+        let is_last = tokens.peek().is_none();
+        match token {
+            "*" | ">" if !wildcards => return Err(SubjectError::Wildcard),
+            ">" if !is_last => return Err(SubjectError::TailNotLast),
+            "*" | ">" => {}
+            t if t.contains(['*', '>']) => {
+                return Err(if wildcards {
+                    SubjectError::PartialWildcard(t.to_string())
+                } else {
+                    SubjectError::Wildcard
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A concrete subject: what a message is published on. No wildcards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct Subject(String);
+
+impl Subject {
+    pub fn new(s: impl Into<String>) -> Result<Self, SubjectError> {
+        let s = s.into();
+        validate(&s, false)?;
+        Ok(Self(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Subject {
+    type Error = SubjectError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A subscription or grant pattern in NATS syntax: `*` matches exactly one token, a final
+/// `>` matches one or more tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn new(s: impl Into<String>) -> Result<Self, SubjectError> {
+        let s = s.into();
+        validate(&s, true)?;
+        Ok(Self(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `subject` (a concrete subject) is matched by this pattern, with NATS rules.
+    ///
+    /// Takes `&str` so inbound subjects from the wire can be tested without first being
+    /// validated; a subject with empty tokens simply never matches a wildcard position.
+    pub fn matches(&self, subject: &str) -> bool {
+        let mut pattern = self.0.split('.');
+        let mut tokens = subject.split('.');
+        loop {
+            match (pattern.next(), tokens.next()) {
+                (Some(">"), Some(t)) => return !t.is_empty(),
+                (Some("*"), Some(t)) if !t.is_empty() => {}
+                (Some(p), Some(t)) if p == t => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+}
+
+impl TryFrom<String> for Pattern {
+    type Error = SubjectError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Pattern {
+        Pattern::new(s).unwrap()
+    }
+
+    #[test]
+    fn literal_patterns_match_only_themselves() {
+        assert!(p("user.created").matches("user.created"));
+        assert!(!p("user.created").matches("user.created.v2"));
+        assert!(!p("user.created").matches("user"));
+        assert!(!p("user.created").matches("user.deleted"));
+    }
+
+    #[test]
+    fn star_matches_exactly_one_token() {
+        assert!(p("user.*").matches("user.created"));
+        assert!(!p("user.*").matches("user"));
+        assert!(!p("user.*").matches("user.created.v2"));
+        assert!(p("*.created").matches("order.created"));
+        assert!(p("a.*.c").matches("a.b.c"));
+        assert!(!p("a.*.c").matches("a..c"));
+    }
+
+    #[test]
+    fn tail_matches_one_or_more_tokens() {
+        assert!(p("user.>").matches("user.created"));
+        assert!(p("user.>").matches("user.created.v2"));
+        assert!(!p("user.>").matches("user"));
+        assert!(p(">").matches("anything.at.all"));
+        assert!(!p("user.>").matches("user."));
+    }
+
+    #[test]
+    fn concrete_subjects_reject_every_invalid_class() {
+        let cases = [
+            ("", SubjectError::Empty),
+            ("a b", SubjectError::Whitespace),
+            ("a\tb", SubjectError::Whitespace),
+            ("a\u{7}b", SubjectError::Whitespace),
+            ("a..b", SubjectError::EmptyToken),
+            (".a", SubjectError::EmptyToken),
+            ("a.", SubjectError::EmptyToken),
+            ("a.*", SubjectError::Wildcard),
+            ("a.>", SubjectError::Wildcard),
+            ("a.b*", SubjectError::Wildcard),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(Subject::new(input), Err(expected), "input {input:?}");
+        }
+        let long = "a".repeat(MAX_SUBJECT_LEN + 1);
+        assert_eq!(
+            Subject::new(long),
+            Err(SubjectError::TooLong(MAX_SUBJECT_LEN + 1))
+        );
+        assert!(Subject::new("a".repeat(MAX_SUBJECT_LEN)).is_ok());
+    }
+
+    #[test]
+    fn patterns_require_whole_token_wildcards_and_a_final_tail() {
+        assert_eq!(Pattern::new("a.>.b"), Err(SubjectError::TailNotLast));
+        assert_eq!(
+            Pattern::new("a.b*"),
+            Err(SubjectError::PartialWildcard("b*".into()))
+        );
+        assert!(Pattern::new("*.*.>").is_ok());
+    }
+}

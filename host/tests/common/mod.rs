@@ -1,0 +1,235 @@
+//! Test harness: real guest components built from this repo, a real nats-server on a
+//! random loopback port with a temp store, manifests written to temp dirs, and waits that
+//! poll for a condition under a timeout instead of sleeping.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Build every guest this test suite uses (once per test process) and return the path of
+/// `crate_name`'s component. Cargo makes this a no-op when nothing changed.
+pub fn component(crate_name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
+            .args(["-p", "email-sender", "-p", "audit-log", "-p", "chaos", "-p", "wrong-world"])
+            .status()
+            .expect("run cargo to build the guest components");
+        assert!(
+            status.success(),
+            "building the guest components failed; is the wasm32-wasip2 target installed? \
+             (rustup target add wasm32-wasip2)"
+        );
+    });
+    let path = workspace()
+        .join("target/wasm32-wasip2/release")
+        .join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(path.is_file(), "no component at {}", path.display());
+    path
+}
+
+/// Poll `check` until it returns `Some`, or panic after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Await `fut` or panic after `timeout`.
+pub async fn within<T>(what: &str, timeout: Duration, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {timeout:?}: {what}"))
+}
+
+/// A free loopback port (bound then released; the OS does not hand it out again at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/bin"]) {
+        let candidate = Path::new(dir).join("nats-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("nats-server not found: install it (apt-get install -y nats-server) or set NATS_SERVER_BIN");
+}
+
+/// A real nats-server with JetStream on a random loopback port and a temp store,
+/// killed on drop and restartable on the same port and store.
+pub struct NatsServer {
+    pub port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let start = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "nats-server did not start on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kill and start again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        within("connect to nats", Duration::from_secs(10), async_nats::connect(self.url()))
+            .await
+            .expect("connect to the test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Write `toml` as `runtime.toml` in a fresh temp dir and load it.
+pub fn manifest(toml: &str) -> (tempfile::TempDir, wasmev::Manifest) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("runtime.toml");
+    std::fs::write(&path, toml).unwrap();
+    let m = wasmev::Manifest::load(&path).unwrap_or_else(|e| panic!("test manifest invalid:\n{e}"));
+    (dir, m)
+}
+
+/// TOML for a `[[handler]]` block using a component from this repo.
+pub fn handler_block(name: &str, crate_name: &str, extra: &str) -> String {
+    format!(
+        "[[handler]]\nname = {name:?}\nmodule = {:?}\n{extra}\n",
+        component(crate_name).display().to_string()
+    )
+}
+
+/// Receive the next message on `sub` within `timeout`, or `None`.
+pub async fn next_within(
+    sub: &mut async_nats::Subscriber,
+    timeout: Duration,
+) -> Option<async_nats::Message> {
+    tokio::time::timeout(timeout, sub.next()).await.ok().flatten()
+}
+
+/// The value of a metric line like `wasmev_events_ok_total{handler="x"} 3`.
+pub fn metric(host: &wasmev::Host, name: &str, labels: &str) -> u64 {
+    let text = host.metrics().encode();
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+/// `wasmev_events_failed_total` for `handler` and `reason`.
+pub fn failed(host: &wasmev::Host, handler: &str, reason: &str) -> u64 {
+    metric(
+        host,
+        "wasmev_events_failed_total",
+        &format!("handler=\"{handler}\",reason=\"{reason}\""),
+    )
+}
+
+/// `wasmev_events_ok_total` for `handler`.
+pub fn ok(host: &wasmev::Host, handler: &str) -> u64 {
+    metric(host, "wasmev_events_ok_total", &format!("handler=\"{handler}\""))
+}
+
+/// Start a host in-process and return it with a shutdown trigger and its serve task.
+pub async fn start_host(
+    m: &wasmev::Manifest,
+) -> (
+    std::sync::Arc<wasmev::Host>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let host = within(
+        "host start",
+        Duration::from_secs(60),
+        wasmev::Host::start(m, wasmev::Options::default()),
+    )
+    .await
+    .expect("host starts");
+    let host = std::sync::Arc::new(host);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = host.clone();
+    let task = tokio::spawn(async move {
+        let host = std::sync::Arc::try_unwrap(serving).ok();
+        match host {
+            Some(h) => h.serve(async { let _ = rx.await; }).await,
+            None => Ok(()),
+        }
+    });
+    (host, tx, task)
+}
