@@ -182,54 +182,82 @@ pub async fn next_within(
     tokio::time::timeout(timeout, sub.next()).await.ok().flatten()
 }
 
-/// The value of a metric line like `wasmev_events_ok_total{handler="x"} 3`.
-pub fn metric(host: &wasmev::Host, name: &str, labels: &str) -> u64 {
-    let text = host.metrics().encode();
-    let prefix = format!("{name}{{{labels}}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        .unwrap_or(0)
+/// A host running in-process, as `wasmev run` would run it.
+pub struct TestHost {
+    pub broker: wasmev::broker::Broker,
+    pub metrics: std::sync::Arc<wasmev::metrics::Metrics>,
+    pub admin: Option<SocketAddr>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-/// `wasmev_events_failed_total` for `handler` and `reason`.
-pub fn failed(host: &wasmev::Host, handler: &str, reason: &str) -> u64 {
-    metric(
-        host,
-        "wasmev_events_failed_total",
-        &format!("handler=\"{handler}\",reason=\"{reason}\""),
-    )
-}
-
-/// `wasmev_events_ok_total` for `handler`.
-pub fn ok(host: &wasmev::Host, handler: &str) -> u64 {
-    metric(host, "wasmev_events_ok_total", &format!("handler=\"{handler}\""))
-}
-
-/// Start a host in-process and return it with a shutdown trigger and its serve task.
-pub async fn start_host(
-    m: &wasmev::Manifest,
-) -> (
-    std::sync::Arc<wasmev::Host>,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let host = within(
-        "host start",
-        Duration::from_secs(60),
-        wasmev::Host::start(m, wasmev::Options::default()),
-    )
-    .await
-    .expect("host starts");
-    let host = std::sync::Arc::new(host);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = host.clone();
-    let task = tokio::spawn(async move {
-        let host = std::sync::Arc::try_unwrap(serving).ok();
-        match host {
-            Some(h) => h.serve(async { let _ = rx.await; }).await,
-            None => Ok(()),
+impl TestHost {
+    pub async fn start(m: &wasmev::Manifest) -> Self {
+        let host = within(
+            "host start",
+            Duration::from_secs(60),
+            wasmev::Host::start(m, wasmev::Options::default()),
+        )
+        .await
+        .expect("host starts");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        Self {
+            broker: host.broker().clone(),
+            metrics: host.metrics().clone(),
+            admin: host.admin_addr(),
+            shutdown: Some(tx),
+            task: Some(tokio::spawn(host.serve(async {
+                let _ = rx.await;
+            }))),
         }
-    });
-    (host, tx, task)
+    }
+
+    /// Shut down as on SIGTERM and return what `serve` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().unwrap();
+        within("host shutdown", Duration::from_secs(30), task).await.unwrap()
+    }
+
+    /// The value of a metric line like `wasmev_events_ok_total{handler="x"} 3`.
+    pub fn metric(&self, name: &str, labels: &str) -> u64 {
+        let text = self.metrics.encode();
+        let prefix = format!("{name}{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+            .unwrap_or(0)
+    }
+
+    pub fn failed(&self, handler: &str, reason: &str) -> u64 {
+        self.metric(
+            "wasmev_events_failed_total",
+            &format!("handler=\"{handler}\",reason=\"{reason}\""),
+        )
+    }
+
+    pub fn ok(&self, handler: &str) -> u64 {
+        self.metric("wasmev_events_ok_total", &format!("handler=\"{handler}\""))
+    }
+
+    pub fn received(&self, handler: &str) -> u64 {
+        self.metric("wasmev_events_received_total", &format!("handler=\"{handler}\""))
+    }
+
+    pub fn publishes(&self, handler: &str, result: &str) -> u64 {
+        self.metric(
+            "wasmev_guest_publishes_total",
+            &format!("handler=\"{handler}\",result=\"{result}\""),
+        )
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
 }

@@ -1,0 +1,293 @@
+//! End to end on a real nats-server: events in through NATS, into real Wasm handlers,
+//! and their publishes observed by a plain async-nats subscriber.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn broker_section(server: &NatsServer) -> String {
+    format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+}
+
+async fn publish_json(client: &async_nats::Client, subject: &str, value: Value) {
+    client
+        .publish(subject.to_string(), value.to_string().into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+}
+
+async fn next_json(sub: &mut async_nats::Subscriber) -> Value {
+    let msg = next_within(sub, WAIT).await.expect("a message within the timeout");
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+#[tokio::test]
+async fn user_created_becomes_email_sent() {
+    let server = NatsServer::start();
+    let toml = broker_section(&server)
+        + &handler_block(
+            "email-sender",
+            "email-sender",
+            r#"subscribe = ["user.created"]
+publish = ["email.sent"]
+config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
+        );
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    let mut sent = client.subscribe("email.sent").await.unwrap();
+    client.flush().await.unwrap();
+
+    publish_json(
+        &client,
+        "user.created",
+        json!({"id": "u-42", "name": "Ada", "email": "ada@example.com"}),
+    )
+    .await;
+    let email = next_json(&mut sent).await;
+    assert_eq!(email["to"], "ada@example.com");
+    assert_eq!(email["from"], "hello@example.com");
+    assert_eq!(email["subject"], "Welcome, Ada!");
+    assert_eq!(email["user_id"], "u-42");
+    assert!(email["body"].as_str().unwrap().contains("Ada"));
+
+    // A user without a usable address is rejected, and nothing is sent for it.
+    publish_json(
+        &client,
+        "user.created",
+        json!({"id": 7, "name": "Bob", "email": "not-an-address"}),
+    )
+    .await;
+    wait_for("the reject to be counted", WAIT, || async {
+        (host.failed("email-sender", "reject") == 1).then_some(())
+    })
+    .await;
+    assert!(next_within(&mut sent, Duration::from_millis(300)).await.is_none());
+    assert_eq!(host.ok("email-sender"), 1);
+    host.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn wildcard_subscription_sees_every_depth_and_nothing_else() {
+    let server = NatsServer::start();
+    let toml = broker_section(&server)
+        + &handler_block(
+            "audit-log",
+            "audit-log",
+            "subscribe = [\"user.>\"]\npublish = [\"audit.recorded\"]",
+        );
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    let mut audit = client.subscribe("audit.recorded").await.unwrap();
+    client.flush().await.unwrap();
+
+    for subject in ["order.created", "user", "user.created", "user.profile.updated"] {
+        client.publish(subject, "{}".into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let mut seen = vec![
+        next_json(&mut audit).await["subject"].as_str().unwrap().to_string(),
+        next_json(&mut audit).await["subject"].as_str().unwrap().to_string(),
+    ];
+    seen.sort();
+    assert_eq!(seen, ["user.created", "user.profile.updated"]);
+    assert!(next_within(&mut audit, Duration::from_millis(300)).await.is_none());
+    assert_eq!(host.received("audit-log"), 2);
+    host.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn queue_group_across_two_hosts_handles_each_event_once() {
+    let server = NatsServer::start();
+    let toml = broker_section(&server)
+        + &handler_block(
+            "audit-log",
+            "audit-log",
+            "subscribe = [\"user.>\"]\nqueue = \"audit\"\npublish = [\"audit.recorded\"]",
+        );
+    let (_dir, m) = manifest(&toml);
+    let first = TestHost::start(&m).await;
+    let second = TestHost::start(&m).await;
+    let client = server.client().await;
+    let mut audit = client.subscribe("audit.recorded").await.unwrap();
+    client.flush().await.unwrap();
+
+    const EVENTS: usize = 200;
+    for i in 0..EVENTS {
+        let mut headers = HeaderMap::new();
+        headers.insert("Wasmev-Event-Id", format!("evt-{i}").as_str());
+        client
+            .publish_with_headers("user.created", headers, "{}".into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..EVENTS {
+        let record = next_json(&mut audit).await;
+        *counts
+            .entry(record["event_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(next_within(&mut audit, Duration::from_millis(300)).await.is_none());
+    assert_eq!(counts.len(), EVENTS, "every event was handled");
+    assert!(counts.values().all(|&n| n == 1), "no event was handled twice");
+    let (a, b) = (first.received("audit-log"), second.received("audit-log"));
+    assert_eq!(a + b, EVENTS as u64);
+    assert!(a > 0 && b > 0, "both hosts took part (got {a} and {b})");
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+}
+
+fn chaos(server: &NatsServer, extra: &str) -> String {
+    broker_section(server)
+        + &handler_block(
+            "chaos",
+            "chaos",
+            &format!(
+                "subscribe = [\"chaos.in\"]\npublish = [\"chaos.result\", \"chaos.echo\", \"allowed.>\"]\n{extra}"
+            ),
+        )
+}
+
+#[tokio::test]
+async fn publishes_outside_the_grant_or_with_bad_subjects_are_refused_and_never_sent() {
+    let server = NatsServer::start();
+    let (_dir, m) = manifest(&chaos(&server, ""));
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    let mut results = client.subscribe("chaos.result").await.unwrap();
+    let mut everything = client.subscribe(">").await.unwrap();
+    client.flush().await.unwrap();
+
+    let cases = [
+        ("secret.data", "AccessDenied"),
+        ("allowedx", "AccessDenied"),
+        ("", "InvalidSubject"),
+        ("allowed..x", "InvalidSubject"),
+        ("allowed.*", "InvalidSubject"),
+        ("allowed.>", "InvalidSubject"),
+        ("allowed. x", "InvalidSubject"),
+        ("allowed.x.", "InvalidSubject"),
+        ("allowed.ok", "ok"),
+    ];
+    for (subject, expected) in cases {
+        publish_json(&client, "chaos.in", json!({"op": "publish", "subject": subject})).await;
+        let report = next_json(&mut results).await;
+        let result = report["results"][0].as_str().unwrap();
+        assert!(
+            result.starts_with(expected),
+            "publish to {subject:?}: expected {expected}, guest saw {result}"
+        );
+    }
+    // Bad headers come back as errors too: never a trap, never on the wire.
+    publish_json(
+        &client,
+        "chaos.in",
+        json!({"op": "publish", "subject": "allowed.h", "headers": [["X-Bad", "a\r\nPUB evil 1"]]}),
+    )
+    .await;
+    let report = next_json(&mut results).await;
+    assert!(report["results"][0].as_str().unwrap().starts_with("InvalidHeader"));
+
+    // Everything the wire carried: our inputs, the reports, and the one allowed publish.
+    let mut wire = Vec::new();
+    while let Some(msg) = next_within(&mut everything, Duration::from_millis(300)).await {
+        wire.push(msg.subject.to_string());
+    }
+    let leaked: Vec<_> = wire
+        .iter()
+        .filter(|s| !matches!(s.as_str(), "chaos.in" | "chaos.result"))
+        .collect();
+    assert_eq!(leaked, ["allowed.ok"], "only the granted publish reached nats");
+    assert_eq!(host.publishes("chaos", "access_denied"), 2);
+    assert_eq!(host.publishes("chaos", "invalid_subject"), 6);
+    assert_eq!(host.publishes("chaos", "invalid_header"), 1);
+    assert_eq!(host.failed("chaos", "trap"), 0);
+    host.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn traps_and_deadline_overruns_leave_the_host_serving() {
+    let server = NatsServer::start();
+    let (_dir, m) = manifest(&chaos(&server, "deadline = \"300ms\"\nmemory = \"16MiB\""));
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    let mut echo = client.subscribe("chaos.echo").await.unwrap();
+    client.flush().await.unwrap();
+
+    for op in [
+        json!({"op": "spin"}),
+        json!({"op": "panic"}),
+        json!({"op": "recurse"}),
+        json!({"op": "alloc", "bytes": 64 << 20}),
+        json!({"op": "reject", "reason": "no thanks"}),
+        json!({"op": "retry", "ms": 10}),
+    ] {
+        publish_json(&client, "chaos.in", op).await;
+    }
+    wait_for("every failure to be counted", WAIT, || async {
+        (host.failed("chaos", "deadline") == 1
+            && host.failed("chaos", "trap") == 2
+            && host.failed("chaos", "memory") == 1
+            && host.failed("chaos", "reject") == 1
+            && host.failed("chaos", "retry") == 1)
+            .then_some(())
+    })
+    .await;
+
+    // And the next event is still handled.
+    let mut headers = HeaderMap::new();
+    headers.insert("Wasmev-Event-Id", "after-the-storm");
+    client
+        .publish_with_headers("chaos.in", headers, json!({"op": "echo"}).to_string().into())
+        .await
+        .unwrap();
+    let msg = next_within(&mut echo, WAIT).await.expect("echo after failures");
+    assert_eq!(&msg.payload[..], b"after-the-storm");
+    host.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn host_keeps_handling_events_after_nats_restarts() {
+    let mut server = NatsServer::start();
+    let (_dir, m) = manifest(&chaos(&server, ""));
+    let host = TestHost::start(&m).await;
+    {
+        let client = server.client().await;
+        let mut echo = client.subscribe("chaos.echo").await.unwrap();
+        client.flush().await.unwrap();
+        publish_json(&client, "chaos.in", json!({"op": "echo"})).await;
+        next_within(&mut echo, WAIT).await.expect("echo before the restart");
+    }
+
+    server.restart();
+    wait_for("the host to reconnect", Duration::from_secs(20), || async {
+        host.broker.is_connected().then_some(())
+    })
+    .await;
+    // Core NATS is at-most-once: events published before the host has re-subscribed are
+    // lost by design, so keep publishing until one round-trips.
+    let client = server.client().await;
+    let mut echo = client.subscribe("chaos.echo").await.unwrap();
+    client.flush().await.unwrap();
+    within("an echo after the restart", Duration::from_secs(20), async {
+        loop {
+            publish_json(&client, "chaos.in", json!({"op": "echo"})).await;
+            if next_within(&mut echo, Duration::from_millis(200)).await.is_some() {
+                break;
+            }
+        }
+    })
+    .await;
+    host.stop().await.unwrap();
+}
