@@ -29,7 +29,7 @@ async fn next_json(sub: &mut async_nats::Subscriber) -> Value {
     serde_json::from_slice(&msg.payload).unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_created_becomes_email_sent() {
     let server = NatsServer::start();
     let toml = broker_section(&server)
@@ -75,7 +75,7 @@ config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
     host.stop().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_subscription_sees_every_depth_and_nothing_else() {
     let server = NatsServer::start();
     let toml = broker_section(&server)
@@ -105,7 +105,7 @@ async fn wildcard_subscription_sees_every_depth_and_nothing_else() {
     host.stop().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_group_across_two_hosts_handles_each_event_once() {
     let server = NatsServer::start();
     let toml = broker_section(&server)
@@ -159,7 +159,7 @@ fn chaos(server: &NatsServer, extra: &str) -> String {
         )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_outside_the_grant_or_with_bad_subjects_are_refused_and_never_sent() {
     let server = NatsServer::start();
     let (_dir, m) = manifest(&chaos(&server, ""));
@@ -216,7 +216,7 @@ async fn publishes_outside_the_grant_or_with_bad_subjects_are_refused_and_never_
     host.stop().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traps_and_deadline_overruns_leave_the_host_serving() {
     let server = NatsServer::start();
     let (_dir, m) = manifest(&chaos(&server, "deadline = \"300ms\"\nmemory = \"16MiB\""));
@@ -257,7 +257,7 @@ async fn traps_and_deadline_overruns_leave_the_host_serving() {
     host.stop().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_keeps_handling_events_after_nats_restarts() {
     let mut server = NatsServer::start();
     let (_dir, m) = manifest(&chaos(&server, ""));

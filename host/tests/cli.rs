@@ -1,0 +1,142 @@
+//! The `wasmev` binary as a user runs it: `check` and `run` exit codes and messages for
+//! broken modules, and SIGTERM handling.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn wasmev(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_wasmev"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_accepts_the_shipped_runtime_toml() {
+    component("email-sender"); // builds the example handlers it names
+    let out = wasmev(&["check", "runtime.toml"], &workspace());
+    assert!(
+        out.status.success(),
+        "wasmev check runtime.toml failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 handler(s), embedded broker)"));
+}
+
+/// A manifest in a temp dir whose one handler's module is `module` (written as given).
+fn broken(module_bytes: Option<&[u8]>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    if let Some(bytes) = module_bytes {
+        std::fs::write(dir.path().join("handler.wasm"), bytes).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        "version = 1\n\n[[handler]]\nname = \"mailer\"\nmodule = \"handler.wasm\"\nsubscribe = [\"a\"]\n",
+    )
+    .unwrap();
+    dir
+}
+
+/// Run `check` and `run` on the broken manifest: both must fail with the same message.
+fn both_fail(dir: &tempfile::TempDir) -> String {
+    let check = wasmev(&["check"], dir.path());
+    let run = wasmev(&["run"], dir.path());
+    assert_eq!(check.status.code(), Some(1));
+    assert_eq!(run.status.code(), Some(1));
+    let check_err = String::from_utf8_lossy(&check.stderr).to_string();
+    let run_err = String::from_utf8_lossy(&run.stderr).to_string();
+    let first_line = check_err.lines().next().unwrap().to_string();
+    assert!(run_err.contains(first_line.trim_start_matches("error: ")), "run said:\n{run_err}");
+    check_err.replace(&dir.path().display().to_string(), "[dir]")
+}
+
+#[test]
+fn missing_module_is_reported_with_file_line_and_key() {
+    let dir = broken(None);
+    insta::assert_snapshot!(both_fail(&dir));
+}
+
+#[test]
+fn garbage_module_is_not_a_component() {
+    let dir = broken(Some(b"definitely not wasm"));
+    let err = both_fail(&dir);
+    assert!(err.contains("handler \"mailer\": handler.wasm is not a WebAssembly component"), "{err}");
+}
+
+#[test]
+fn core_module_is_told_to_become_a_component() {
+    // The smallest valid core module: magic + version 1.
+    let dir = broken(Some(b"\0asm\x01\0\0\0"));
+    insta::assert_snapshot!(both_fail(&dir));
+}
+
+#[test]
+fn component_of_another_world_is_refused_at_load() {
+    let bytes = std::fs::read(component("wrong-world")).unwrap();
+    let dir = broken(Some(&bytes));
+    let err = both_fail(&dir);
+    assert!(
+        err.contains("handler \"mailer\": handler.wasm does not implement the wasmev:events/handler world"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_stops_intake_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        format!(
+            "version = 1\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{}",
+            handler_block("audit-log", "audit-log", "subscribe = [\"user.>\"]\npublish = [\"audit.recorded\"]")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmev"))
+        .args(["run", "runtime.toml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let healthy = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+            let mut response = String::new();
+            let _ = s.read_to_string(&mut response);
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
+        });
+        if healthy {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "host never became healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "host did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
+    assert!(stderr.contains("shutting down"), "{stderr}");
+}
