@@ -190,7 +190,20 @@ struct RawBroker {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    listen: SocketAddr,
+    listen: ListenAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct ListenAddr(SocketAddr);
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse().map(Self).map_err(|_| {
+            format!("invalid listen address {s:?}: write an IP and port like \"127.0.0.1:9090\"")
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -347,7 +360,11 @@ fn parse_raw(path: &Path, src: &str) -> Result<RawManifest, Diagnostic> {
         Diagnostic::new(path, src, e.span().unwrap_or(0..0), "", e.message().into())
     })?;
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
+        // `Spanned<T>` deserializes through a private field; users never wrote that key.
+        let key = e
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "");
         let key = if key == "." { String::new() } else { key };
         let inner = e.into_inner();
         Diagnostic::new(
@@ -417,7 +434,7 @@ impl Validator<'_> {
         Manifest {
             path: self.file.to_path_buf(),
             broker,
-            admin: raw.admin.map(|a| a.listen),
+            admin: raw.admin.map(|a| a.listen.0),
             handlers,
         }
     }
