@@ -5,6 +5,9 @@
 //! implements the `wasmev:events/handler` world. The `wasmev` binary is a thin CLI over
 //! [`runtime::run`], [`check`] and [`ingress`].
 
+// The host never panics on guest input or bad config (integration tests may).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod admin;
 pub mod broker;
 pub mod dispatch;

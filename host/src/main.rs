@@ -1,5 +1,8 @@
 //! The `wasmev` command: parse the command line, install logging, call the library.
 
+// The host never panics on guest input or bad config (integration tests may).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -503,7 +503,7 @@ impl Validator<'_> {
             None => limits::DEFAULT_MEMORY,
             Some(m) => {
                 let value = m.get_ref().0;
-                if value < 1 << 16 || value > limits::MAX_MEMORY {
+                if !(1 << 16..=limits::MAX_MEMORY).contains(&value) {
                     self.report(
                         m.span(),
                         key("memory"),

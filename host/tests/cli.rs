@@ -53,7 +53,10 @@ fn both_fail(dir: &tempfile::TempDir) -> String {
     let check_err = String::from_utf8_lossy(&check.stderr).to_string();
     let run_err = String::from_utf8_lossy(&run.stderr).to_string();
     let first_line = check_err.lines().next().unwrap().to_string();
-    assert!(run_err.contains(first_line.trim_start_matches("error: ")), "run said:\n{run_err}");
+    assert!(
+        run_err.contains(first_line.trim_start_matches("error: ")),
+        "run said:\n{run_err}"
+    );
     check_err.replace(&dir.path().display().to_string(), "[dir]")
 }
 
@@ -67,7 +70,10 @@ fn missing_module_is_reported_with_file_line_and_key() {
 fn garbage_module_is_not_a_component() {
     let dir = broken(Some(b"definitely not wasm"));
     let err = both_fail(&dir);
-    assert!(err.contains("handler \"mailer\": handler.wasm is not a WebAssembly component"), "{err}");
+    assert!(
+        err.contains("handler \"mailer\": handler.wasm is not a WebAssembly component"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -83,7 +89,9 @@ fn component_of_another_world_is_refused_at_load() {
     let dir = broken(Some(&bytes));
     let err = both_fail(&dir);
     assert!(
-        err.contains("handler \"mailer\": handler.wasm does not implement the wasmev:events/handler world"),
+        err.contains(
+            "handler \"mailer\": handler.wasm does not implement the wasmev:events/handler world"
+        ),
         "{err}"
     );
 }
@@ -96,7 +104,11 @@ fn sigterm_stops_intake_and_exits_zero() {
         dir.path().join("runtime.toml"),
         format!(
             "version = 1\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{}",
-            handler_block("audit-log", "audit-log", "subscribe = [\"user.>\"]\npublish = [\"audit.recorded\"]")
+            handler_block(
+                "audit-log",
+                "audit-log",
+                "subscribe = [\"user.>\"]\npublish = [\"audit.recorded\"]"
+            )
         ),
     )
     .unwrap();
@@ -119,7 +131,10 @@ fn sigterm_stops_intake_and_exits_zero() {
         if healthy {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "host never became healthy");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "host never became healthy"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let status = Command::new("kill")
@@ -132,7 +147,10 @@ fn sigterm_stops_intake_and_exits_zero() {
         if let Some(status) = child.try_wait().unwrap() {
             break status.code();
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "host did not exit after SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "host did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut stderr = String::new();

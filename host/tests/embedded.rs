@@ -3,8 +3,8 @@
 
 mod common;
 
-use tokio::process::Command;
 use std::time::Duration;
+use tokio::process::Command;
 
 use common::*;
 use serde_json::{Value, json};
@@ -54,14 +54,19 @@ async fn admin_publish_flows_through_both_handlers() {
     assert_eq!(health.status(), 200);
 
     let response = http
-        .post(format!("{admin}/publish/user.created?header=source:signup-form"))
+        .post(format!(
+            "{admin}/publish/user.created?header=source:signup-form"
+        ))
         .body(json!({"id": "u1", "name": "Grace", "email": "grace@example.com"}).to_string())
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
     let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
-    assert_eq!(body["delivered"], 2, "email-sender and audit-log both subscribe");
+    assert_eq!(
+        body["delivered"], 2,
+        "email-sender and audit-log both subscribe"
+    );
 
     let email = next_json(&mut emails).await;
     assert_eq!(email["to"], "grace@example.com");
@@ -103,12 +108,23 @@ async fn wasmev_publish_reaches_a_host_on_the_embedded_broker() {
 
     let out = Command::new(env!("CARGO_BIN_EXE_wasmev"))
         .current_dir(dir.path())
-        .args(["publish", "user.created", "-H", "source=cli", "--admin", &admin])
+        .args([
+            "publish",
+            "user.created",
+            "-H",
+            "source=cli",
+            "--admin",
+            &admin,
+        ])
         .arg(json!({"id": 9, "name": "Lin", "email": "lin@example.com"}).to_string())
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("2 subscriber(s)"), "{stdout}");
     let email = next_json(&mut emails).await;
@@ -139,9 +155,13 @@ async fn shutdown_lets_in_flight_events_finish() {
     let Broker::Memory(b) = &host.broker else {
         unreachable!()
     };
-    b.publish("chaos.in", &[], json!({"op": "busy", "ms": 400}).to_string().into())
-        .await
-        .unwrap();
+    b.publish(
+        "chaos.in",
+        &[],
+        json!({"op": "busy", "ms": 400}).to_string().into(),
+    )
+    .await
+    .unwrap();
     wait_for("the event to be in flight", WAIT, || async {
         (host.received("chaos") == 1).then_some(())
     })

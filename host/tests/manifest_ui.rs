@@ -3,8 +3,6 @@
 //! Each `tests/ui/*.toml` is a broken manifest; its error text is snapshotted in
 //! `tests/snapshots/`. Review changes with `cargo insta review`.
 
-use std::path::Path;
-
 use wasmev::manifest::ManifestError;
 
 #[test]
@@ -15,15 +13,23 @@ fn manifest_errors() {
             .strip_prefix(env!("CARGO_MANIFEST_DIR"))
             .unwrap_or(path)
             .to_path_buf();
-        let relative = Path::new(&relative);
+        let relative = relative.as_path();
         let err = wasmev::Manifest::load(relative).expect_err("every ui case is invalid");
         let ManifestError::Invalid(diagnostics) = &err else {
-            panic!("{}: expected a located error, got: {err}", relative.display());
+            panic!(
+                "{}: expected a located error, got: {err}",
+                relative.display()
+            );
         };
         for d in diagnostics {
-            assert!(d.line >= 1 && d.column >= 1, "{}: no location in {d}", relative.display());
             assert!(
-                d.to_string().starts_with(&format!("{}:", relative.display())),
+                d.line >= 1 && d.column >= 1,
+                "{}: no location in {d}",
+                relative.display()
+            );
+            assert!(
+                d.to_string()
+                    .starts_with(&format!("{}:", relative.display())),
                 "{d}"
             );
         }

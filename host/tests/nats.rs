@@ -25,7 +25,9 @@ async fn publish_json(client: &async_nats::Client, subject: &str, value: Value) 
 }
 
 async fn next_json(sub: &mut async_nats::Subscriber) -> Value {
-    let msg = next_within(sub, WAIT).await.expect("a message within the timeout");
+    let msg = next_within(sub, WAIT)
+        .await
+        .expect("a message within the timeout");
     serde_json::from_slice(&msg.payload).unwrap()
 }
 
@@ -70,7 +72,11 @@ config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
         (host.failed("email-sender", "reject") == 1).then_some(())
     })
     .await;
-    assert!(next_within(&mut sent, Duration::from_millis(300)).await.is_none());
+    assert!(
+        next_within(&mut sent, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     assert_eq!(host.ok("email-sender"), 1);
     host.stop().await.unwrap();
 }
@@ -90,17 +96,32 @@ async fn wildcard_subscription_sees_every_depth_and_nothing_else() {
     let mut audit = client.subscribe("audit.recorded").await.unwrap();
     client.flush().await.unwrap();
 
-    for subject in ["order.created", "user", "user.created", "user.profile.updated"] {
+    for subject in [
+        "order.created",
+        "user",
+        "user.created",
+        "user.profile.updated",
+    ] {
         client.publish(subject, "{}".into()).await.unwrap();
     }
     client.flush().await.unwrap();
     let mut seen = vec![
-        next_json(&mut audit).await["subject"].as_str().unwrap().to_string(),
-        next_json(&mut audit).await["subject"].as_str().unwrap().to_string(),
+        next_json(&mut audit).await["subject"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        next_json(&mut audit).await["subject"]
+            .as_str()
+            .unwrap()
+            .to_string(),
     ];
     seen.sort();
     assert_eq!(seen, ["user.created", "user.profile.updated"]);
-    assert!(next_within(&mut audit, Duration::from_millis(300)).await.is_none());
+    assert!(
+        next_within(&mut audit, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     assert_eq!(host.received("audit-log"), 2);
     host.stop().await.unwrap();
 }
@@ -138,9 +159,16 @@ async fn queue_group_across_two_hosts_handles_each_event_once() {
             .entry(record["event_id"].as_str().unwrap().to_string())
             .or_default() += 1;
     }
-    assert!(next_within(&mut audit, Duration::from_millis(300)).await.is_none());
+    assert!(
+        next_within(&mut audit, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     assert_eq!(counts.len(), EVENTS, "every event was handled");
-    assert!(counts.values().all(|&n| n == 1), "no event was handled twice");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "no event was handled twice"
+    );
     let (a, b) = (first.received("audit-log"), second.received("audit-log"));
     assert_eq!(a + b, EVENTS as u64);
     assert!(a > 0 && b > 0, "both hosts took part (got {a} and {b})");
@@ -181,7 +209,12 @@ async fn publishes_outside_the_grant_or_with_bad_subjects_are_refused_and_never_
         ("allowed.ok", "ok"),
     ];
     for (subject, expected) in cases {
-        publish_json(&client, "chaos.in", json!({"op": "publish", "subject": subject})).await;
+        publish_json(
+            &client,
+            "chaos.in",
+            json!({"op": "publish", "subject": subject}),
+        )
+        .await;
         let report = next_json(&mut results).await;
         let result = report["results"][0].as_str().unwrap();
         assert!(
@@ -197,7 +230,12 @@ async fn publishes_outside_the_grant_or_with_bad_subjects_are_refused_and_never_
     )
     .await;
     let report = next_json(&mut results).await;
-    assert!(report["results"][0].as_str().unwrap().starts_with("InvalidHeader"));
+    assert!(
+        report["results"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("InvalidHeader")
+    );
 
     // Everything the wire carried: our inputs, the reports, and the one allowed publish.
     let mut wire = Vec::new();
@@ -208,7 +246,11 @@ async fn publishes_outside_the_grant_or_with_bad_subjects_are_refused_and_never_
         .iter()
         .filter(|s| !matches!(s.as_str(), "chaos.in" | "chaos.result"))
         .collect();
-    assert_eq!(leaked, ["allowed.ok"], "only the granted publish reached nats");
+    assert_eq!(
+        leaked,
+        ["allowed.ok"],
+        "only the granted publish reached nats"
+    );
     assert_eq!(host.publishes("chaos", "access_denied"), 2);
     assert_eq!(host.publishes("chaos", "invalid_subject"), 6);
     assert_eq!(host.publishes("chaos", "invalid_header"), 1);
@@ -249,10 +291,16 @@ async fn traps_and_deadline_overruns_leave_the_host_serving() {
     let mut headers = HeaderMap::new();
     headers.insert("Wasmev-Event-Id", "after-the-storm");
     client
-        .publish_with_headers("chaos.in", headers, json!({"op": "echo"}).to_string().into())
+        .publish_with_headers(
+            "chaos.in",
+            headers,
+            json!({"op": "echo"}).to_string().into(),
+        )
         .await
         .unwrap();
-    let msg = next_within(&mut echo, WAIT).await.expect("echo after failures");
+    let msg = next_within(&mut echo, WAIT)
+        .await
+        .expect("echo after failures");
     assert_eq!(&msg.payload[..], b"after-the-storm");
     host.stop().await.unwrap();
 }
@@ -267,7 +315,9 @@ async fn host_keeps_handling_events_after_nats_restarts() {
         let mut echo = client.subscribe("chaos.echo").await.unwrap();
         client.flush().await.unwrap();
         publish_json(&client, "chaos.in", json!({"op": "echo"})).await;
-        next_within(&mut echo, WAIT).await.expect("echo before the restart");
+        next_within(&mut echo, WAIT)
+            .await
+            .expect("echo before the restart");
     }
 
     server.restart();
@@ -280,14 +330,21 @@ async fn host_keeps_handling_events_after_nats_restarts() {
     let client = server.client().await;
     let mut echo = client.subscribe("chaos.echo").await.unwrap();
     client.flush().await.unwrap();
-    within("an echo after the restart", Duration::from_secs(20), async {
-        loop {
-            publish_json(&client, "chaos.in", json!({"op": "echo"})).await;
-            if next_within(&mut echo, Duration::from_millis(200)).await.is_some() {
-                break;
+    within(
+        "an echo after the restart",
+        Duration::from_secs(20),
+        async {
+            loop {
+                publish_json(&client, "chaos.in", json!({"op": "echo"})).await;
+                if next_within(&mut echo, Duration::from_millis(200))
+                    .await
+                    .is_some()
+                {
+                    break;
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     host.stop().await.unwrap();
 }

@@ -30,7 +30,16 @@ pub fn component(crate_name: &str) -> PathBuf {
         let status = Command::new(cargo)
             .current_dir(workspace())
             .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
-            .args(["-p", "email-sender", "-p", "audit-log", "-p", "chaos", "-p", "wrong-world"])
+            .args([
+                "-p",
+                "email-sender",
+                "-p",
+                "audit-log",
+                "-p",
+                "chaos",
+                "-p",
+                "wrong-world",
+            ])
             .status()
             .expect("run cargo to build the guest components");
         assert!(
@@ -57,7 +66,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -82,13 +94,19 @@ fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
         return p.into();
     }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/bin"]) {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin"])
+    {
         let candidate = Path::new(dir).join("nats-server");
         if candidate.is_file() {
             return candidate;
         }
     }
-    panic!("nats-server not found: install it (apt-get install -y nats-server) or set NATS_SERVER_BIN");
+    panic!(
+        "nats-server not found: install it (apt-get install -y nats-server) or set NATS_SERVER_BIN"
+    );
 }
 
 /// A real nats-server with JetStream on a random loopback port and a temp store,
@@ -116,7 +134,14 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -126,7 +151,10 @@ impl NatsServer {
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let start = Instant::now();
         while TcpStream::connect(addr).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "nats-server did not start on {addr}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server did not start on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -145,9 +173,13 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        within("connect to nats", Duration::from_secs(10), async_nats::connect(self.url()))
-            .await
-            .expect("connect to the test nats-server")
+        within(
+            "connect to nats",
+            Duration::from_secs(10),
+            async_nats::connect(self.url()),
+        )
+        .await
+        .expect("connect to the test nats-server")
     }
 }
 
@@ -179,7 +211,10 @@ pub async fn next_within(
     sub: &mut async_nats::Subscriber,
     timeout: Duration,
 ) -> Option<async_nats::Message> {
-    tokio::time::timeout(timeout, sub.next()).await.ok().flatten()
+    tokio::time::timeout(timeout, sub.next())
+        .await
+        .ok()
+        .flatten()
 }
 
 /// A host running in-process, as `wasmev run` would run it.
@@ -218,7 +253,9 @@ impl TestHost {
             let _ = tx.send(());
         }
         let task = self.task.take().unwrap();
-        within("host shutdown", Duration::from_secs(30), task).await.unwrap()
+        within("host shutdown", Duration::from_secs(30), task)
+            .await
+            .unwrap()
     }
 
     /// The value of a metric line like `wasmev_events_ok_total{handler="x"} 3`.
@@ -243,7 +280,10 @@ impl TestHost {
     }
 
     pub fn received(&self, handler: &str) -> u64 {
-        self.metric("wasmev_events_received_total", &format!("handler=\"{handler}\""))
+        self.metric(
+            "wasmev_events_received_total",
+            &format!("handler=\"{handler}\""),
+        )
     }
 
     pub fn publishes(&self, handler: &str, result: &str) -> u64 {
