@@ -43,7 +43,9 @@ pub mod bindings {
 }
 
 pub use bindings::Guest as Handler;
-pub use bindings::wasmev::events::types::{Event, HandleError, Level, PublishError};
+pub use bindings::wasmev::events::types::{
+    Event, HandleError, Level, PublishError, RequestError, Response,
+};
 
 /// Export `$ty`, a type implementing [`Handler`], as this component's event handler.
 ///
@@ -145,6 +147,29 @@ pub fn publish_with_headers(
     headers: &[(String, String)],
 ) -> Result<(), PublishError> {
     bindings::wasmev::events::publisher::publish(subject, payload, headers)
+}
+
+/// Answer the current event's request (its `reply_to`). Fails with `AccessDenied` when the
+/// event is not a request.
+pub fn reply(payload: &[u8]) -> Result<(), PublishError> {
+    bindings::wasmev::events::publisher::reply(payload, &[])
+}
+
+/// Answer the current event's request with `value` encoded as JSON.
+pub fn reply_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<(), Error> {
+    let payload = serde_json::to_vec(value).map_err(|e| Error::Encode(e.to_string()))?;
+    reply(&payload)?;
+    Ok(())
+}
+
+/// Send a request on `subject` and wait up to `timeout` for the reply.
+pub fn request(
+    subject: &str,
+    payload: &[u8],
+    timeout: std::time::Duration,
+) -> Result<Response, RequestError> {
+    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    bindings::wasmev::events::publisher::request(subject, payload, &[], ms)
 }
 
 /// Publish `value` encoded as JSON on `subject`.

@@ -114,7 +114,7 @@ async fn publish(
             .into_response();
     }
     let delivered = match &state.broker {
-        Broker::Memory(b) => b.publish(&subject, &headers, body).await.map(Some),
+        Broker::Memory(b) => b.publish(&subject, None, &headers, body).await.map(Some),
         Broker::Nats(b) => b.publish(&subject, &headers, body).await.map(|()| None),
     };
     match delivered {

@@ -10,6 +10,7 @@ use crate::broker::Message;
 use crate::handler::Handler;
 use crate::limits;
 use crate::metrics::FailReason;
+use crate::publish::{Delivery, SERVICE_ERROR, SERVICE_ERROR_CODE};
 use crate::sandbox::bindings::wasmev::events::types::{Event, HandleError};
 use crate::sandbox::{State, sanitize};
 
@@ -56,13 +57,14 @@ pub fn event_for(msg: &Message, attempt: u32) -> Event {
 }
 
 /// Run `event` through `handler` in a fresh instance; record metrics and log the result.
-pub async fn dispatch(handler: &Arc<Handler>, event: Event) -> Outcome {
+/// Returns the outcome and whether the guest answered the event's request itself.
+pub async fn dispatch(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outcome, bool) {
     let metrics = &handler.metrics;
     metrics.received.inc();
     let started = Instant::now();
     let subject = event.subject.clone();
     let event_id = event.id.clone();
-    let outcome = run(handler, event).await;
+    let (outcome, replied) = run(handler, event, delivery).await;
     metrics.duration.observe(started.elapsed().as_secs_f64());
     match &outcome {
         Outcome::Ok => {
@@ -80,19 +82,50 @@ pub async fn dispatch(handler: &Arc<Handler>, event: Event) -> Outcome {
             );
         }
     }
-    outcome
+    (outcome, replied)
 }
 
-async fn run(handler: &Arc<Handler>, event: Event) -> Outcome {
+/// For a service handler: make sure the requester hears back exactly once. The guest's own
+/// reply stands; otherwise an empty reply for ok, or an error reply naming the failure
+/// (so a request to a handler that rejects fails fast instead of timing out).
+pub async fn answer_request(handler: &Handler, reply_to: &str, outcome: &Outcome, replied: bool) {
+    if replied {
+        return;
+    }
+    let headers = match outcome {
+        Outcome::Ok => Vec::new(),
+        Outcome::Failed { reason, detail, .. } => vec![
+            (SERVICE_ERROR.to_string(), detail.clone()),
+            (
+                SERVICE_ERROR_CODE.to_string(),
+                if *reason == FailReason::reject {
+                    "400"
+                } else {
+                    "500"
+                }
+                .to_string(),
+            ),
+        ],
+    };
+    if let Err(e) = handler
+        .broker
+        .publish(reply_to, &headers, bytes::Bytes::new())
+        .await
+    {
+        tracing::warn!(handler = %handler.spec.name, "could not answer a request: {e}");
+    }
+}
+
+async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outcome, bool) {
     let deadline = handler.spec.deadline;
+    let deadline_at = Instant::now() + deadline;
     let mut store = Store::new(
         handler.pre.engine(),
-        State::new(handler.clone(), &event.subject),
+        State::new(handler.clone(), &event.subject, delivery, deadline_at),
     );
     store.limiter(|state| state);
     // Preemption: every epoch tick the guest yields to the executor, so a spinning guest
     // shares the worker threads; past the deadline it is interrupted with a trap.
-    let deadline_at = Instant::now() + deadline;
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
         Ok(if Instant::now() >= deadline_at {
@@ -113,7 +146,7 @@ async fn run(handler: &Arc<Handler>, event: Event) -> Outcome {
 
     let state = store.data();
     log_guest_output(handler, state);
-    match result {
+    let outcome = match result {
         Err(_) => Outcome::failed(FailReason::deadline, deadline_text(deadline)),
         Ok(Ok(Ok(()))) => Outcome::Ok,
         Ok(Ok(Err(HandleError::Retry(ms)))) => Outcome::Failed {
@@ -146,7 +179,8 @@ async fn run(handler: &Arc<Handler>, event: Event) -> Outcome {
                 Outcome::failed(FailReason::trap, trap_text(&err))
             }
         }
-    }
+    };
+    (outcome, state.replied)
 }
 
 fn deadline_text(deadline: Duration) -> String {

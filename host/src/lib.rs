@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod handler;
 pub mod ingress;
+pub mod jetstream;
 pub mod limits;
 pub mod manifest;
 pub mod metrics;

@@ -83,3 +83,35 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// waits for a permit before taking the next event, so this only smooths bursts; the
 /// embedded broker makes publishers wait when it is full instead of dropping.
 pub const SUBSCRIPTION_BUFFER: usize = 256;
+
+/// How long JetStream waits for an ack before redelivering, when the manifest does not say.
+/// Why 30 s: nats-server's default. A handler that runs longer is kept alive with
+/// in-progress acks, so this only matters when a host dies mid-event.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Deliveries of one JetStream message before it is dead-lettered. Why 5: enough to ride
+/// out a blip (with the backoff below, about 36 s of retrying), few enough that a poison
+/// message leaves the queue quickly. Retries are always finite.
+pub const DEFAULT_MAX_DELIVER: u32 = 5;
+
+/// Delay before attempt n+1 when a handler fails without naming one; the last step repeats.
+/// Why this ladder: a quick second try for transient faults, then backing off so a failing
+/// dependency is not hammered.
+pub const DEFAULT_BACKOFF: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+];
+
+/// JetStream messages a consumer may have unacknowledged, when the manifest does not say.
+/// Why 1000: nats-server's default. The host fetches no more than `max_in_flight` at once
+/// anyway; this bounds what several hosts on one durable may hold together.
+pub const DEFAULT_MAX_ACK_PENDING: u32 = 1000;
+
+/// How long one JetStream pull waits for messages before asking again. Why 5 s: long
+/// enough to keep idle consumers cheap, short enough to notice a lost server quickly.
+pub const JETSTREAM_PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Longest time a guest `request` may wait for a reply. Why 30 s: a request is a
+/// synchronous call inside an event; the event's own deadline usually ends it sooner.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -45,6 +45,38 @@ pub struct HandlerSpec {
     pub deadline: Duration,
     pub memory: u64,
     pub max_in_flight: u32,
+    /// Answer every request (an event with `reply-to`) exactly once: with the guest's
+    /// reply, an empty reply on ok, or an error reply when the event fails.
+    pub service: bool,
+    /// Consume through a JetStream durable consumer instead of a core subscription.
+    pub jetstream: Option<JetStreamSpec>,
+}
+
+/// Where a JetStream consumer starts on first creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deliver {
+    /// Every message still in the stream.
+    All,
+    /// Only messages published after the consumer was created.
+    New,
+}
+
+/// A handler's JetStream consumer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JetStreamSpec {
+    pub stream: String,
+    pub durable: String,
+    pub deliver: Deliver,
+    pub ack_wait: Duration,
+    pub max_deliver: u32,
+    /// Delays between attempts: attempt n waits `backoff[n-1]` (the last entry repeats).
+    pub backoff: Vec<Duration>,
+    pub max_ack_pending: u32,
+    /// Where events go when attempts are used up or the guest rejects them.
+    pub dead_letter: String,
+    /// When set, create the stream with these subjects if it does not exist.
+    pub stream_subjects: Vec<Pattern>,
 }
 
 /// How to reach NATS.
@@ -220,6 +252,37 @@ struct RawHandler {
     deadline: Option<Spanned<HumanDuration>>,
     memory: Option<Spanned<Size>>,
     max_in_flight: Option<Spanned<u32>>,
+    #[serde(default)]
+    service: bool,
+    jetstream: Option<Spanned<RawJetStream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJetStream {
+    stream: Name,
+    durable: Option<Name>,
+    deliver: Option<Deliver>,
+    ack_wait: Option<Spanned<HumanDuration>>,
+    max_deliver: Option<Spanned<u32>>,
+    backoff: Option<Spanned<Vec<HumanDuration>>>,
+    max_ack_pending: Option<Spanned<u32>>,
+    dead_letter: Option<ConcreteSubject>,
+    stream_subjects: Option<Vec<SubscribePattern>>,
+}
+
+/// A concrete subject whose deserialization error names the value.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct ConcreteSubject(String);
+
+impl TryFrom<String> for ConcreteSubject {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::subject::Subject::new(s.clone())
+            .map(|_| Self(s.clone()))
+            .map_err(|e| format!("invalid subject {s:?}: {e}"))
+    }
 }
 
 /// A handler or queue-group name: it appears in metrics labels, log fields and consumer
@@ -402,6 +465,7 @@ impl Validator<'_> {
             );
         }
         let broker = raw.broker.map(|b| self.broker(b, env));
+        let has_broker = broker.is_some();
         let mut seen = HashSet::new();
         let mut total_in_flight: u64 = 0;
         let mut handlers = Vec::with_capacity(raw.handlers.len());
@@ -416,7 +480,7 @@ impl Validator<'_> {
                     ),
                 );
             }
-            let spec = self.handler(i, h);
+            let spec = self.handler(i, h, has_broker);
             total_in_flight += u64::from(spec.max_in_flight);
             handlers.push(spec);
         }
@@ -439,7 +503,7 @@ impl Validator<'_> {
         }
     }
 
-    fn handler(&mut self, i: usize, h: RawHandler) -> HandlerSpec {
+    fn handler(&mut self, i: usize, h: RawHandler, has_broker: bool) -> HandlerSpec {
         let key = |field: &str| format!("handler[{i}].{field}");
         let module = self.dir.join(h.module.get_ref());
         if !module.is_file() {
@@ -529,6 +593,26 @@ impl Validator<'_> {
                 *n.get_ref()
             }
         };
+        let jetstream = h.jetstream.map(|js| {
+            let span = js.span();
+            if !has_broker {
+                self.report(
+                    span.clone(),
+                    key("jetstream"),
+                    "jetstream needs a [broker]: the embedded broker keeps nothing on disk".into(),
+                );
+            }
+            if h.queue.is_some() {
+                self.report(
+                    span.clone(),
+                    key("jetstream"),
+                    "`queue` has no effect with jetstream: hosts bound to the same durable \
+                     consumer already share its messages; remove `queue`"
+                        .into(),
+                );
+            }
+            self.jetstream(&key, js.into_inner(), &h.name.get_ref().0)
+        });
         HandlerSpec {
             name: h.name.into_inner().0,
             module,
@@ -539,6 +623,89 @@ impl Validator<'_> {
             deadline,
             memory,
             max_in_flight,
+            service: h.service,
+            jetstream,
+        }
+    }
+
+    fn jetstream(
+        &mut self,
+        key: &dyn Fn(&str) -> String,
+        js: RawJetStream,
+        handler: &str,
+    ) -> JetStreamSpec {
+        let ack_wait = match js.ack_wait {
+            None => limits::DEFAULT_ACK_WAIT,
+            Some(d) => {
+                let value = d.get_ref().0;
+                if value < Duration::from_secs(1) {
+                    self.report(
+                        d.span(),
+                        key("jetstream.ack_wait"),
+                        "ack_wait must be at least 1s".into(),
+                    );
+                }
+                value
+            }
+        };
+        let max_deliver = match js.max_deliver {
+            None => limits::DEFAULT_MAX_DELIVER,
+            Some(n) => {
+                if *n.get_ref() == 0 {
+                    self.report(
+                        n.span(),
+                        key("jetstream.max_deliver"),
+                        "max_deliver must be at least 1; retries are always finite".into(),
+                    );
+                }
+                *n.get_ref()
+            }
+        };
+        let backoff = match js.backoff {
+            None => limits::DEFAULT_BACKOFF.to_vec(),
+            Some(b) => {
+                let span = b.span();
+                let steps: Vec<Duration> = b.into_inner().into_iter().map(|d| d.0).collect();
+                if steps.is_empty() || steps.iter().any(Duration::is_zero) {
+                    self.report(
+                        span,
+                        key("jetstream.backoff"),
+                        "backoff must list at least one delay, each more than 0s".into(),
+                    );
+                }
+                steps
+            }
+        };
+        let max_ack_pending = match js.max_ack_pending {
+            None => limits::DEFAULT_MAX_ACK_PENDING,
+            Some(n) => {
+                if *n.get_ref() == 0 {
+                    self.report(
+                        n.span(),
+                        key("jetstream.max_ack_pending"),
+                        "max_ack_pending must be at least 1".into(),
+                    );
+                }
+                *n.get_ref()
+            }
+        };
+        JetStreamSpec {
+            stream: js.stream.0,
+            durable: js.durable.map_or_else(|| handler.to_string(), |d| d.0),
+            deliver: js.deliver.unwrap_or(Deliver::All),
+            ack_wait,
+            max_deliver,
+            backoff,
+            max_ack_pending,
+            dead_letter: js
+                .dead_letter
+                .map_or_else(|| format!("wasmev.dlq.{handler}"), |s| s.0),
+            stream_subjects: js
+                .stream_subjects
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p.0)
+                .collect(),
         }
     }
 

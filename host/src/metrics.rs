@@ -104,6 +104,7 @@ pub struct Metrics {
     duration: Family<HandlerLabel, Histogram>,
     publishes: Family<PublishLabels, Counter>,
     output_dropped: Family<HandlerLabel, Counter>,
+    dead_lettered: Family<HandlerLabel, Counter>,
     /// 1 once every subscription is confirmed.
     pub ready: Gauge,
 }
@@ -117,6 +118,7 @@ pub struct HandlerMetrics {
     pub duration: Histogram,
     publishes: [Counter; PublishResult::ALL.len()],
     pub output_dropped: Counter,
+    pub dead_lettered: Counter,
 }
 
 impl HandlerMetrics {
@@ -145,6 +147,7 @@ impl Metrics {
         );
         let publishes = Family::<PublishLabels, Counter>::default();
         let output_dropped = Family::<HandlerLabel, Counter>::default();
+        let dead_lettered = Family::<HandlerLabel, Counter>::default();
         let ready = Gauge::default();
         registry.register(
             "events_received",
@@ -173,6 +176,11 @@ impl Metrics {
             output_dropped.clone(),
         );
         registry.register(
+            "dead_letters",
+            "JetStream events sent to the dead-letter subject",
+            dead_lettered.clone(),
+        );
+        registry.register(
             "ready",
             "1 once every subscription is confirmed",
             ready.clone(),
@@ -185,6 +193,7 @@ impl Metrics {
             duration,
             publishes,
             output_dropped,
+            dead_lettered,
             ready,
         })
     }
@@ -215,6 +224,7 @@ impl Metrics {
                     .clone()
             }),
             output_dropped: self.output_dropped.get_or_create(&label).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
         }
     }
 

@@ -24,12 +24,13 @@ use crate::admin::{self, AdminState};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::nats::NatsBroker;
 use crate::broker::{Broker, Subscription};
-use crate::dispatch::{dispatch, event_for};
+use crate::dispatch::{answer_request, dispatch, event_for};
 use crate::engine::{EpochTicker, new_engine};
 use crate::handler::{self, Handler};
 use crate::limits;
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
+use crate::publish::Delivery;
 use crate::subject::Pattern;
 
 /// Settings that come from the command line rather than the manifest.
@@ -81,7 +82,7 @@ impl Host {
 
         let broker = match &manifest.broker {
             None => Broker::Memory(MemoryBroker::new()),
-            Some(settings) => Broker::Nats(NatsBroker::connect(settings).await?),
+            Some(settings) => Broker::Nats(Arc::new(NatsBroker::connect(settings).await?)),
         };
         let metrics = Metrics::new();
         let ready = Arc::new(AtomicBool::new(false));
@@ -119,6 +120,23 @@ impl Host {
             .collect();
         let mut subscriptions = 0;
         for h in &handlers {
+            if h.spec.jetstream.is_some() {
+                let (Broker::Nats(nats), Some(spec)) = (&broker, &h.spec.jetstream) else {
+                    bail!("handler {:?}: jetstream needs a [broker]", h.spec.name);
+                };
+                let consumer = nats
+                    .consumer(spec, &h.spec.subscribe)
+                    .await
+                    .with_context(|| format!("handler {:?}", h.spec.name))?;
+                tasks.spawn(crate::jetstream::consume(
+                    h.clone(),
+                    consumer,
+                    token.clone(),
+                    tracker.clone(),
+                ));
+                subscriptions += 1;
+                continue;
+            }
             for pattern in &h.spec.subscribe {
                 let sub = broker
                     .subscribe(pattern, h.spec.queue.as_deref())
@@ -269,7 +287,16 @@ async fn subscription_loop(
         let handler = handler.clone();
         tracker.spawn(async move {
             let event = event_for(&message, 1);
-            dispatch(&handler, event).await;
+            let delivery = Delivery {
+                reply_to: message.reply.clone(),
+                dedupe_prefix: None,
+            };
+            let (outcome, replied) = dispatch(&handler, event, delivery).await;
+            if handler.spec.service
+                && let Some(reply_to) = &message.reply
+            {
+                answer_request(&handler, reply_to, &outcome, replied).await;
+            }
             drop(permit);
         });
     }

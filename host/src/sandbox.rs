@@ -5,6 +5,7 @@
 //! error value or a truncated line, never a trap; only resource limits trap.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use wasmtime::ResourceLimiter;
@@ -15,15 +16,16 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::handler::Handler;
 use crate::limits;
-use crate::publish::{self, Quota};
+use crate::metrics::PublishResult;
+use crate::publish::{self, Delivery, Quota, Refusal};
 
 /// Host bindings for the `wasmev:events/handler` world.
 pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "handler",
-        // Only publish waits on the broker; log and config answer immediately.
-        imports: { "wasmev:events/publisher.publish": async },
+        // Only the publisher interface waits on the broker; log and config answer at once.
+        imports: { "wasmev:events/publisher": async },
         exports: { default: async },
     });
 }
@@ -34,6 +36,10 @@ use bindings::wasmev::events::{config, log, publisher, types};
 pub struct State {
     handler: Arc<Handler>,
     subject: String,
+    delivery: Delivery,
+    deadline_at: Instant,
+    /// Whether the guest answered the event's request itself.
+    pub replied: bool,
     wasi: WasiCtx,
     table: ResourceTable,
     quota: Quota,
@@ -45,7 +51,12 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(handler: Arc<Handler>, subject: &str) -> Self {
+    pub fn new(
+        handler: Arc<Handler>,
+        subject: &str,
+        delivery: Delivery,
+        deadline_at: Instant,
+    ) -> Self {
         let stdout = CappedOutput::new(limits::GUEST_OUTPUT_CAP);
         let stderr = CappedOutput::new(limits::GUEST_OUTPUT_CAP);
         // Locked down: no preopened directories, no environment, no arguments, no
@@ -58,6 +69,9 @@ impl State {
         Self {
             handler,
             subject: subject.to_string(),
+            delivery,
+            deadline_at,
+            replied: false,
             wasi,
             table: ResourceTable::new(),
             quota: Quota::default(),
@@ -109,6 +123,32 @@ impl ResourceLimiter for State {
 
 impl types::Host for State {}
 
+impl State {
+    /// Count a publish-path result and log refusals; pass the result through.
+    fn account<T, E: std::fmt::Debug>(
+        &self,
+        what: &str,
+        result: Result<T, (PublishResult, E)>,
+    ) -> Result<T, E> {
+        let metrics = &self.handler.metrics;
+        match result {
+            Ok(v) => {
+                metrics.publish(PublishResult::ok).inc();
+                Ok(v)
+            }
+            Err((label, error)) => {
+                metrics.publish(label).inc();
+                tracing::warn!(
+                    handler = %self.handler.spec.name,
+                    subject = %self.subject,
+                    "guest {what} failed: {error:?}"
+                );
+                Err(error)
+            }
+        }
+    }
+}
+
 impl publisher::Host for State {
     async fn publish(
         &mut self,
@@ -116,31 +156,55 @@ impl publisher::Host for State {
         payload: Vec<u8>,
         headers: Vec<(String, String)>,
     ) -> Result<(), types::PublishError> {
-        let h = &self.handler;
-        match publish::guest_publish(
+        let h = self.handler.clone();
+        let result: Result<(), Refusal> = publish::guest_publish(
             &h.broker,
             &h.grants,
+            &self.delivery,
             &mut self.quota,
             subject,
             payload,
             headers,
         )
-        .await
-        {
-            Ok(()) => {
-                h.metrics.publish(crate::metrics::PublishResult::ok).inc();
-                Ok(())
-            }
-            Err((result, error)) => {
-                h.metrics.publish(result).inc();
-                tracing::warn!(
-                    handler = %h.spec.name,
-                    subject = %self.subject,
-                    "guest publish refused: {error:?}"
-                );
-                Err(error)
-            }
+        .await;
+        self.account("publish", result)
+    }
+
+    async fn reply(
+        &mut self,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), types::PublishError> {
+        let h = self.handler.clone();
+        let result =
+            publish::guest_reply(&h.broker, &self.delivery, &mut self.quota, payload, headers)
+                .await;
+        if result.is_ok() {
+            self.replied = true;
         }
+        self.account("reply", result)
+    }
+
+    async fn request(
+        &mut self,
+        subject: String,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+        timeout_ms: u32,
+    ) -> Result<types::Response, types::RequestError> {
+        let h = self.handler.clone();
+        let result = publish::guest_request(
+            &h.broker,
+            &h.grants,
+            &mut self.quota,
+            self.deadline_at,
+            subject,
+            payload,
+            headers,
+            timeout_ms,
+        )
+        .await;
+        self.account("request", result)
     }
 }
 

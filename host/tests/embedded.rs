@@ -157,6 +157,7 @@ async fn shutdown_lets_in_flight_events_finish() {
     };
     b.publish(
         "chaos.in",
+        None,
         &[],
         json!({"op": "busy", "ms": 400}).to_string().into(),
     )

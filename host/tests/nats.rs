@@ -348,3 +348,78 @@ async fn host_keeps_handling_events_after_nats_restarts() {
     .await;
     host.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_by_a_wasm_service_and_guests_can_ask() {
+    let server = NatsServer::start();
+    let grants = "publish = [\"chaos.>\", \"svc.>\"]";
+    let toml = broker_section(&server)
+        + &handler_block(
+            "service",
+            "chaos",
+            &format!("subscribe = [\"svc.chaos\"]\nservice = true\n{grants}"),
+        )
+        + &handler_block(
+            "asker",
+            "chaos",
+            &format!("subscribe = [\"ask.in\"]\n{grants}"),
+        );
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    let timeout = Duration::from_secs(2);
+    let request = |payload: Value| {
+        let client = client.clone();
+        async move {
+            within(
+                "a reply",
+                timeout * 2,
+                client.send_request(
+                    "svc.chaos",
+                    async_nats::Request::new()
+                        .payload(payload.to_string().into())
+                        .timeout(Some(timeout)),
+                ),
+            )
+            .await
+            .expect("a reply, not a timeout")
+        }
+    };
+
+    let answer = request(json!({"op": "reply", "text": "pong"})).await;
+    assert_eq!(&answer.payload[..], b"pong");
+
+    // A rejecting service answers with an error at once instead of leaving the caller
+    // to time out.
+    let answer = request(json!({"op": "reject", "reason": "not today"})).await;
+    let headers = answer.headers.expect("error headers");
+    let error = headers.get("Nats-Service-Error").unwrap().as_str();
+    assert!(error.contains("not today"), "{error}");
+    assert_eq!(
+        headers.get("Nats-Service-Error-Code").unwrap().as_str(),
+        "400"
+    );
+
+    // A guest asks the service, asks nobody, and asks outside its grant.
+    let mut results = client.subscribe("chaos.result").await.unwrap();
+    client.flush().await.unwrap();
+    for (subject, expected) in [
+        ("svc.chaos", json!({"ok": "hi"})),
+        ("svc.nobody", json!({"err": "RequestError::NoResponders"})),
+        (
+            "secret.x",
+            json!({"err": "RequestError::Refused(PublishError::AccessDenied(\"secret.x\"))"}),
+        ),
+    ] {
+        publish_json(
+            &client,
+            "ask.in",
+            json!({"op": "ask", "subject": subject, "payload": {"op": "reply", "text": "hi"}, "timeout_ms": 2000}),
+        )
+        .await;
+        let report = next_json(&mut results).await;
+        assert_eq!(report["results"][0], expected, "asking {subject}");
+    }
+    assert_eq!(host.ok("asker"), 3);
+    host.stop().await.unwrap();
+}

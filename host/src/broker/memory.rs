@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock, Weak};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Message, PublishError, validate_header};
+use super::{Message, PublishError, RequestError, validate_header};
 use crate::limits;
 use crate::subject::{Pattern, Subject};
 
@@ -90,6 +90,7 @@ impl MemoryBroker {
     pub async fn publish(
         &self,
         subject: &str,
+        reply: Option<&str>,
         headers: &[(String, String)],
         payload: Bytes,
     ) -> Result<usize, PublishError> {
@@ -100,7 +101,7 @@ impl MemoryBroker {
         let targets = self.targets(subject);
         let message = Message {
             subject: subject.to_string(),
-            reply: None,
+            reply: reply.map(str::to_string),
             headers: headers.to_vec(),
             payload,
         };
@@ -122,6 +123,30 @@ impl MemoryBroker {
             }
         }
         Ok(delivered)
+    }
+
+    /// Publish with a fresh inbox as the reply subject and wait for the first reply.
+    pub async fn request(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Bytes,
+        timeout: std::time::Duration,
+    ) -> Result<Message, RequestError> {
+        let inbox = format!("_INBOX.{}", uuid::Uuid::now_v7().simple());
+        let pattern =
+            Pattern::new(inbox.clone()).map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        let mut replies = self.subscribe(pattern, None);
+        let delivered = self
+            .publish(subject, Some(&inbox), headers, payload)
+            .await?;
+        if delivered == 0 {
+            return Err(RequestError::NoResponders(subject.to_string()));
+        }
+        match tokio::time::timeout(timeout, replies.next()).await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) | Err(_) => Err(RequestError::TimedOut(timeout)),
+        }
     }
 
     fn targets(&self, subject: &str) -> Vec<mpsc::Sender<Message>> {
@@ -167,7 +192,7 @@ mod tests {
         let mut tail = broker.subscribe(pattern("user.>"), None);
         let mut exact = broker.subscribe(pattern("user.created"), None);
         let n = broker
-            .publish("user.created", &[], Bytes::from_static(b"x"))
+            .publish("user.created", None, &[], Bytes::from_static(b"x"))
             .await
             .unwrap();
         assert_eq!(n, 3);
@@ -175,7 +200,7 @@ mod tests {
             assert_eq!(recv(sub).await.unwrap().subject, "user.created");
         }
         let n = broker
-            .publish("user.created.v2", &[], Bytes::new())
+            .publish("user.created.v2", None, &[], Bytes::new())
             .await
             .unwrap();
         assert_eq!(n, 1, "only `user.>` matches two tokens after `user`");
@@ -190,7 +215,13 @@ mod tests {
         let mut b = broker.subscribe(pattern("jobs"), Some("workers"));
         let mut watcher = broker.subscribe(pattern("jobs"), None);
         for _ in 0..10 {
-            assert_eq!(broker.publish("jobs", &[], Bytes::new()).await.unwrap(), 2);
+            assert_eq!(
+                broker
+                    .publish("jobs", None, &[], Bytes::new())
+                    .await
+                    .unwrap(),
+                2
+            );
         }
         let (mut got_a, mut got_b, mut got_w) = (0, 0, 0);
         while recv(&mut a).await.is_some() {
@@ -212,7 +243,48 @@ mod tests {
         let broker = MemoryBroker::new();
         let sub = broker.subscribe(pattern("a"), None);
         drop(sub);
-        assert_eq!(broker.publish("a", &[], Bytes::new()).await.unwrap(), 0);
+        assert_eq!(
+            broker.publish("a", None, &[], Bytes::new()).await.unwrap(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_get_the_first_reply_or_no_responders() {
+        let broker = MemoryBroker::new();
+        let err = broker
+            .request("svc", &[], Bytes::new(), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RequestError::NoResponders(_)));
+
+        let mut service = broker.subscribe(pattern("svc"), None);
+        let responder = {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                let req = service.next().await.unwrap();
+                broker
+                    .publish(
+                        req.reply.as_deref().unwrap(),
+                        None,
+                        &[],
+                        Bytes::from_static(b"pong"),
+                    )
+                    .await
+                    .unwrap();
+            })
+        };
+        let reply = broker
+            .request(
+                "svc",
+                &[],
+                Bytes::from_static(b"ping"),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&reply.payload[..], b"pong");
+        responder.await.unwrap();
     }
 
     #[tokio::test]
@@ -220,7 +292,7 @@ mod tests {
         let broker = MemoryBroker::new();
         let bad = [("X-Ok".to_string(), "line\r\nINJECT".to_string())];
         assert!(matches!(
-            broker.publish("a", &bad, Bytes::new()).await,
+            broker.publish("a", None, &bad, Bytes::new()).await,
             Err(PublishError::InvalidHeader(_))
         ));
     }

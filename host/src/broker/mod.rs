@@ -31,11 +31,24 @@ pub enum PublishError {
     Unavailable(String),
 }
 
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("no responders on {0:?}")]
+    NoResponders(String),
+    #[error("no reply within {0:?}")]
+    TimedOut(std::time::Duration),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
 /// The broker a host is connected to.
 #[derive(Clone)]
 pub enum Broker {
     Memory(memory::MemoryBroker),
-    Nats(nats::NatsBroker),
+    // Boxed behind an Arc: the client and JetStream context are large, and every handler
+    // holds a clone of the broker.
+    Nats(std::sync::Arc<nats::NatsBroker>),
 }
 
 /// A live subscription. Dropping it unsubscribes.
@@ -86,8 +99,37 @@ impl Broker {
         payload: Bytes,
     ) -> Result<(), PublishError> {
         match self {
-            Broker::Memory(b) => b.publish(subject, headers, payload).await.map(|_| ()),
+            Broker::Memory(b) => b.publish(subject, None, headers, payload).await.map(|_| ()),
             Broker::Nats(b) => b.publish(subject, headers, payload).await,
+        }
+    }
+
+    /// Publish where losing the message would break at-least-once delivery: on NATS, when
+    /// a stream captures `subject`, wait for the stream's acknowledgement (and let its
+    /// duplicate window drop a `Nats-Msg-Id` it has seen); otherwise a plain publish.
+    pub async fn publish_durable(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Bytes,
+    ) -> Result<(), PublishError> {
+        match self {
+            Broker::Memory(b) => b.publish(subject, None, headers, payload).await.map(|_| ()),
+            Broker::Nats(b) => b.publish_durable(subject, headers, payload).await,
+        }
+    }
+
+    /// Send a request and wait up to `timeout` for the first reply.
+    pub async fn request(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Bytes,
+        timeout: std::time::Duration,
+    ) -> Result<Message, RequestError> {
+        match self {
+            Broker::Memory(b) => b.request(subject, headers, payload, timeout).await,
+            Broker::Nats(b) => b.request(subject, headers, payload, timeout).await,
         }
     }
 

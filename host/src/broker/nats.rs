@@ -15,9 +15,9 @@ use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{Message, PublishError, validate_header};
+use super::{Message, PublishError, RequestError, validate_header};
 use crate::limits;
-use crate::manifest::{Auth, BrokerSettings};
+use crate::manifest::{Auth, BrokerSettings, Deliver, JetStreamSpec};
 use crate::subject::Pattern;
 
 /// How long a subscription confirmation may take. Why 10 s: a round-trip to a healthy
@@ -27,12 +27,48 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the first connection attempt may take before start-up fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long "does a stream capture this subject?" is remembered. Why 10 s: streams are
+/// created and removed rarely; a fresh answer within seconds keeps durable publishes
+/// right without one lookup per publish.
+const CAPTURE_TTL: Duration = Duration::from_secs(10);
+
+/// Subjects whose capture answer is remembered at most. Why 10 000: guests publish to a
+/// handful of subjects; the bound only stops a guest inventing subjects from growing it.
+const CAPTURE_CACHE_MAX: usize = 10_000;
+
+/// Which subjects a JetStream stream captures, looked up on demand and cached briefly.
+#[derive(Default)]
+struct CaptureCache {
+    // std Mutex: held for a map lookup or insert only, never across an await.
+    entries: std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
+}
+
+impl CaptureCache {
+    fn get(&self, subject: &str) -> Option<bool> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(subject)
+            .filter(|(_, at)| at.elapsed() < CAPTURE_TTL)
+            .map(|(captured, _)| *captured)
+    }
+
+    fn put(&self, subject: &str, captured: bool) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= CAPTURE_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(subject.to_string(), (captured, std::time::Instant::now()));
+    }
+}
+
 #[derive(Clone)]
 pub struct NatsBroker {
     client: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
     url: Arc<str>,
     /// Messages the client dropped because a subscription buffer was full.
     slow_consumer_drops: Arc<AtomicU64>,
+    captured: Arc<CaptureCache>,
 }
 
 pub struct NatsSubscription {
@@ -41,25 +77,41 @@ pub struct NatsSubscription {
 
 impl NatsSubscription {
     pub async fn next(&mut self) -> Option<Message> {
-        let m = self.inner.next().await?;
-        let headers = m
-            .headers
-            .map(|h| {
-                h.iter()
-                    .flat_map(|(k, vs)| {
-                        vs.iter()
-                            .map(move |v| (k.to_string(), v.as_str().to_string()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Some(Message {
-            subject: m.subject.to_string(),
-            reply: m.reply.map(|r| r.to_string()),
-            headers,
-            payload: m.payload,
-        })
+        self.inner.next().await.map(convert)
     }
+}
+
+/// An async-nats message as dispatch sees it.
+pub fn convert(m: async_nats::Message) -> Message {
+    Message {
+        subject: m.subject.to_string(),
+        reply: m.reply.map(|r| r.to_string()),
+        headers: m.headers.as_ref().map(header_pairs).unwrap_or_default(),
+        payload: m.payload,
+    }
+}
+
+fn header_pairs(h: &HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .flat_map(|(k, vs)| {
+            vs.iter()
+                .map(move |v| (k.to_string(), v.as_str().to_string()))
+        })
+        .collect()
+}
+
+/// Build a header map, refusing (never panicking on) what NATS would reject.
+fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, PublishError> {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        validate_header(k, v)?;
+        // Both parses re-check what validate_header checked; they cannot fail here, but a
+        // failure must still be an error value and never a panic.
+        let name = HeaderName::from_str(k).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
+        let value = HeaderValue::from_str(v).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
+        map.append(name, value);
+    }
+    Ok(map)
 }
 
 impl NatsBroker {
@@ -110,9 +162,11 @@ impl NatsBroker {
             .await
             .with_context(|| format!("failed to connect to nats at {url}"))?;
         Ok(Self {
+            jetstream: async_nats::jetstream::new(client.clone()),
             client,
             url: url.into(),
             slow_consumer_drops: drops,
+            captured: Arc::default(),
         })
     }
 
@@ -172,22 +226,143 @@ impl NatsBroker {
         let result = if headers.is_empty() {
             self.client.publish(subject.to_string(), payload).await
         } else {
-            let mut map = HeaderMap::new();
-            for (k, v) in headers {
-                validate_header(k, v)?;
-                // Both parses re-check what validate_header checked; they cannot fail here,
-                // but a failure must still be an error value and never a panic.
-                let name =
-                    HeaderName::from_str(k).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
-                let value =
-                    HeaderValue::from_str(v).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
-                map.append(name, value);
-            }
+            let map = header_map(headers)?;
             self.client
                 .publish_with_headers(subject.to_string(), map, payload)
                 .await
         };
         result.map_err(|e| PublishError::Unavailable(e.to_string()))
+    }
+
+    /// Whether a JetStream stream captures `subject` (cached for [`CAPTURE_TTL`]).
+    async fn is_captured(&self, subject: &str) -> Result<bool, PublishError> {
+        use async_nats::jetstream::context::GetStreamByNameErrorKind;
+        if let Some(captured) = self.captured.get(subject) {
+            return Ok(captured);
+        }
+        let captured = match self.jetstream.stream_by_subject(subject).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => false,
+            Err(e) => {
+                return Err(PublishError::Unavailable(format!(
+                    "stream lookup failed: {e}"
+                )));
+            }
+        };
+        self.captured.put(subject, captured);
+        Ok(captured)
+    }
+
+    /// Publish and, when a stream captures the subject, wait for its acknowledgement.
+    /// A subject no stream captures is published plainly: there is nothing to wait for
+    /// (and waiting would only time out when core subscribers listen there).
+    pub async fn publish_durable(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Bytes,
+    ) -> Result<(), PublishError> {
+        use async_nats::jetstream::context::PublishErrorKind;
+        if !self.is_captured(subject).await? {
+            return self.publish(subject, headers, payload).await;
+        }
+        let map = header_map(headers)?;
+        let ack = self
+            .jetstream
+            .publish_with_headers(subject.to_string(), map, payload.clone())
+            .await
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?
+            .await;
+        match ack {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                self.publish(subject, headers, payload).await
+            }
+            Err(e) => Err(PublishError::Unavailable(e.to_string())),
+        }
+    }
+
+    pub async fn request(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, RequestError> {
+        use async_nats::RequestErrorKind;
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .headers(header_map(headers)?)
+            .timeout(Some(timeout));
+        match self.client.send_request(subject.to_string(), request).await {
+            Ok(m) => Ok(convert(m)),
+            Err(e) => Err(match e.kind() {
+                RequestErrorKind::NoResponders => RequestError::NoResponders(subject.to_string()),
+                RequestErrorKind::TimedOut => RequestError::TimedOut(timeout),
+                _ => RequestError::Publish(PublishError::Unavailable(e.to_string())),
+            }),
+        }
+    }
+
+    /// The durable pull consumer for `spec`, on a stream that must exist unless the
+    /// manifest says which subjects to create it with.
+    pub async fn consumer(
+        &self,
+        spec: &JetStreamSpec,
+        filters: &[Pattern],
+    ) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
+        use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let stream = match self.jetstream.get_stream(&spec.stream).await {
+            Ok(stream) => stream,
+            Err(e) if spec.stream_subjects.is_empty() => {
+                return Err(anyhow::anyhow!(
+                    "stream {:?} not found on nats at {} ({e}); create it, or set \
+                     jetstream.stream_subjects in the manifest to let wasmev create it",
+                    spec.stream,
+                    self.url
+                ));
+            }
+            Err(_) => self
+                .jetstream
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: spec.stream.clone(),
+                    subjects: spec
+                        .stream_subjects
+                        .iter()
+                        .map(|p| p.as_str().to_string())
+                        .collect(),
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("failed to create stream {:?}", spec.stream))?,
+        };
+        let mut config = pull::Config {
+            durable_name: Some(spec.durable.clone()),
+            deliver_policy: match spec.deliver {
+                Deliver::All => DeliverPolicy::All,
+                Deliver::New => DeliverPolicy::New,
+            },
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: spec.ack_wait,
+            max_deliver: i64::from(spec.max_deliver),
+            max_ack_pending: i64::from(spec.max_ack_pending),
+            ..Default::default()
+        };
+        // One filter works on every server; several need nats-server 2.10.
+        match filters {
+            [one] => config.filter_subject = one.as_str().to_string(),
+            many => config.filter_subjects = many.iter().map(|p| p.as_str().to_string()).collect(),
+        }
+        stream
+            .get_or_create_consumer(&spec.durable, config)
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to get or create consumer {:?} on stream {:?}",
+                    spec.durable, spec.stream
+                )
+            })
     }
 
     /// The server's announced `max_payload`, capped by ours.

@@ -258,14 +258,15 @@ impl TestHost {
             .unwrap()
     }
 
-    /// The value of a metric line like `wasmev_events_ok_total{handler="x"} 3`.
+    /// The value of a metric line like `wasmev_events_ok_total{handler="x"} 3`. Every
+    /// series is registered at zero when a handler loads, so a missing one is a bug.
     pub fn metric(&self, name: &str, labels: &str) -> u64 {
         let text = self.metrics.encode();
         let prefix = format!("{name}{{{labels}}} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("no metric series {prefix:?} in:\n{text}"))
     }
 
     pub fn failed(&self, handler: &str, reason: &str) -> u64 {

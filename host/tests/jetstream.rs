@@ -1,0 +1,406 @@
+//! At-least-once delivery on a real nats-server with JetStream (file store, loopback):
+//! the guest's answer drives ack, nak-with-delay and dead-letter.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn create_stream(js: &jetstream::Context, name: &str, subjects: &[&str]) -> stream::Stream {
+    js.create_stream(stream::Config {
+        name: name.to_string(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Every message in `stream`, oldest first.
+async fn read_all(
+    js: &jetstream::Context,
+    name: &str,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let mut stream = js.get_stream(name).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+async fn count(js: &jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+/// `(id, attempt)` for every record in the SEEN stream.
+async fn seen(js: &jetstream::Context) -> Vec<(String, u64)> {
+    read_all(js, "SEEN")
+        .await
+        .into_iter()
+        .map(|m| {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["attempt"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn js_manifest(server: &NatsServer, jetstream: &str) -> String {
+    format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+        + &handler_block(
+            "chaos",
+            "chaos",
+            &format!(
+                "subscribe = [\"js.in\"]\npublish = [\"chaos.>\", \"out.>\"]\nmax_in_flight = 32\n\
+                 [handler.jetstream]\nstream = \"EVENTS\"\n{jetstream}"
+            ),
+        )
+}
+
+async fn publish_ops(js: &jetstream::Context, ops: impl IntoIterator<Item = (String, Value)>) {
+    for (id, op) in ops {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        js.publish_with_headers("js.in", headers, op.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    create_stream(&js, "SEEN", &["chaos.seen"]).await;
+    create_stream(&js, "DLQ", &["wasmev.dlq.>"]).await;
+    let (_dir, m) = manifest(&js_manifest(&server, ""));
+    let host = TestHost::start(&m).await;
+
+    const N: usize = 1000;
+    publish_ops(
+        &js,
+        (0..N).map(|i| (format!("e{i}"), json!({"op": "record"}))),
+    )
+    .await;
+    wait_for("every event to be acked", WAIT, || async {
+        (host.ok("chaos") == N as u64).then_some(())
+    })
+    .await;
+    let ids: HashSet<String> = seen(&js).await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), N, "every id was processed");
+    assert_eq!(count(&js, "DLQ").await, 0);
+    assert_eq!(
+        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
+        0
+    );
+    host.stop().await.unwrap();
+    // Everything was acked: the consumer has nothing pending.
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("EVENTS")
+        .await
+        .unwrap()
+        .get_consumer("chaos")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    create_stream(&js, "DLQ", &["wasmev.dlq.>"]).await;
+    let (_dir, m) = manifest(&js_manifest(
+        &server,
+        "max_deliver = 3\nbackoff = [\"100ms\", \"200ms\"]\nack_wait = \"2s\"",
+    ));
+    let host = TestHost::start(&m).await;
+    // Attempts are watched on a core subscription: a stream capturing `chaos.seen` would
+    // (rightly) drop the repeats, which carry the same Nats-Msg-Id on every attempt.
+    let mut records = client.subscribe("chaos.seen").await.unwrap();
+    client.flush().await.unwrap();
+
+    publish_ops(
+        &js,
+        [("poison".to_string(), json!({"op": "record_then_retry"}))],
+    )
+    .await;
+    wait_for("the dead letter", WAIT, || async {
+        (count(&js, "DLQ").await == 1).then_some(())
+    })
+    .await;
+    let letter = read_all(&js, "DLQ").await.remove(0);
+    assert_eq!(letter.subject.as_str(), "wasmev.dlq.chaos");
+    assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
+    let h = &letter.headers;
+    let get = |k: &str| h.get(k).map(|v| v.as_str().to_string()).unwrap_or_default();
+    assert_eq!(get("Wasmev-Handler"), "chaos");
+    assert_eq!(get("Wasmev-Subject"), "js.in");
+    assert_eq!(get("Wasmev-Stream"), "EVENTS");
+    assert_eq!(get("Wasmev-Stream-Seq"), "1");
+    assert_eq!(get("Wasmev-Attempts"), "3");
+    assert!(
+        get("Wasmev-Error").contains("retry"),
+        "{}",
+        get("Wasmev-Error")
+    );
+
+    // Terminated: no further delivery. Watch for longer than ack_wait plus the backoff.
+    let mut attempts = Vec::new();
+    while let Some(m) = next_within(&mut records, Duration::from_secs(3)).await {
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        attempts.push(v["attempt"].as_u64().unwrap());
+    }
+    assert_eq!(attempts, [1, 2, 3], "exactly three attempts, numbered");
+    assert_eq!(count(&js, "DLQ").await, 1, "exactly one dead letter");
+    assert_eq!(
+        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
+        1
+    );
+    assert_eq!(host.failed("chaos", "retry"), 3);
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_retry_delay_is_honoured() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    let (_dir, m) = manifest(&js_manifest(&server, ""));
+    let host = TestHost::start(&m).await;
+    let mut records = client.subscribe("chaos.seen").await.unwrap();
+    client.flush().await.unwrap();
+
+    publish_ops(
+        &js,
+        [(
+            "slow".into(),
+            json!({"op": "record_then_retry_once", "ms": 700}),
+        )],
+    )
+    .await;
+    next_within(&mut records, WAIT)
+        .await
+        .expect("first attempt");
+    let first = Instant::now();
+    let second = next_within(&mut records, WAIT)
+        .await
+        .expect("second attempt");
+    let gap = first.elapsed();
+    let v: Value = serde_json::from_slice(&second.payload).unwrap();
+    assert_eq!(v["attempt"], 2);
+    assert!(
+        gap >= Duration::from_millis(650),
+        "redelivered after {gap:?}, asked for 700ms"
+    );
+    wait_for("the second attempt to be acked", WAIT, || async {
+        (host.ok("chaos") == 1).then_some(())
+    })
+    .await;
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_when_nats_restarts_mid_stream() {
+    let mut server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    create_stream(&js, "SEEN", &["chaos.seen"]).await;
+    let (_dir, m) = manifest(&js_manifest(
+        &server,
+        "ack_wait = \"2s\"\nbackoff = [\"100ms\"]\nmax_deliver = 20",
+    ));
+    const N: usize = 500;
+    publish_ops(
+        &js,
+        (0..N).map(|i| (format!("r{i}"), json!({"op": "record"}))),
+    )
+    .await;
+
+    let host = TestHost::start(&m).await;
+    wait_for("some progress", WAIT, || async {
+        (host.ok("chaos") >= 50).then_some(())
+    })
+    .await;
+    server.restart();
+    let js = jetstream::new(server.client().await);
+    wait_for(
+        "all 500 ids after the restart",
+        Duration::from_secs(60),
+        || async {
+            let ids: HashSet<String> = seen(&js).await.into_iter().map(|(id, _)| id).collect();
+            (ids.len() == N).then_some(())
+        },
+    )
+    .await;
+    // Duplicates may only be visible redeliveries.
+    let mut by_id: HashMap<String, Vec<u64>> = HashMap::new();
+    for (id, attempt) in seen(&js).await {
+        by_id.entry(id).or_default().push(attempt);
+    }
+    for (id, attempts) in &by_id {
+        if attempts.len() > 1 {
+            assert!(
+                attempts[1..].iter().all(|&a| a > 1),
+                "{id} seen twice at attempt 1: {attempts:?}"
+            );
+        }
+    }
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_does_not_duplicate_the_guests_downstream_publish() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    create_stream(&js, "OUT", &["out.>"]).await; // default duplicate window: 2 minutes
+    let (_dir, m) = manifest(&js_manifest(&server, ""));
+    let host = TestHost::start(&m).await;
+
+    publish_ops(
+        &js,
+        [(
+            "d1".into(),
+            json!({"op": "publish_then_retry_once", "subject": "out.mail"}),
+        )],
+    )
+    .await;
+    wait_for("the retried event to succeed", WAIT, || async {
+        (host.ok("chaos") == 1 && host.failed("chaos", "retry") == 1).then_some(())
+    })
+    .await;
+    let out = read_all(&js, "OUT").await;
+    assert_eq!(out.len(), 1, "two attempts published, the stream kept one");
+    assert_eq!(&out[0].payload[..], b"d1");
+    assert_eq!(
+        out[0]
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_string()),
+        Some("chaos:EVENTS:1:0".to_string())
+    );
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_is_a_clear_startup_error() {
+    let server = NatsServer::start();
+    let (_dir, m) = manifest(&js_manifest(&server, ""));
+    let err = match wasmev::Host::start(&m, wasmev::Options::default()).await {
+        Ok(_) => panic!("started without its stream"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("handler \"chaos\""), "{err}");
+    assert!(err.contains("stream \"EVENTS\" not found"), "{err}");
+    assert!(err.contains("stream_subjects"), "says how to fix it: {err}");
+
+    // With stream_subjects the host creates it.
+    let (_dir, m) = manifest(&js_manifest(&server, "stream_subjects = [\"js.in\"]"));
+    let host = TestHost::start(&m).await;
+    let js = jetstream::new(server.client().await);
+    assert!(js.get_stream("EVENTS").await.is_ok());
+    host.stop().await.unwrap();
+}
+
+/// Start `wasmev run` on `manifest` as a separate process.
+fn spawn_host(manifest: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wasmev"))
+        .arg("run")
+        .arg(manifest)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_when_the_host_is_killed_mid_stream_and_restarted() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    create_stream(&js, "SEEN", &["chaos.seen"]).await;
+    const N: usize = 300;
+    publish_ops(
+        &js,
+        (0..N).map(|i| {
+            (
+                format!("k{i}"),
+                json!({"op": "record_then_retry_once", "ms": 5}),
+            )
+        }),
+    )
+    .await;
+    // A short ack_wait so the events the killed host held come back quickly.
+    let (dir, _) = manifest(&js_manifest(&server, "ack_wait = \"1s\""));
+    let path = dir.path().join("runtime.toml");
+
+    let mut first = spawn_host(&path);
+    wait_for("the first host to make progress", WAIT, || async {
+        (count(&js, "SEEN").await >= 30).then_some(())
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL: no drain, no acks for what was in flight
+    first.wait().unwrap();
+    let at_kill = count(&js, "SEEN").await;
+    assert!(
+        at_kill < N as u64,
+        "the kill must land mid-stream (saw {at_kill})"
+    );
+
+    let mut second = spawn_host(&path);
+    wait_for(
+        "every event after the restart",
+        Duration::from_secs(60),
+        || async {
+            let ids: HashSet<String> = seen(&js).await.into_iter().map(|(id, _)| id).collect();
+            (ids.len() == N).then_some(())
+        },
+    )
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("EVENTS")
+        .await
+        .unwrap()
+        .get_consumer("chaos")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_pending, 0, "the stream was consumed to the end");
+}
