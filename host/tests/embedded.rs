@@ -85,17 +85,22 @@ async fn admin_publish_flows_through_both_handlers() {
     assert_eq!(bad.status(), 400);
     assert!(bad.text().await.unwrap().contains("empty token"));
 
-    let metrics = http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("wasmev_events_ok_total{handler=\"email-sender\"} 1"));
-    assert!(metrics.contains("wasmev_events_ok_total{handler=\"audit-log\"} 1"));
-    assert!(metrics.contains("wasmev_ready 1"));
+    // A guest's publish arrives before its result is counted: wait for the counters.
+    wait_for("both handlers counted ok on /metrics", WAIT, || async {
+        let metrics = http
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        (metrics.contains("wasmev_events_ok_total{handler=\"email-sender\"} 1")
+            && metrics.contains("wasmev_events_ok_total{handler=\"audit-log\"} 1")
+            && metrics.contains("wasmev_ready 1"))
+        .then_some(())
+    })
+    .await;
     host.stop().await.unwrap();
 }
 
