@@ -117,6 +117,33 @@ pub async fn answer_request(handler: &Handler, reply_to: &str, outcome: &Outcome
 }
 
 async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outcome, bool) {
+    let guards = &handler.spec.guards;
+    // Refuse before an instance exists: these cannot succeed, and cost nothing to check.
+    if event.payload.len() as u64 > guards.max_payload {
+        return (
+            Outcome::failed(
+                FailReason::too_large,
+                format!(
+                    "event payload of {} bytes is larger than max_payload ({} bytes)",
+                    event.payload.len(),
+                    guards.max_payload
+                ),
+            ),
+            false,
+        );
+    }
+    if delivery.hops >= guards.max_hops {
+        return (
+            Outcome::failed(
+                FailReason::hop_limit,
+                format!(
+                    "event has travelled {} handler hops (max_hops = {}); dropped to break a feedback loop",
+                    delivery.hops, guards.max_hops
+                ),
+            ),
+            false,
+        );
+    }
     let deadline = handler.spec.deadline;
     let deadline_at = Instant::now() + deadline;
     let mut store = Store::new(
@@ -124,6 +151,15 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
         State::new(handler.clone(), &event.subject, delivery, deadline_at),
     );
     store.limiter(|state| state);
+    store.set_hostcall_fuel(usize::try_from(guards.hostcall_fuel).unwrap_or(usize::MAX));
+    if store.get_fuel().is_ok() {
+        // (get_fuel is Ok only when the engine counts fuel.) Handlers without a budget get
+        // an unlimited one; the engine counts for everyone
+        // once any handler asks for fuel.
+        if let Err(e) = store.set_fuel(guards.fuel.unwrap_or(u64::MAX)) {
+            return (Outcome::failed(FailReason::host, format!("{e:#}")), false);
+        }
+    }
     // Preemption: every epoch tick the guest yields to the executor, so a spinning guest
     // shares the worker threads; past the deadline it is interrupted with a trap.
     store.set_epoch_deadline(1);
@@ -167,6 +203,14 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
         Ok(Err(err)) => {
             if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
                 Outcome::failed(FailReason::deadline, deadline_text(deadline))
+            } else if err.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
+                Outcome::failed(
+                    FailReason::fuel,
+                    format!(
+                        "handler used up its fuel ({} units)",
+                        guards.fuel.unwrap_or(u64::MAX)
+                    ),
+                )
             } else if state.memory_denied {
                 Outcome::failed(
                     FailReason::memory,

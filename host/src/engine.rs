@@ -14,7 +14,10 @@ use crate::limits;
 /// Why pooling: a fresh instance per event is the isolation model, and the pooling
 /// allocator makes instantiation a slot reuse (copy-on-write memory images, no mmap per
 /// event) instead of fresh mappings.
-pub fn new_engine() -> anyhow::Result<Engine> {
+///
+/// `consume_fuel` turns on instruction counting (for handlers with a `fuel` budget); it
+/// costs every guest some speed, so it is only on when a manifest asks for it.
+pub fn new_engine(consume_fuel: bool) -> anyhow::Result<Engine> {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(limits::INSTANCE_POOL);
     // A component holds several core instances (its module plus the canonical-ABI shims
@@ -34,6 +37,7 @@ pub fn new_engine() -> anyhow::Result<Engine> {
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .epoch_interruption(true)
+        .consume_fuel(consume_fuel)
         .max_wasm_stack(limits::MAX_WASM_STACK)
         .async_stack_size(limits::ASYNC_STACK);
     Engine::new(&config)

@@ -18,7 +18,6 @@ use crate::dispatch::{Outcome, dispatch};
 use crate::handler::Handler;
 use crate::limits;
 use crate::manifest::JetStreamSpec;
-use crate::metrics::FailReason;
 use crate::publish::{Delivery, MSG_ID};
 use crate::sandbox::bindings::wasmev::events::types::Event;
 
@@ -145,6 +144,7 @@ async fn handle(
     let delivery = Delivery {
         reply_to: None,
         dedupe_prefix: Some(format!("{}:{stream}:{sequence}", handler.spec.name)),
+        hops: Delivery::hops_of(&base.headers),
     };
 
     // While the guest runs, tell JetStream we are still working, so a slow (but within
@@ -189,8 +189,8 @@ async fn settle(
             detail,
             retry_after,
         } => {
-            if reason == FailReason::reject || attempt >= spec.max_deliver {
-                let why = if reason == FailReason::reject {
+            if reason.is_permanent() || attempt >= spec.max_deliver {
+                let why = if reason.is_permanent() {
                     detail
                 } else {
                     format!("gave up after {attempt} attempt(s); last error: {detail}")

@@ -66,9 +66,10 @@ pub const MAX_LOG_LINE: usize = 4 << 10;
 /// the effective limit is the smaller of this and what the connected server announces.
 pub const MAX_PUBLISH_PAYLOAD: usize = 1 << 20;
 
-/// Publishes one event may make. Why 100: fan-out beyond that is a bug or a loop, and the
-/// cap keeps one event from flooding the broker.
-pub const MAX_PUBLISHES_PER_EVENT: u32 = 100;
+/// Publishes (including replies and requests) one event may make, when the manifest does
+/// not say. Why 100: fan-out beyond that is a bug or a loop, and the cap keeps one event
+/// from flooding the broker.
+pub const DEFAULT_MAX_PUBLISHES: u32 = 100;
 
 /// How long one publish may wait for the broker. Why 5 s: the async-nats client buffers
 /// while reconnecting; past this the guest gets `unavailable` instead of hanging.
@@ -115,3 +116,41 @@ pub const JETSTREAM_PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Longest time a guest `request` may wait for a reply. Why 30 s: a request is a
 /// synchronous call inside an event; the event's own deadline usually ends it sooner.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest event payload a handler accepts when the manifest does not say; bigger events
+/// fail before an instance is created. Why 1 MiB: nats-server's default `max_payload`,
+/// so nothing that NATS delivers by default is refused.
+pub const DEFAULT_MAX_EVENT_PAYLOAD: u64 = 1 << 20;
+
+/// Cap on `max_payload`. Why 64 MiB: nats-server's own hard ceiling.
+pub const MAX_EVENT_PAYLOAD: u64 = 64 << 20;
+
+/// Cap on `max_publishes`. Why 10 000: a bigger fan-out from one event is a batch job.
+pub const MAX_PUBLISHES_CAP: u32 = 10_000;
+
+/// Bytes one event may publish in total (payloads and headers), when the manifest does
+/// not say. Why 10 MiB: ten maximum-size messages; bounds what one event can push into
+/// the broker.
+pub const DEFAULT_MAX_PUBLISH_BYTES: u64 = 10 << 20;
+
+/// Cap on `max_publish_bytes`. Why 256 MiB: bounds broker load from one event even when
+/// a handler legitimately fans out large messages.
+pub const MAX_PUBLISH_BYTES_CAP: u64 = 256 << 20;
+
+/// Bytes a guest may pass to the host in one call (wasmtime's "hostcall fuel"), when the
+/// manifest does not say. Why 2 MiB: one maximum-size publish plus its headers fits; a
+/// guest cannot make the host allocate more on its behalf in one call (wasmtime's own
+/// default is 128 MiB).
+pub const DEFAULT_HOSTCALL_FUEL: u64 = 2 << 20;
+
+/// Cap on `hostcall_fuel`. Why 64 MiB: the largest NATS message plus headroom.
+pub const MAX_HOSTCALL_FUEL: u64 = 64 << 20;
+
+/// Hops an event may have travelled through handlers before it is dropped, when the
+/// manifest does not say. Each guest publish carries `Wasmev-Hops` = the triggering
+/// event's hops + 1. Why 16: real pipelines are a few handlers deep; a feedback loop
+/// (a handler on `a.>` publishing `a.x`) is cut after 16 rounds instead of running forever.
+pub const DEFAULT_MAX_HOPS: u32 = 16;
+
+/// Cap on `max_hops`.
+pub const MAX_HOPS_CAP: u32 = 255;

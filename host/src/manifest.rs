@@ -45,11 +45,44 @@ pub struct HandlerSpec {
     pub deadline: Duration,
     pub memory: u64,
     pub max_in_flight: u32,
+    /// The per-event guards beyond deadline and memory.
+    pub guards: Guards,
     /// Answer every request (an event with `reply-to`) exactly once: with the guest's
     /// reply, an empty reply on ok, or an error reply when the event fails.
     pub service: bool,
     /// Consume through a JetStream durable consumer instead of a core subscription.
     pub jetstream: Option<JetStreamSpec>,
+}
+
+/// Per-event limits on what a guest may push at the host and the broker. Defaults and
+/// caps are in [`crate::limits`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guards {
+    /// Largest event payload accepted; bigger events are refused before instantiation.
+    pub max_payload: u64,
+    /// Publishes, replies and requests one event may make.
+    pub max_publishes: u32,
+    /// Bytes (payloads and headers) one event may publish in total.
+    pub max_publish_bytes: u64,
+    /// Bytes the guest may pass to the host in one call.
+    pub hostcall_fuel: u64,
+    /// When set, the instructions (wasmtime fuel units) one event may execute.
+    pub fuel: Option<u64>,
+    /// Events that already travelled this many handler hops are dropped.
+    pub max_hops: u32,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Self {
+            max_payload: limits::DEFAULT_MAX_EVENT_PAYLOAD,
+            max_publishes: limits::DEFAULT_MAX_PUBLISHES,
+            max_publish_bytes: limits::DEFAULT_MAX_PUBLISH_BYTES,
+            hostcall_fuel: limits::DEFAULT_HOSTCALL_FUEL,
+            fuel: None,
+            max_hops: limits::DEFAULT_MAX_HOPS,
+        }
+    }
 }
 
 /// Where a JetStream consumer starts on first creation.
@@ -255,6 +288,12 @@ struct RawHandler {
     #[serde(default)]
     service: bool,
     jetstream: Option<Spanned<RawJetStream>>,
+    max_payload: Option<Spanned<Size>>,
+    max_publishes: Option<Spanned<u32>>,
+    max_publish_bytes: Option<Spanned<Size>>,
+    hostcall_fuel: Option<Spanned<Size>>,
+    fuel: Option<Spanned<u64>>,
+    max_hops: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -408,6 +447,8 @@ impl Manifest {
         if v.problems.is_empty() {
             Ok(manifest)
         } else {
+            // In file order, as a reader goes through them.
+            v.problems.sort_by_key(|d| (d.line, d.column));
             Err(ManifestError::Invalid(v.problems))
         }
     }
@@ -505,6 +546,7 @@ impl Validator<'_> {
 
     fn handler(&mut self, i: usize, h: RawHandler, has_broker: bool) -> HandlerSpec {
         let key = |field: &str| format!("handler[{i}].{field}");
+        let guards = self.guards(&key, &h);
         let module = self.dir.join(h.module.get_ref());
         if !module.is_file() {
             self.report(
@@ -623,8 +665,89 @@ impl Validator<'_> {
             deadline,
             memory,
             max_in_flight,
+            guards,
             service: h.service,
             jetstream,
+        }
+    }
+
+    /// `value` (with its span) if it is within `1..=cap`, else report it; `default` if unset.
+    fn bounded(
+        &mut self,
+        key: &dyn Fn(&str) -> String,
+        field: &str,
+        value: Option<(u64, Range<usize>)>,
+        default: u64,
+        cap: u64,
+        show: fn(u64) -> String,
+    ) -> u64 {
+        let Some((n, span)) = value else {
+            return default;
+        };
+        if n == 0 || n > cap {
+            self.report(
+                span,
+                key(field),
+                format!("{field} must be between {} and {}", show(1), show(cap)),
+            );
+        }
+        n
+    }
+
+    fn guards(&mut self, key: &dyn Fn(&str) -> String, h: &RawHandler) -> Guards {
+        let size = |s: &Option<Spanned<Size>>| s.as_ref().map(|v| (v.get_ref().0, v.span()));
+        let count =
+            |n: &Option<Spanned<u32>>| n.as_ref().map(|v| (u64::from(*v.get_ref()), v.span()));
+        let clamp32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let bytes: fn(u64) -> String = |n| bytesize::ByteSize::b(n).display().iec().to_string();
+        let plain: fn(u64) -> String = |n| n.to_string();
+        Guards {
+            max_payload: self.bounded(
+                key,
+                "max_payload",
+                size(&h.max_payload),
+                limits::DEFAULT_MAX_EVENT_PAYLOAD,
+                limits::MAX_EVENT_PAYLOAD,
+                bytes,
+            ),
+            max_publishes: clamp32(self.bounded(
+                key,
+                "max_publishes",
+                count(&h.max_publishes),
+                u64::from(limits::DEFAULT_MAX_PUBLISHES),
+                u64::from(limits::MAX_PUBLISHES_CAP),
+                plain,
+            )),
+            max_publish_bytes: self.bounded(
+                key,
+                "max_publish_bytes",
+                size(&h.max_publish_bytes),
+                limits::DEFAULT_MAX_PUBLISH_BYTES,
+                limits::MAX_PUBLISH_BYTES_CAP,
+                bytes,
+            ),
+            hostcall_fuel: self.bounded(
+                key,
+                "hostcall_fuel",
+                size(&h.hostcall_fuel),
+                limits::DEFAULT_HOSTCALL_FUEL,
+                limits::MAX_HOSTCALL_FUEL,
+                bytes,
+            ),
+            fuel: h.fuel.as_ref().map(|f| {
+                if *f.get_ref() == 0 {
+                    self.report(f.span(), key("fuel"), "fuel must be at least 1".into());
+                }
+                *f.get_ref()
+            }),
+            max_hops: clamp32(self.bounded(
+                key,
+                "max_hops",
+                count(&h.max_hops),
+                u64::from(limits::DEFAULT_MAX_HOPS),
+                u64::from(limits::MAX_HOPS_CAP),
+                plain,
+            )),
         }
     }
 

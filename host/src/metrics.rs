@@ -27,17 +27,26 @@ pub enum FailReason {
     deadline,
     /// The guest tried to grow memory past its limit.
     memory,
-    /// The host could not run the event (instantiation failed, payload too large...).
+    /// The guest ran out of its `fuel` (instruction budget).
+    fuel,
+    /// The event payload is larger than the handler's `max_payload`; never instantiated.
+    too_large,
+    /// The event travelled more handler hops than `max_hops`: a feedback loop, dropped.
+    hop_limit,
+    /// The host could not run the event (instantiation failed...).
     host,
 }
 
 impl FailReason {
-    pub const ALL: [FailReason; 6] = [
+    pub const ALL: [FailReason; 9] = [
         FailReason::retry,
         FailReason::reject,
         FailReason::trap,
         FailReason::deadline,
         FailReason::memory,
+        FailReason::fuel,
+        FailReason::too_large,
+        FailReason::hop_limit,
         FailReason::host,
     ];
 
@@ -48,8 +57,20 @@ impl FailReason {
             FailReason::trap => "trap",
             FailReason::deadline => "deadline",
             FailReason::memory => "memory",
+            FailReason::fuel => "fuel",
+            FailReason::too_large => "too_large",
+            FailReason::hop_limit => "hop_limit",
             FailReason::host => "host",
         }
+    }
+
+    /// Whether trying the same event again cannot succeed (so JetStream dead-letters it
+    /// at once instead of retrying).
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            FailReason::reject | FailReason::too_large | FailReason::hop_limit
+        )
     }
 }
 

@@ -20,6 +20,10 @@ use crate::subject::{Pattern, Subject};
 /// The header NATS JetStream deduplicates on.
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
+/// How many handler hops the message has travelled. Set by the host on every guest
+/// publish (a guest cannot reset it) to cut feedback loops.
+pub const HOPS: &str = "Wasmev-Hops";
+
 /// The header a responder sets on an error reply (the NATS micro-services convention).
 pub const SERVICE_ERROR: &str = "Nats-Service-Error";
 /// Its companion carrying a numeric code.
@@ -28,10 +32,35 @@ pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 /// A refused or failed publish: the metric label and the error the guest sees.
 pub type Refusal = (PublishResult, PublishError);
 
-/// What one event has published so far; reset for every event.
-#[derive(Debug, Default)]
+/// What one event may still publish: counts down from the handler's guards.
+#[derive(Debug)]
 pub struct Quota {
-    pub publishes: u32,
+    publishes_left: u32,
+    bytes_left: u64,
+    /// Publishes made so far (the index in derived message ids).
+    made: u32,
+}
+
+impl Quota {
+    pub fn new(guards: &crate::manifest::Guards) -> Self {
+        Self {
+            publishes_left: guards.max_publishes,
+            bytes_left: guards.max_publish_bytes,
+            made: 0,
+        }
+    }
+
+    /// Take one publish of `bytes` from the quota, or refuse without taking anything.
+    fn take(&mut self, bytes: usize) -> Result<u32, Refusal> {
+        let bytes = bytes as u64;
+        if self.publishes_left == 0 || bytes > self.bytes_left {
+            return Err((PublishResult::quota_exceeded, PublishError::QuotaExceeded));
+        }
+        self.publishes_left -= 1;
+        self.bytes_left -= bytes;
+        self.made += 1;
+        Ok(self.made - 1)
+    }
 }
 
 /// A handler's publish grant: the patterns from its manifest `publish` list.
@@ -57,35 +86,60 @@ pub struct Delivery {
     /// `Nats-Msg-Id: <prefix>:<publish index>`, so a redelivered event publishes the same
     /// ids and a stream's duplicate window drops the repeats.
     pub dedupe_prefix: Option<String>,
+    /// Handler hops the triggering event has travelled (its `Wasmev-Hops`, 0 if none).
+    pub hops: u32,
 }
 
-/// Everything but the grant: subject syntax, quota, and size (headers count, as they do
-/// for nats-server's `max_payload`).
+impl Delivery {
+    /// The hop count a message carries, 0 when absent or unreadable.
+    pub fn hops_of(headers: &[(String, String)]) -> u32 {
+        headers
+            .iter()
+            .find(|(k, _)| k == HOPS)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Replace any guest-set hop count with ours: one more than the triggering event's.
+    fn stamp_hops(&self, headers: &mut Vec<(String, String)>) {
+        headers.retain(|(k, _)| k != HOPS);
+        headers.push((HOPS.to_string(), self.hops.saturating_add(1).to_string()));
+    }
+}
+
+fn message_bytes(payload: &[u8], headers: &[(String, String)]) -> usize {
+    // NATS counts headers toward max_payload, so do we; 4 bytes for ": " and CRLF.
+    payload.len()
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+}
+
+/// Everything but the grant: subject syntax and size against the broker's limit (headers
+/// count, as they do for nats-server's `max_payload`). The quota is taken last, by the
+/// caller, so a refused publish costs nothing.
 fn check(
     broker: &Broker,
-    quota: &Quota,
     subject: &str,
     payload: &[u8],
     headers: &[(String, String)],
-) -> Result<(), Refusal> {
+) -> Result<usize, Refusal> {
     if let Err(e) = Subject::new(subject) {
         return Err((
             PublishResult::invalid_subject,
             PublishError::InvalidSubject(format!("{subject:?}: {e}")),
         ));
     }
-    if quota.publishes >= limits::MAX_PUBLISHES_PER_EVENT {
-        return Err((PublishResult::quota_exceeded, PublishError::QuotaExceeded));
-    }
-    let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    let bytes = message_bytes(payload, headers);
     let max = broker.max_payload();
-    if payload.len() + header_bytes > max {
+    if bytes > max {
         return Err((
             PublishResult::payload_too_large,
             PublishError::PayloadTooLarge(max as u64),
         ));
     }
-    Ok(())
+    Ok(bytes)
 }
 
 fn granted(grants: &Grants, subject: &str) -> Result<(), Refusal> {
@@ -149,10 +203,10 @@ pub async fn guest_publish(
     payload: Vec<u8>,
     mut headers: Vec<(String, String)>,
 ) -> Result<(), Refusal> {
-    check(broker, quota, &subject, &payload, &headers)?;
+    delivery.stamp_hops(&mut headers);
+    let bytes = check(broker, &subject, &payload, &headers)?;
     granted(grants, &subject)?;
-    let index = quota.publishes;
-    quota.publishes += 1;
+    let index = quota.take(bytes)?;
     if let Some(prefix) = &delivery.dedupe_prefix
         && !headers.iter().any(|(k, _)| k == MSG_ID)
     {
@@ -175,7 +229,7 @@ pub async fn guest_reply(
     delivery: &Delivery,
     quota: &mut Quota,
     payload: Vec<u8>,
-    headers: Vec<(String, String)>,
+    mut headers: Vec<(String, String)>,
 ) -> Result<(), Refusal> {
     let Some(reply_to) = &delivery.reply_to else {
         return Err((
@@ -183,8 +237,9 @@ pub async fn guest_reply(
             PublishError::AccessDenied("this event is not a request: it has no reply-to".into()),
         ));
     };
-    check(broker, quota, reply_to, &payload, &headers)?;
-    quota.publishes += 1;
+    delivery.stamp_hops(&mut headers);
+    let bytes = check(broker, reply_to, &payload, &headers)?;
+    quota.take(bytes)?;
     send(broker, false, reply_to, &headers, payload).await
 }
 
@@ -194,17 +249,19 @@ pub async fn guest_reply(
 pub async fn guest_request(
     broker: &Broker,
     grants: &Grants,
+    delivery: &Delivery,
     quota: &mut Quota,
     deadline_at: Instant,
     subject: String,
     payload: Vec<u8>,
-    headers: Vec<(String, String)>,
+    mut headers: Vec<(String, String)>,
     timeout_ms: u32,
 ) -> Result<Response, (PublishResult, WitRequestError)> {
     let refused = |(label, e): Refusal| (label, WitRequestError::Refused(e));
-    check(broker, quota, &subject, &payload, &headers).map_err(refused)?;
+    delivery.stamp_hops(&mut headers);
+    let bytes = check(broker, &subject, &payload, &headers).map_err(refused)?;
     granted(grants, &subject).map_err(refused)?;
-    quota.publishes += 1;
+    quota.take(bytes).map_err(refused)?;
     let timeout = Duration::from_millis(u64::from(timeout_ms))
         .min(limits::MAX_REQUEST_TIMEOUT)
         .min(deadline_at.saturating_duration_since(Instant::now()));

@@ -65,7 +65,7 @@ pub struct Host {
 impl Host {
     /// Load every handler, connect, subscribe, and wait for the broker to confirm.
     pub async fn start(manifest: &Manifest, options: Options) -> anyhow::Result<Host> {
-        let engine = new_engine()?;
+        let engine = new_engine(manifest.handlers.iter().any(|h| h.guards.fuel.is_some()))?;
         let ticker = EpochTicker::start(&engine)?;
         let linker = handler::linker(&engine)?;
         let specs = manifest.handlers.clone();
@@ -250,6 +250,32 @@ pub async fn run(
     Host::start(manifest, options).await?.serve(shutdown).await
 }
 
+/// Subscribe again after a subscription ended on its own, retrying every second until it
+/// works; `None` when shutdown comes first.
+async fn resubscribe(
+    handler: &Handler,
+    pattern: &Pattern,
+    token: &CancellationToken,
+) -> Option<Subscription> {
+    loop {
+        match handler
+            .broker
+            .subscribe(pattern, handler.spec.queue.as_deref())
+            .await
+        {
+            Ok(sub) => {
+                tracing::info!(handler = %handler.spec.name, subject = %pattern, "subscribed again");
+                return Some(sub);
+            }
+            Err(e) => tracing::error!(handler = %handler.spec.name, "{e:#}; retrying in 1s"),
+        }
+        tokio::select! {
+            () = token.cancelled() => return None,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// One subscription's intake: take a permit, then a message, then dispatch it.
 ///
 /// Why the permit first: an event is only pulled off the subscription when the handler
@@ -278,11 +304,19 @@ async fn subscription_loop(
             message = sub.next() => message,
         };
         let Some(message) = message else {
-            bail!(
-                "subscription to {:?} for handler {:?} ended unexpectedly",
-                pattern.as_str(),
-                handler.spec.name
+            // Supervision: a subscription should only end when we drop it. If the broker
+            // ends it anyway, say so and subscribe again rather than go deaf silently.
+            tracing::error!(
+                handler = %handler.spec.name,
+                subject = %pattern,
+                "subscription ended unexpectedly; subscribing again"
             );
+            drop(permit);
+            sub = match resubscribe(&handler, &pattern, &token).await {
+                Some(sub) => sub,
+                None => return Ok(()),
+            };
+            continue;
         };
         let handler = handler.clone();
         tracker.spawn(async move {
@@ -290,6 +324,7 @@ async fn subscription_loop(
             let delivery = Delivery {
                 reply_to: message.reply.clone(),
                 dedupe_prefix: None,
+                hops: Delivery::hops_of(&message.headers),
             };
             let (outcome, replied) = dispatch(&handler, event, delivery).await;
             if handler.spec.service

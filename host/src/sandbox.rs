@@ -57,6 +57,7 @@ impl State {
         delivery: Delivery,
         deadline_at: Instant,
     ) -> Self {
+        let quota = Quota::new(&handler.spec.guards);
         let stdout = CappedOutput::new(limits::GUEST_OUTPUT_CAP);
         let stderr = CappedOutput::new(limits::GUEST_OUTPUT_CAP);
         // Locked down: no preopened directories, no environment, no arguments, no
@@ -74,7 +75,7 @@ impl State {
             replied: false,
             wasi,
             table: ResourceTable::new(),
-            quota: Quota::default(),
+            quota,
             memory_denied: false,
             stdout,
             stderr,
@@ -196,6 +197,7 @@ impl publisher::Host for State {
         let result = publish::guest_request(
             &h.broker,
             &h.grants,
+            &self.delivery,
             &mut self.quota,
             self.deadline_at,
             subject,

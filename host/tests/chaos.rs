@@ -1,0 +1,377 @@
+//! The chaos suite: a fixture component misbehaves on request, on a real nats-server, and
+//! for every case we assert how the host accounted for it and that an `echo` sent alongside
+//! is still answered promptly. Each case is bounded to a few seconds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Chaos {
+    /// Kept alive for the test's duration (killed on drop).
+    _server: NatsServer,
+    host: TestHost,
+    client: async_nats::Client,
+    echo: async_nats::Subscriber,
+    results: async_nats::Subscriber,
+    _dir: tempfile::TempDir,
+}
+
+impl Chaos {
+    /// A host with the chaos handler on `chaos.in`, plus `extra` handler settings.
+    async fn start(extra: &str) -> Self {
+        let server = NatsServer::start();
+        let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+            + &handler_block(
+                "chaos",
+                "chaos",
+                &format!(
+                    "subscribe = [\"chaos.in\"]\npublish = [\"chaos.>\", \"allowed.>\"]\nmax_in_flight = 8\n{extra}"
+                ),
+            );
+        let (dir, m) = manifest(&toml);
+        let host = TestHost::start(&m).await;
+        let client = server.client().await;
+        let echo = client.subscribe("chaos.echo").await.unwrap();
+        let results = client.subscribe("chaos.result").await.unwrap();
+        client.flush().await.unwrap();
+        Self {
+            _server: server,
+            host,
+            client,
+            echo,
+            results,
+            _dir: dir,
+        }
+    }
+
+    async fn send(&self, op: Value) {
+        self.client
+            .publish("chaos.in", op.to_string().into())
+            .await
+            .unwrap();
+        self.client.flush().await.unwrap();
+    }
+
+    /// Send an echo and return how long the answer took.
+    async fn echo_latency(&mut self) -> Duration {
+        let id = format!("echo-{}", rand_id());
+        let mut headers = HeaderMap::new();
+        headers.insert("Wasmev-Event-Id", id.as_str());
+        let sent = Instant::now();
+        self.client
+            .publish_with_headers(
+                "chaos.in",
+                headers,
+                json!({"op": "echo"}).to_string().into(),
+            )
+            .await
+            .unwrap();
+        self.client.flush().await.unwrap();
+        loop {
+            let msg = next_within(&mut self.echo, WAIT)
+                .await
+                .expect("echo answered");
+            if msg.payload == id.as_bytes() {
+                return sent.elapsed();
+            }
+        }
+    }
+
+    async fn report(&mut self) -> Value {
+        let msg = next_within(&mut self.results, WAIT)
+            .await
+            .expect("a report");
+        serde_json::from_slice(&msg.payload).unwrap()
+    }
+
+    async fn wait_failed(&self, reason: &str, n: u64) {
+        wait_for(
+            &format!("{n} failure(s) with reason {reason}"),
+            WAIT,
+            || async { (self.host.failed("chaos", reason) >= n).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// How many messages arrive on `sub` until it has been quiet for 300 ms.
+async fn drain_count(sub: &mut async_nats::Subscriber) -> usize {
+    let mut n = 0;
+    while next_within(sub, Duration::from_millis(300)).await.is_some() {
+        n += 1;
+    }
+    n
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Resident memory of this process (the in-process host), in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_infinite_loops_on_two_cores_do_not_starve_other_events() {
+    let mut c = Chaos::start("deadline = \"2s\"").await;
+    c.send(json!({"op": "spin"})).await;
+    c.send(json!({"op": "spin"})).await;
+    wait_for("both spins running", WAIT, || async {
+        (c.host.received("chaos") == 2).then_some(())
+    })
+    .await;
+    // Both workers are inside spinning guests; epoch preemption must still let this run
+    // long before their 2s deadline.
+    let latency = c.echo_latency().await;
+    assert!(
+        latency < Duration::from_millis(1500),
+        "echo took {latency:?} while two guests spun"
+    );
+    assert_eq!(
+        c.host.failed("chaos", "deadline"),
+        0,
+        "the echo came back before the deadline hit"
+    );
+    c.wait_failed("deadline", 2).await;
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4gib_allocation_is_stopped_and_host_memory_stays_bounded() {
+    let mut c = Chaos::start("memory = \"64MiB\"").await;
+    let before = rss();
+    c.send(json!({"op": "alloc", "bytes": 4_000_000_000u64}))
+        .await;
+    c.send(json!({"op": "alloc", "bytes": 1u64 << 30})).await;
+    c.wait_failed("memory", 2).await;
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 256 << 20, "host RSS grew by {} MiB", grown >> 20);
+    c.echo_latency().await;
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_overflow_panic_and_fuel_exhaustion_fail_only_their_event() {
+    let mut c = Chaos::start("fuel = 50_000_000").await;
+    c.send(json!({"op": "recurse"})).await;
+    c.send(json!({"op": "panic"})).await;
+    c.send(json!({"op": "spin"})).await;
+    c.wait_failed("trap", 2).await;
+    c.wait_failed("fuel", 1).await;
+    c.echo_latency().await;
+    wait_for("the echo counted ok", WAIT, || async {
+        (c.host.ok("chaos") == 1).then_some(())
+    })
+    .await;
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_host_call_argument_traps_the_guest_not_the_host() {
+    // The guest may hold 256 MiB, but may hand the host at most 2 MiB per call.
+    let mut c = Chaos::start("memory = \"256MiB\"").await;
+    let before = rss();
+    c.send(json!({"op": "publish", "subject": "allowed.big", "size": 100u64 << 20}))
+        .await;
+    c.wait_failed("trap", 1).await;
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 200 << 20, "host RSS grew by {} MiB", grown >> 20);
+    c.echo_latency().await;
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_print_flood_is_capped_and_counted_without_failing_the_event() {
+    let mut c = Chaos::start("").await;
+    c.send(json!({"op": "print", "bytes": 8u64 << 20})).await;
+    wait_for("the flood to finish", WAIT, || async {
+        (c.host.ok("chaos") == 1).then_some(())
+    })
+    .await;
+    let dropped = c.host.metric(
+        "wasmev_guest_output_dropped_bytes_total",
+        "handler=\"chaos\"",
+    );
+    assert!(dropped >= (8 << 20) - (64 << 10), "dropped {dropped} bytes");
+    c.echo_latency().await;
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_max_payload_publish_is_refused_and_the_connection_stays_up() {
+    let mut c = Chaos::start("memory = \"32MiB\"").await;
+    // 1.5 MB: over nats-server's 1 MiB max_payload, under the 2 MiB host-call bound.
+    c.send(json!({"op": "publish", "subject": "allowed.big", "size": 1_500_000}))
+        .await;
+    let report = c.report().await;
+    assert_eq!(report["results"][0], "PayloadTooLarge(1048576)");
+    assert!(c.host.broker.is_connected());
+    c.echo_latency().await;
+    assert_eq!(c.host.publishes("chaos", "payload_too_large"), 1);
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_storm_is_cut_at_the_quota() {
+    let mut c = Chaos::start("max_publishes = 50\nmax_publish_bytes = \"16KiB\"").await;
+    let mut wire = c.client.subscribe("allowed.>").await.unwrap();
+    c.client.flush().await.unwrap();
+
+    // 500 publishes: 50 reach the wire; the other 450, and the report after them, are
+    // refused with quota-exceeded.
+    c.send(json!({"op": "publish", "subject": "allowed.storm", "count": 500}))
+        .await;
+    wait_for("the storm event to finish", WAIT, || async {
+        (c.host.ok("chaos") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(drain_count(&mut wire).await, 50);
+    assert_eq!(c.host.publishes("chaos", "quota_exceeded"), 451);
+    assert!(
+        next_within(&mut c.results, Duration::from_millis(100))
+            .await
+            .is_none()
+    );
+
+    // The byte quota (per event, so fresh): 2 KiB messages, headers included, fit 7 times
+    // in 16 KiB; the small report still fits after them.
+    c.send(json!({"op": "publish", "subject": "allowed.bytes", "count": 10, "size": 2048}))
+        .await;
+    let report = c.report().await;
+    let results: Vec<&str> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(results[..7], ["ok"; 7]);
+    assert_eq!(results[7..], ["QuotaExceeded"; 3]);
+    assert_eq!(drain_count(&mut wire).await, 7);
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feedback_loop_is_cut_by_the_hop_limit() {
+    let server = NatsServer::start();
+    let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+        + &handler_block(
+            "looper",
+            "chaos",
+            "subscribe = [\"loop.>\"]\npublish = [\"loop.>\"]\nmax_hops = 5",
+        );
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    client
+        .publish(
+            "loop.start",
+            json!({"op": "forward", "subject": "loop.x"})
+                .to_string()
+                .into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    wait_for("the loop to be cut", WAIT, || async {
+        (host.failed("looper", "hop_limit") == 1).then_some(())
+    })
+    .await;
+    // Hops 0..=4 were handled, the event at hop 5 was dropped; nothing more follows.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host.ok("looper"), 5);
+    assert_eq!(host.received("looper"), 6);
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_to_escape_the_sandbox_are_denied_inside_the_guest() {
+    let mut c = Chaos::start("").await;
+    c.send(json!({"op": "escape"})).await;
+    let report = c.report().await;
+    let r = &report["results"][0];
+    assert!(r["file"].as_str().unwrap().starts_with("denied"), "{r}");
+    assert!(r["dir"].as_str().unwrap().starts_with("denied"), "{r}");
+    assert!(r["socket"].as_str().unwrap().starts_with("denied"), "{r}");
+    assert_eq!(r["env_vars"], 0, "{r}");
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_events_are_refused_before_instantiation() {
+    let mut c = Chaos::start("max_payload = \"1KiB\"").await;
+    let big = json!({"op": "echo", "pad": "x".repeat(4096)});
+    c.send(big).await;
+    c.wait_failed("too_large", 1).await;
+    c.echo_latency().await;
+    c.host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_inbound_subject_on_a_wildcard_subscription_panics_nothing() {
+    use std::io::{Read, Write};
+    let server = NatsServer::start();
+    let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+        + &handler_block(
+            "chaos",
+            "chaos",
+            "subscribe = [\"raw.>\", \"chaos.in\"]\npublish = [\"chaos.>\"]",
+        );
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+
+    // Speak the protocol by hand: subjects no well-behaved client would send.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut banner = [0u8; 4096];
+    let _ = raw.read(&mut banner);
+    raw.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
+        .unwrap();
+    for subject in [
+        &b"raw.\xff\xfe"[..],
+        b"raw.\x1b[31m",
+        b"raw.a\x00b",
+        b"raw.\xc3",
+    ] {
+        let mut line = b"PUB ".to_vec();
+        line.extend_from_slice(subject);
+        line.extend_from_slice(b" 2\r\n{}\r\n");
+        raw.write_all(&line).unwrap();
+    }
+    raw.write_all(b"PING\r\n").unwrap();
+    let _ = raw.read(&mut banner);
+
+    let client = server.client().await;
+    let mut echo = client.subscribe("chaos.echo").await.unwrap();
+    client.flush().await.unwrap();
+    client
+        .publish("chaos.in", json!({"op": "echo"}).to_string().into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    assert!(
+        next_within(&mut echo, WAIT).await.is_some(),
+        "host still serving"
+    );
+    assert!(host.broker.is_connected());
+    host.stop().await.unwrap();
+}
