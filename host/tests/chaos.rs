@@ -375,3 +375,22 @@ async fn a_hostile_inbound_subject_on_a_wildcard_subscription_panics_nothing() {
     assert!(host.broker.is_connected());
     host.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_blocked_in_a_host_call_is_cancelled_at_its_deadline() {
+    let mut c = Chaos::start("deadline = \"500ms\"").await;
+    // A service that takes requests and never answers.
+    let _silent = c.client.subscribe("chaos.silent").await.unwrap();
+    c.client.flush().await.unwrap();
+    let started = Instant::now();
+    c.send(json!({"op": "ask", "subject": "chaos.silent", "payload": {}, "timeout_ms": 20_000}))
+        .await;
+    c.wait_failed("deadline", 1).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "asked for 20s, cut at the 500ms deadline, took {took:?}"
+    );
+    c.echo_latency().await;
+    c.host.stop().await.unwrap();
+}
