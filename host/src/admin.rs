@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{self, Broker};
 use crate::limits;
 use crate::metrics::Metrics;
-use crate::subject::Subject;
+use crate::subject::check_subject;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -85,7 +85,7 @@ async fn publish(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    if let Err(e) = Subject::new(subject.as_str()) {
+    if let Err(e) = check_subject(&subject) {
         return bad_request(format!("invalid subject {subject:?}: {e}"));
     }
     let mut headers = Vec::new();

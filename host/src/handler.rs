@@ -3,6 +3,7 @@
 //! A module that is missing, is not a component, or targets another world fails here,
 //! with an error naming the handler and the file, never on its first event.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
 
 use crate::broker::Broker;
+use crate::engine::Engines;
 use crate::manifest::HandlerSpec;
 use crate::metrics::HandlerMetrics;
 use crate::publish::Grants;
@@ -101,16 +103,35 @@ pub fn compile(
     })
 }
 
-/// Compile every handler, collecting every failure rather than stopping at the first.
+/// Compile every handler on the engine for its stack size, collecting every failure
+/// rather than stopping at the first.
 pub fn compile_all(
-    engine: &Engine,
-    linker: &Linker<State>,
+    engines: &Engines,
     specs: &[HandlerSpec],
-) -> Result<Vec<Compiled>, Vec<LoadError>> {
+) -> Result<Vec<Compiled>, Vec<anyhow::Error>> {
+    let mut linkers: HashMap<u64, Linker<State>> = HashMap::new();
     let mut compiled = Vec::with_capacity(specs.len());
     let mut errors = Vec::new();
     for spec in specs {
         let started = std::time::Instant::now();
+        let stack = spec.guards.stack;
+        let engine = match engines.get(stack) {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let linker = match linkers.entry(stack) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => match linker(engine) {
+                Ok(l) => v.insert(l),
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            },
+        };
         match compile(engine, linker, spec) {
             Ok(c) => {
                 tracing::info!(
@@ -121,7 +142,7 @@ pub fn compile_all(
                 );
                 compiled.push(c);
             }
-            Err(e) => errors.push(e),
+            Err(e) => errors.push(e.into()),
         }
     }
     if errors.is_empty() {

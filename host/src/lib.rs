@@ -30,10 +30,9 @@ pub use runtime::{Host, Options, run};
 /// compile every module and check it against the world. Returns every problem found.
 pub fn check(path: &std::path::Path) -> Result<Manifest, Vec<String>> {
     let manifest = Manifest::load(path).map_err(|e| vec![e.to_string()])?;
-    let fuel = manifest.handlers.iter().any(|h| h.guards.fuel.is_some());
-    let engine = engine::new_engine(fuel).map_err(|e| vec![format!("{e:#}")])?;
-    let linker = handler::linker(&engine).map_err(|e| vec![format!("{e:#}")])?;
-    handler::compile_all(&engine, &linker, &manifest.handlers)
-        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let engines =
+        engine::Engines::for_handlers(&manifest.handlers).map_err(|e| vec![format!("{e:#}")])?;
+    handler::compile_all(&engines, &manifest.handlers)
+        .map_err(|errors| errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>())?;
     Ok(manifest)
 }

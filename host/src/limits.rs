@@ -40,10 +40,17 @@ pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
 /// the manifest check enforces so that instantiation can never fail for lack of a slot.
 pub const INSTANCE_POOL: u32 = 1000;
 
-/// Wasm stack a guest may use. Why 512 KiB: wasmtime's default, and well below the
-/// 2 MiB async (fiber) stack, so host functions always have stack left when a guest
-/// recursed as deep as it may.
-pub const MAX_WASM_STACK: usize = 512 << 10;
+/// Wasm stack a guest may use when the manifest does not say. Why 512 KiB: wasmtime's
+/// default, and well below the 2 MiB async (fiber) stack, so host functions always have
+/// stack left when a guest recursed as deep as it may.
+pub const DEFAULT_WASM_STACK: u64 = 512 << 10;
+
+/// Smallest `stack` a manifest may set. Why 64 KiB: less breaks ordinary code paths.
+pub const MIN_WASM_STACK: u64 = 64 << 10;
+
+/// Largest `stack` a manifest may set. Why 1 MiB: half the 2 MiB fiber stack, so the
+/// host keeps at least 1 MiB for its own frames under any guest.
+pub const MAX_WASM_STACK: u64 = 1 << 20;
 
 /// Fiber stack for running guests on the async executor (wasmtime's default).
 pub const ASYNC_STACK: usize = 2 << 20;

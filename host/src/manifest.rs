@@ -70,6 +70,8 @@ pub struct Guards {
     pub fuel: Option<u64>,
     /// Events that already travelled this many handler hops are dropped.
     pub max_hops: u32,
+    /// Wasm stack the guest may use, in bytes.
+    pub stack: u64,
 }
 
 impl Default for Guards {
@@ -81,6 +83,7 @@ impl Default for Guards {
             hostcall_fuel: limits::DEFAULT_HOSTCALL_FUEL,
             fuel: None,
             max_hops: limits::DEFAULT_MAX_HOPS,
+            stack: limits::DEFAULT_WASM_STACK,
         }
     }
 }
@@ -294,6 +297,7 @@ struct RawHandler {
     hostcall_fuel: Option<Spanned<Size>>,
     fuel: Option<Spanned<u64>>,
     max_hops: Option<Spanned<u32>>,
+    stack: Option<Spanned<Size>>,
 }
 
 #[derive(Deserialize)]
@@ -740,6 +744,24 @@ impl Validator<'_> {
                 }
                 *f.get_ref()
             }),
+            stack: match &h.stack {
+                None => limits::DEFAULT_WASM_STACK,
+                Some(v) => {
+                    let n = v.get_ref().0;
+                    if !(limits::MIN_WASM_STACK..=limits::MAX_WASM_STACK).contains(&n) {
+                        self.report(
+                            v.span(),
+                            key("stack"),
+                            format!(
+                                "stack must be between {} and {} (half the host's fiber stack)",
+                                bytes(limits::MIN_WASM_STACK),
+                                bytes(limits::MAX_WASM_STACK)
+                            ),
+                        );
+                    }
+                    n
+                }
+            },
             max_hops: clamp32(self.bounded(
                 key,
                 "max_hops",

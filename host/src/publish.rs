@@ -15,7 +15,7 @@ use crate::metrics::PublishResult;
 use crate::sandbox::bindings::wasmev::events::types::{
     PublishError, RequestError as WitRequestError, Response,
 };
-use crate::subject::{Pattern, Subject};
+use crate::subject::{Pattern, check_subject};
 
 /// The header NATS JetStream deduplicates on.
 pub const MSG_ID: &str = "Nats-Msg-Id";
@@ -125,7 +125,7 @@ fn check(
     payload: &[u8],
     headers: &[(String, String)],
 ) -> Result<usize, Refusal> {
-    if let Err(e) = Subject::new(subject) {
+    if let Err(e) = check_subject(subject) {
         return Err((
             PublishResult::invalid_subject,
             PublishError::InvalidSubject(format!("{subject:?}: {e}")),

@@ -25,7 +25,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::nats::NatsBroker;
 use crate::broker::{Broker, Subscription};
 use crate::dispatch::{answer_request, dispatch, event_for};
-use crate::engine::{EpochTicker, new_engine};
+use crate::engine::{Engines, EpochTicker};
 use crate::handler::{self, Handler};
 use crate::limits;
 use crate::manifest::Manifest;
@@ -65,20 +65,18 @@ pub struct Host {
 impl Host {
     /// Load every handler, connect, subscribe, and wait for the broker to confirm.
     pub async fn start(manifest: &Manifest, options: Options) -> anyhow::Result<Host> {
-        let engine = new_engine(manifest.handlers.iter().any(|h| h.guards.fuel.is_some()))?;
-        let ticker = EpochTicker::start(&engine)?;
-        let linker = handler::linker(&engine)?;
+        let engines = Engines::for_handlers(&manifest.handlers)?;
+        let ticker = EpochTicker::start(&engines)?;
         let specs = manifest.handlers.clone();
         // Compilation is CPU-bound and can take seconds for large components: keep it off
         // the async workers.
-        let compiled =
-            tokio::task::spawn_blocking(move || handler::compile_all(&engine, &linker, &specs))
-                .await
-                .context("handler compilation panicked")?
-                .map_err(|errors| {
-                    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                    anyhow::anyhow!(lines.join("\n"))
-                })?;
+        let compiled = tokio::task::spawn_blocking(move || handler::compile_all(&engines, &specs))
+            .await
+            .context("handler compilation panicked")?
+            .map_err(|errors| {
+                let lines: Vec<String> = errors.iter().map(|e| format!("{e:#}")).collect();
+                anyhow::anyhow!(lines.join("\n"))
+            })?;
 
         let broker = match &manifest.broker {
             None => Broker::Memory(MemoryBroker::new()),

@@ -67,6 +67,11 @@ fn validate(s: &str, wildcards: bool) -> Result<(), SubjectError> {
     Ok(())
 }
 
+/// Check that `s` is a valid concrete subject without allocating: the per-publish check.
+pub fn check_subject(s: &str) -> Result<(), SubjectError> {
+    validate(s, false)
+}
+
 /// A concrete subject: what a message is published on. No wildcards.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
 #[serde(try_from = "String")]

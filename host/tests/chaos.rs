@@ -394,3 +394,44 @@ async fn a_guest_blocked_in_a_host_call_is_cancelled_at_its_deadline() {
     c.echo_latency().await;
     c.host.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wasm_stack_limit_is_per_handler() {
+    let server = NatsServer::start();
+    let block = |name: &str, stack: &str| {
+        handler_block(
+            name,
+            "chaos",
+            &format!("subscribe = [\"{name}.in\"]\npublish = [\"chaos.>\"]\nstack = \"{stack}\""),
+        )
+    };
+    let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+        + &block("small", "64KiB")
+        + &block("large", "1MiB");
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    let mut results = client.subscribe("chaos.result").await.unwrap();
+    client.flush().await.unwrap();
+    // Measured with this fixture: a 64 KiB stack overflows before 3 000 frames, a 1 MiB
+    // stack completes 30 000; 8 000 sits clearly between.
+    let depth: u64 = 8_000;
+    let deep = json!({"op": "deep", "depth": depth}).to_string();
+    client
+        .publish("large.in", deep.clone().into())
+        .await
+        .unwrap();
+    client.publish("small.in", deep.into()).await.unwrap();
+    client.flush().await.unwrap();
+    let report = next_within(&mut results, WAIT)
+        .await
+        .expect("the large-stack handler reports");
+    let v: Value = serde_json::from_slice(&report.payload).unwrap();
+    assert_eq!(v["results"][0], depth);
+    wait_for("the small-stack handler to overflow", WAIT, || async {
+        (host.failed("small", "trap") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(host.failed("large", "trap"), 0);
+    host.stop().await.unwrap();
+}

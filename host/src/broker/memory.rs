@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{Message, PublishError, RequestError, validate_header};
 use crate::limits;
-use crate::subject::{Pattern, Subject};
+use crate::subject::{Pattern, check_subject};
 
 #[derive(Clone, Default)]
 pub struct MemoryBroker {
@@ -94,7 +94,7 @@ impl MemoryBroker {
         headers: &[(String, String)],
         payload: Bytes,
     ) -> Result<usize, PublishError> {
-        Subject::new(subject).map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        check_subject(subject).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         for (k, v) in headers {
             validate_header(k, v)?;
         }
