@@ -39,13 +39,18 @@ impl Outcome {
     }
 }
 
-/// The event record a guest sees for `msg`.
-pub fn event_for(msg: &Message, attempt: u32) -> Event {
-    let id = ID_HEADERS
+/// The id the publisher chose for its event, if any (headers in [`ID_HEADERS`] order).
+pub fn publisher_id(headers: &[(String, String)]) -> Option<String> {
+    ID_HEADERS
         .iter()
-        .find_map(|name| msg.headers.iter().find(|(k, _)| k == name))
+        .find_map(|name| headers.iter().find(|(k, _)| k == name))
         .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+}
+
+/// The event record a guest sees for `msg`; `fallback_id` names it when the publisher
+/// did not.
+pub fn event_for(msg: &Message, attempt: u32, fallback_id: impl FnOnce() -> String) -> Event {
+    let id = publisher_id(&msg.headers).unwrap_or_else(fallback_id);
     Event {
         id,
         subject: msg.subject.clone(),

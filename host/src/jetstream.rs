@@ -14,12 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::nats::convert;
-use crate::dispatch::{Outcome, dispatch};
+use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
 use crate::limits;
 use crate::manifest::JetStreamSpec;
 use crate::publish::{Delivery, MSG_ID};
-use crate::sandbox::bindings::wasmev::events::types::Event;
 
 /// Most messages asked for in one pull. Why 256: a pull is one request/response; larger
 /// batches buy nothing once the handler's permits are the limit.
@@ -124,23 +123,11 @@ async fn handle(
             return;
         }
     };
-    let base = convert(message.message.clone());
+    let base = convert(&message.message);
     // Stable across redeliveries: the publisher's id, else the stream position.
-    let id = base
-        .headers
-        .iter()
-        .find(|(k, _)| k == MSG_ID || k == "Wasmev-Event-Id")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| format!("{stream}:{sequence}"));
-    let event = Event {
-        id,
-        subject: base.subject.clone(),
-        payload: base.payload.to_vec(),
-        headers: base.headers.clone(),
-        // The message's reply subject is JetStream's ack subject, not the publisher's.
-        reply_to: None,
-        attempt: delivered.max(1),
-    };
+    let mut event = event_for(&base, delivered.max(1), || format!("{stream}:{sequence}"));
+    // The message's reply subject is JetStream's ack subject, not the publisher's.
+    event.reply_to = None;
     let delivery = Delivery {
         reply_to: None,
         dedupe_prefix: Some(format!("{}:{stream}:{sequence}", handler.spec.name)),

@@ -318,7 +318,7 @@ async fn subscription_loop(
         };
         let handler = handler.clone();
         tracker.spawn(async move {
-            let event = event_for(&message, 1);
+            let event = event_for(&message, 1, || uuid::Uuid::now_v7().to_string());
             let delivery = Delivery {
                 reply_to: message.reply.clone(),
                 dedupe_prefix: None,

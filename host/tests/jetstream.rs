@@ -24,6 +24,23 @@ async fn create_stream(js: &jetstream::Context, name: &str, subjects: &[&str]) -
     .unwrap()
 }
 
+/// A fresh nats-server with `streams` (name, subjects) created, and a client on it.
+async fn js_env(
+    streams: &[(&str, &[&str])],
+) -> (NatsServer, async_nats::Client, jetstream::Context) {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    for (name, subjects) in streams {
+        create_stream(&js, name, subjects).await;
+    }
+    (server, client, js)
+}
+
+const EVENTS: (&str, &[&str]) = ("EVENTS", &["js.in"]);
+const SEEN: (&str, &[&str]) = ("SEEN", &["chaos.seen"]);
+const DLQ: (&str, &[&str]) = ("DLQ", &["wasmev.dlq.>"]);
+
 /// Every message in `stream`, oldest first.
 async fn read_all(
     js: &jetstream::Context,
@@ -95,12 +112,7 @@ async fn publish_ops(js: &jetstream::Context, ops: impl IntoIterator<Item = (Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
-    let server = NatsServer::start();
-    let client = server.client().await;
-    let js = jetstream::new(client.clone());
-    create_stream(&js, "EVENTS", &["js.in"]).await;
-    create_stream(&js, "SEEN", &["chaos.seen"]).await;
-    create_stream(&js, "DLQ", &["wasmev.dlq.>"]).await;
+    let (server, _client, js) = js_env(&[EVENTS, SEEN, DLQ]).await;
     let (_dir, m) = manifest(&js_manifest(&server, ""));
     let host = TestHost::start(&m).await;
 
@@ -136,11 +148,7 @@ async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
-    let server = NatsServer::start();
-    let client = server.client().await;
-    let js = jetstream::new(client.clone());
-    create_stream(&js, "EVENTS", &["js.in"]).await;
-    create_stream(&js, "DLQ", &["wasmev.dlq.>"]).await;
+    let (server, client, js) = js_env(&[EVENTS, DLQ]).await;
     let (_dir, m) = manifest(&js_manifest(
         &server,
         "max_deliver = 3\nbackoff = [\"100ms\", \"200ms\"]\nack_wait = \"2s\"",
@@ -194,10 +202,7 @@ async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requested_retry_delay_is_honoured() {
-    let server = NatsServer::start();
-    let client = server.client().await;
-    let js = jetstream::new(client.clone());
-    create_stream(&js, "EVENTS", &["js.in"]).await;
+    let (server, client, js) = js_env(&[EVENTS]).await;
     let (_dir, m) = manifest(&js_manifest(&server, ""));
     let host = TestHost::start(&m).await;
     let mut records = client.subscribe("chaos.seen").await.unwrap();
@@ -234,10 +239,7 @@ async fn a_requested_retry_delay_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_when_nats_restarts_mid_stream() {
-    let mut server = NatsServer::start();
-    let js = jetstream::new(server.client().await);
-    create_stream(&js, "EVENTS", &["js.in"]).await;
-    create_stream(&js, "SEEN", &["chaos.seen"]).await;
+    let (mut server, _client, js) = js_env(&[EVENTS, SEEN]).await;
     let (_dir, m) = manifest(&js_manifest(
         &server,
         "ack_wait = \"2s\"\nbackoff = [\"100ms\"]\nmax_deliver = 20",
@@ -283,11 +285,8 @@ async fn nothing_is_lost_when_nats_restarts_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_does_not_duplicate_the_guests_downstream_publish() {
-    let server = NatsServer::start();
-    let client = server.client().await;
-    let js = jetstream::new(client.clone());
-    create_stream(&js, "EVENTS", &["js.in"]).await;
-    create_stream(&js, "OUT", &["out.>"]).await; // default duplicate window: 2 minutes
+    // OUT keeps the default duplicate window: 2 minutes.
+    let (server, _client, js) = js_env(&[EVENTS, ("OUT", &["out.>"])]).await;
     let (_dir, m) = manifest(&js_manifest(&server, ""));
     let host = TestHost::start(&m).await;
 
@@ -350,10 +349,7 @@ fn spawn_host(manifest: &std::path::Path) -> std::process::Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_when_the_host_is_killed_mid_stream_and_restarted() {
-    let server = NatsServer::start();
-    let js = jetstream::new(server.client().await);
-    create_stream(&js, "EVENTS", &["js.in"]).await;
-    create_stream(&js, "SEEN", &["chaos.seen"]).await;
+    let (server, _client, js) = js_env(&[EVENTS, SEEN]).await;
     const N: usize = 300;
     // Every event fails its first attempt and asks for 300 ms: at any moment of the first
     // host's life, events are waiting unacked.

@@ -114,8 +114,9 @@ impl Broker {
         payload: Bytes,
     ) -> Result<(), PublishError> {
         match self {
-            Broker::Memory(b) => b.publish(subject, None, headers, payload).await.map(|_| ()),
             Broker::Nats(b) => b.publish_durable(subject, headers, payload).await,
+            // In-process delivery has no stream to acknowledge: a plain publish.
+            Broker::Memory(_) => self.publish(subject, headers, payload).await,
         }
     }
 

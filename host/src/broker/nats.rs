@@ -77,17 +77,17 @@ pub struct NatsSubscription {
 
 impl NatsSubscription {
     pub async fn next(&mut self) -> Option<Message> {
-        self.inner.next().await.map(convert)
+        self.inner.next().await.map(|m| convert(&m))
     }
 }
 
-/// An async-nats message as dispatch sees it.
-pub fn convert(m: async_nats::Message) -> Message {
+/// An async-nats message as dispatch sees it (the payload is shared, not copied).
+pub fn convert(m: &async_nats::Message) -> Message {
     Message {
         subject: m.subject.to_string(),
-        reply: m.reply.map(|r| r.to_string()),
+        reply: m.reply.as_ref().map(|r| r.to_string()),
         headers: m.headers.as_ref().map(header_pairs).unwrap_or_default(),
-        payload: m.payload,
+        payload: m.payload.clone(),
     }
 }
 
@@ -295,7 +295,7 @@ impl NatsBroker {
             .headers(header_map(headers)?)
             .timeout(Some(timeout));
         match self.client.send_request(subject.to_string(), request).await {
-            Ok(m) => Ok(convert(m)),
+            Ok(m) => Ok(convert(&m)),
             Err(e) => Err(match e.kind() {
                 RequestErrorKind::NoResponders => RequestError::NoResponders(subject.to_string()),
                 RequestErrorKind::TimedOut => RequestError::TimedOut(timeout),
