@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `GET /healthz`, `GET /metrics`, `POST /publish/{subject}`.
+//! The admin HTTP endpoint: `GET /healthz`, `GET /metrics`, `POST /publish/{subject}`,
+//! `POST /reload`.
 //!
 //! Bind it to loopback (the default in the sample manifest): `/publish` injects events.
 
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{self, Broker};
 use crate::limits;
 use crate::metrics::Metrics;
+use crate::reload::{Cause, Reloader};
 use crate::subject::check_subject;
 
 #[derive(Clone)]
@@ -24,6 +26,7 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub broker: Broker,
     pub metrics: Arc<Metrics>,
+    pub reloader: Reloader,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -31,6 +34,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/publish/{subject}", post(publish))
+        .route("/reload", post(reload))
         // Room for the largest payload plus some slack; bigger bodies get 413.
         .layer(DefaultBodyLimit::max(limits::MAX_PUBLISH_PAYLOAD + 1024))
         .with_state(state)
@@ -124,6 +128,26 @@ async fn publish(
         )
             .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+/// Reload the manifest now and answer with the report: 200 when everything applied, 422
+/// when something was refused (the body says what and why).
+async fn reload(State(state): State<AdminState>) -> Response {
+    match state.reloader.reload(Cause::AdminRequest).await {
+        Some(report) => {
+            let status = if report.is_ok() {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            (status, axum::Json(report)).into_response()
+        }
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down; not reloading\n",
+        )
+            .into_response(),
     }
 }
 

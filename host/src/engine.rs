@@ -1,52 +1,75 @@
-//! The one wasmtime `Engine` the host runs every handler on, and its epoch ticker.
+//! The wasmtime engines the host runs handlers on, and their epoch ticker.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::Context as _;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::limits;
 use crate::manifest::HandlerSpec;
 
-/// The engines a manifest needs: one per distinct wasm stack size.
+/// Which engine a handler runs on. wasmtime sets the wasm stack limit and fuel metering
+/// per engine, not per store, so handlers that differ in either need different engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EngineKey {
+    pub stack: u64,
+    pub fuel: bool,
+}
+
+impl EngineKey {
+    pub fn of(spec: &HandlerSpec) -> Self {
+        Self {
+            stack: spec.guards.stack,
+            fuel: spec.guards.fuel.is_some(),
+        }
+    }
+}
+
+/// The host's engines, created on first use and shared by every handler with the same
+/// [`EngineKey`].
 ///
-/// Why more than one: wasmtime sets the wasm stack limit per engine, not per store. Most
-/// manifests use the default stack and so get exactly one engine; a handler asking for a
-/// different `stack` gets an engine of its own, with a pool sized for its `max_in_flight`.
-#[derive(Clone)]
+/// Most manifests use the default stack and no fuel, and so run on exactly one engine.
+/// The registry grows when a handler (at start or on reload) needs another key; engines no
+/// handler uses any more are dropped with their last handler (the epoch ticker only holds
+/// weak references).
+#[derive(Clone, Default)]
 pub struct Engines {
-    by_stack: BTreeMap<u64, Engine>,
+    inner: Arc<Mutex<Registry>>,
+}
+
+#[derive(Default)]
+struct Registry {
+    by_key: BTreeMap<EngineKey, EngineWeak>,
 }
 
 impl Engines {
-    pub fn for_handlers(handlers: &[HandlerSpec]) -> anyhow::Result<Self> {
-        let fuel = handlers.iter().any(|h| h.guards.fuel.is_some());
-        let mut pools: BTreeMap<u64, u32> = BTreeMap::new();
-        pools.insert(limits::DEFAULT_WASM_STACK, limits::INSTANCE_POOL);
-        for h in handlers {
-            if h.guards.stack != limits::DEFAULT_WASM_STACK {
-                *pools.entry(h.guards.stack).or_default() += h.max_in_flight;
-            }
-        }
-        let mut by_stack = BTreeMap::new();
-        for (stack, pool) in pools {
-            by_stack.insert(stack, new_engine(fuel, stack, pool)?);
-        }
-        Ok(Self { by_stack })
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// The engine for handlers with `stack` bytes of wasm stack.
-    pub fn get(&self, stack: u64) -> anyhow::Result<&Engine> {
-        self.by_stack
-            .get(&stack)
-            .with_context(|| format!("no engine for a {stack}-byte wasm stack"))
+    /// The engine for handlers with `key`, created if no live handler uses one.
+    pub fn get(&self, key: EngineKey) -> anyhow::Result<Engine> {
+        let mut registry = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(engine) = registry.by_key.get(&key).and_then(EngineWeak::upgrade) {
+            return Ok(engine);
+        }
+        let engine = new_engine(key.fuel, key.stack, limits::INSTANCE_POOL)?;
+        registry.by_key.insert(key, engine.weak());
+        Ok(engine)
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &Engine> {
-        self.by_stack.values()
+    /// Every engine still in use.
+    fn live(&self) -> Vec<Engine> {
+        let mut registry = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        registry.by_key.retain(|_, weak| weak.upgrade().is_some());
+        registry
+            .by_key
+            .values()
+            .filter_map(EngineWeak::upgrade)
+            .collect()
     }
 }
 
@@ -102,7 +125,7 @@ pub struct EpochTicker {
 impl EpochTicker {
     pub fn start(engines: &Engines) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let engines: Vec<Engine> = engines.all().cloned().collect();
+        let engines = engines.clone();
         let thread = std::thread::Builder::new()
             .name("wasmev-epoch".into())
             .spawn({
@@ -110,7 +133,8 @@ impl EpochTicker {
                 move || {
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(limits::EPOCH_TICK);
-                        for engine in &engines {
+                        // Engines created by a reload are picked up on the next tick.
+                        for engine in engines.live() {
                             engine.increment_epoch();
                         }
                     }

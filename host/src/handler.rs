@@ -4,6 +4,7 @@
 //! with an error naming the handler and the file, never on its first event.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,7 +13,8 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
 
 use crate::broker::Broker;
-use crate::engine::Engines;
+use crate::cache::{self, ArtifactCache, Digest, Source};
+use crate::engine::{EngineKey, Engines};
 use crate::manifest::HandlerSpec;
 use crate::metrics::HandlerMetrics;
 use crate::publish::Grants;
@@ -56,6 +58,9 @@ pub enum LoadError {
 pub struct Compiled {
     pub spec: HandlerSpec,
     pub pre: bindings::HandlerPre<State>,
+    pub digest: Digest,
+    /// Whether the machine code came from the artifact cache.
+    pub source: Source,
 }
 
 /// The linker every handler is instantiated with: locked-down WASI plus our imports.
@@ -68,88 +73,134 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<State>> {
     Ok(linker)
 }
 
-/// Read, compile and pre-instantiate `spec`'s module.
-pub fn compile(
-    engine: &Engine,
-    linker: &Linker<State>,
-    spec: &HandlerSpec,
-) -> Result<Compiled, LoadError> {
-    let handler = spec.name.clone();
-    let path = spec.module.clone();
-    let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
-        handler: handler.clone(),
-        path: path.clone(),
+/// Modules larger than this get a log line before compiling: an uncached JS or Python
+/// component takes seconds, and silence that long looks like a hang.
+const ANNOUNCE_COMPILE_BYTES: usize = 1 << 20;
+
+/// Compiles handlers: engines by key, a linker per engine, and the artifact cache.
+pub struct Compiler {
+    engines: Engines,
+    linkers: HashMap<EngineKey, (Engine, Linker<State>)>,
+    cache: Option<ArtifactCache>,
+}
+
+impl Compiler {
+    pub fn new(engines: Engines, cache: Option<ArtifactCache>) -> Self {
+        Self {
+            engines,
+            linkers: HashMap::new(),
+            cache,
+        }
+    }
+
+    /// Read, compile and pre-instantiate `spec`'s module.
+    pub fn compile(&mut self, spec: &HandlerSpec) -> anyhow::Result<Compiled> {
+        let bytes = read(spec)?;
+        let digest = Digest::of(&bytes);
+        self.compile_bytes(spec, &bytes, digest)
+    }
+
+    /// Compile and pre-instantiate `bytes`, the contents of `spec`'s module.
+    pub fn compile_bytes(
+        &mut self,
+        spec: &HandlerSpec,
+        bytes: &[u8],
+        digest: Digest,
+    ) -> anyhow::Result<Compiled> {
+        let started = std::time::Instant::now();
+        let key = EngineKey::of(spec);
+        let (engine, linker) = match self.linkers.entry(key) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let engine = self.engines.get(key)?;
+                let linker = linker(&engine)?;
+                v.insert((engine, linker))
+            }
+        };
+        if bytes.len() > ANNOUNCE_COMPILE_BYTES {
+            tracing::info!(
+                handler = %spec.name,
+                size = %bytesize::ByteSize::b(bytes.len() as u64).display().iec(),
+                "loading a large module; compiling it the first time takes a few seconds"
+            );
+        }
+        let loaded = match &self.cache {
+            Some(cache) => cache.load(engine, bytes, &digest),
+            None => cache::compile(engine, bytes),
+        };
+        let (component, source) = loaded.map_err(|e| LoadError::NotComponent {
+            handler: spec.name.clone(),
+            path: spec.module.clone(),
+            reason: error_chain(e),
+        })?;
+        let pre = instantiate_pre(linker, &component, spec)?;
+        tracing::info!(
+            handler = %spec.name,
+            module = %spec.module.display(),
+            digest = %digest,
+            cached = source == Source::Cache,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compiled handler"
+        );
+        Ok(Compiled {
+            spec: spec.clone(),
+            pre,
+            digest,
+            source,
+        })
+    }
+
+    /// Compile every handler, collecting every failure rather than stopping at the first.
+    pub fn compile_all(
+        &mut self,
+        specs: &[HandlerSpec],
+    ) -> Result<Vec<Compiled>, Vec<anyhow::Error>> {
+        let mut compiled = Vec::with_capacity(specs.len());
+        let mut errors = Vec::new();
+        for spec in specs {
+            match self.compile(spec) {
+                Ok(c) => compiled.push(c),
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(compiled)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// The module's bytes, refusing core modules with a hint on how to make a component.
+pub fn read(spec: &HandlerSpec) -> Result<Vec<u8>, LoadError> {
+    let bytes = std::fs::read(&spec.module).map_err(|source| LoadError::Read {
+        handler: spec.name.clone(),
+        path: spec.module.clone(),
         source,
     })?;
     // Core modules carry version 1 in the preamble; components a different layer/version.
     if bytes.starts_with(b"\0asm\x01\0\0\0") {
-        return Err(LoadError::CoreModule { handler, path });
+        return Err(LoadError::CoreModule {
+            handler: spec.name.clone(),
+            path: spec.module.clone(),
+        });
     }
-    let component = Component::new(engine, &bytes).map_err(|e| LoadError::NotComponent {
-        handler: handler.clone(),
-        path: path.clone(),
-        reason: error_chain(e),
-    })?;
-    let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
-        handler: handler.clone(),
-        path: path.clone(),
-        reason: error_chain(e),
-    };
-    let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
-    let pre = bindings::HandlerPre::new(instance_pre).map_err(wrong_world)?;
-    Ok(Compiled {
-        spec: spec.clone(),
-        pre,
-    })
+    Ok(bytes)
 }
 
-/// Compile every handler on the engine for its stack size, collecting every failure
-/// rather than stopping at the first.
-pub fn compile_all(
-    engines: &Engines,
-    specs: &[HandlerSpec],
-) -> Result<Vec<Compiled>, Vec<anyhow::Error>> {
-    let mut linkers: HashMap<u64, Linker<State>> = HashMap::new();
-    let mut compiled = Vec::with_capacity(specs.len());
-    let mut errors = Vec::new();
-    for spec in specs {
-        let started = std::time::Instant::now();
-        let stack = spec.guards.stack;
-        let engine = match engines.get(stack) {
-            Ok(e) => e,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        let linker = match linkers.entry(stack) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => match linker(engine) {
-                Ok(l) => v.insert(l),
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            },
-        };
-        match compile(engine, linker, spec) {
-            Ok(c) => {
-                tracing::info!(
-                    handler = %spec.name,
-                    module = %spec.module.display(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "compiled handler"
-                );
-                compiled.push(c);
-            }
-            Err(e) => errors.push(e.into()),
-        }
-    }
-    if errors.is_empty() {
-        Ok(compiled)
-    } else {
-        Err(errors)
-    }
+/// Link `component` against the world, so a module that does not implement it fails now.
+fn instantiate_pre(
+    linker: &Linker<State>,
+    component: &Component,
+    spec: &HandlerSpec,
+) -> Result<bindings::HandlerPre<State>, LoadError> {
+    let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
+        handler: spec.name.clone(),
+        path: spec.module.clone(),
+        reason: error_chain(e),
+    };
+    let instance_pre = linker.instantiate_pre(component).map_err(wrong_world)?;
+    bindings::HandlerPre::new(instance_pre).map_err(wrong_world)
 }
 
 /// One line with every cause, outermost first.
@@ -161,6 +212,8 @@ fn error_chain(e: wasmtime::Error) -> String {
 pub struct Handler {
     pub spec: HandlerSpec,
     pub pre: bindings::HandlerPre<State>,
+    /// The module's SHA-256: which version this is.
+    pub digest: Digest,
     pub grants: Grants,
     pub metrics: HandlerMetrics,
     /// `max_in_flight` permits, shared by all of this handler's subscriptions. Taken
@@ -171,8 +224,11 @@ pub struct Handler {
 
 impl Handler {
     pub fn new(compiled: Compiled, broker: Broker, metrics: HandlerMetrics) -> Arc<Self> {
-        let Compiled { spec, pre } = compiled;
+        let Compiled {
+            spec, pre, digest, ..
+        } = compiled;
         Arc::new(Self {
+            digest,
             grants: Grants::new(spec.publish.clone()),
             permits: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
             spec,

@@ -17,6 +17,7 @@ use crate::broker::nats::convert;
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
 use crate::limits;
+use crate::live::Live;
 use crate::manifest::JetStreamSpec;
 use crate::publish::{Delivery, MSG_ID};
 
@@ -43,12 +44,15 @@ pub mod dead_letter_headers {
 /// Only as many messages are asked for as the handler has free permits, so JetStream
 /// holds the rest: nothing is fetched that cannot run, and nothing is shed.
 pub async fn consume(
-    handler: Arc<Handler>,
+    live: Arc<Live>,
     consumer: PullConsumer,
     token: CancellationToken,
     tracker: TaskTracker,
 ) -> anyhow::Result<()> {
     loop {
+        // Permits come from the version live at pull time; each message runs on the
+        // version live when it is dispatched.
+        let handler = live.current();
         let first = tokio::select! {
             biased;
             () = token.cancelled() => return Ok(()),
@@ -96,20 +100,26 @@ pub async fn consume(
                         // More than we asked for: leave it unacked for redelivery.
                         break;
                     };
-                    tracker.spawn(handle(handler.clone(), message, permit));
+                    let live = live.clone();
+                    tracker.spawn(async move {
+                        let handler = live.current();
+                        let ok = handle(&handler, message, permit).await;
+                        live.settled(&handler, ok);
+                    });
                 }
             }
         }
     }
 }
 
+/// Run one message and settle it; whether the guest handled it.
 async fn handle(
-    handler: Arc<Handler>,
+    handler: &Arc<Handler>,
     message: async_nats::jetstream::Message,
     _permit: OwnedSemaphorePermit,
-) {
+) -> bool {
     let Some(spec) = handler.spec.jetstream.as_ref() else {
-        return;
+        return false;
     };
     let (stream, sequence, delivered) = match message.info() {
         Ok(info) => (
@@ -120,7 +130,7 @@ async fn handle(
         Err(e) => {
             // Not a JetStream delivery (no ack subject): nothing to ack either.
             tracing::warn!(handler = %handler.spec.name, "ignoring a message without jetstream info: {e}");
-            return;
+            return false;
         }
     };
     let base = convert(&message.message);
@@ -136,7 +146,7 @@ async fn handle(
 
     // While the guest runs, tell JetStream we are still working, so a slow (but within
     // deadline) handler is not redelivered to another host behind its back.
-    let run = dispatch(&handler, event, delivery);
+    let run = dispatch(handler, event, delivery);
     tokio::pin!(run);
     let mut progress = tokio::time::interval(spec.ack_wait / 3);
     progress.tick().await; // the first tick is immediate
@@ -150,10 +160,12 @@ async fn handle(
             }
         }
     };
+    let ok = matches!(outcome, Outcome::Ok);
     settle(
-        &handler, spec, &message, &base, &stream, sequence, delivered, outcome,
+        handler, spec, &message, &base, &stream, sequence, delivered, outcome,
     )
     .await;
+    ok
 }
 
 /// Turn the guest's answer into ack, nak or dead-letter.

@@ -10,15 +10,19 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cache;
+pub mod dev;
 pub mod dispatch;
 pub mod engine;
 pub mod handler;
 pub mod ingress;
 pub mod jetstream;
 pub mod limits;
+pub mod live;
 pub mod manifest;
 pub mod metrics;
 pub mod publish;
+pub mod reload;
 pub mod runtime;
 pub mod sandbox;
 pub mod subject;
@@ -28,11 +32,14 @@ pub use runtime::{Host, Options, run};
 
 /// Everything `wasmev run` does before connecting: parse and validate the manifest, then
 /// compile every module and check it against the world. Returns every problem found.
-pub fn check(path: &std::path::Path) -> Result<Manifest, Vec<String>> {
+/// `cache`: the compiled-artifact cache to use (and fill), if any.
+pub fn check(
+    path: &std::path::Path,
+    cache: Option<cache::ArtifactCache>,
+) -> Result<Manifest, Vec<String>> {
     let manifest = Manifest::load(path).map_err(|e| vec![e.to_string()])?;
-    let engines =
-        engine::Engines::for_handlers(&manifest.handlers).map_err(|e| vec![format!("{e:#}")])?;
-    handler::compile_all(&engines, &manifest.handlers)
+    handler::Compiler::new(engine::Engines::new(), cache)
+        .compile_all(&manifest.handlers)
         .map_err(|errors| errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>())?;
     Ok(manifest)
 }

@@ -34,11 +34,17 @@ pub const MAX_MEMORY: u64 = 1 << 30;
 /// throughput for CPU-bound guests; it does bound memory at 16 × the memory limit.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
 
-/// Instances that may exist at once across all handlers: the pooling allocator's size.
+/// Instances that may exist at once on one engine: the pooling allocator's size.
 ///
-/// Why 1000: wasmtime's default; the sum of all handlers' `max_in_flight` must fit, which
-/// the manifest check enforces so that instantiation can never fail for lack of a slot.
+/// Why 1000: wasmtime's default. The manifest check keeps the sum of all handlers'
+/// `max_in_flight` at [`MAX_TOTAL_IN_FLIGHT`], half of it, so that instantiation can never
+/// fail for lack of a slot, even during a hot swap.
 pub const INSTANCE_POOL: u32 = 1000;
+
+/// Largest sum of `max_in_flight` over a manifest's handlers. Why half the pool: while a
+/// handler is swapped, events already running finish on the old version as the new one
+/// takes its full `max_in_flight`, so one handler can briefly hold twice its share.
+pub const MAX_TOTAL_IN_FLIGHT: u32 = INSTANCE_POOL / 2;
 
 /// Wasm stack a guest may use when the manifest does not say. Why 512 KiB: wasmtime's
 /// default, and well below the 2 MiB async (fiber) stack, so host functions always have
@@ -161,3 +167,13 @@ pub const DEFAULT_MAX_HOPS: u32 = 16;
 
 /// Cap on `max_hops`.
 pub const MAX_HOPS_CAP: u32 = 255;
+
+/// Disk the compiled-artifact cache may use before the least recently used artifacts are
+/// deleted. Why 1 GiB: a precompiled JS or Python handler is 30–60 MB, so this keeps a
+/// dozen such versions (a `wasmev dev` session produces one per save) plus any number of
+/// small Rust ones, without growing without bound.
+pub const ARTIFACT_CACHE_BYTES: u64 = 1 << 30;
+
+/// Largest `rollback_after` a manifest may set. Why 1000: a version whose first thousand
+/// events all fail is broken; waiting for more only loses more events to it.
+pub const MAX_ROLLBACK_AFTER: u32 = 1000;

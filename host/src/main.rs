@@ -11,8 +11,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use wasmev::cache::ArtifactCache;
+use wasmev::dev::{Build, DevLoop};
 use wasmev::ingress::{self, Target};
-use wasmev::{Manifest, Options};
+use wasmev::reload::{Cause, Reloader};
+use wasmev::{Host, Manifest, Options};
 
 /// Run WebAssembly event handlers on NATS or an embedded broker.
 ///
@@ -25,19 +28,72 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct HostArgs {
+    /// The manifest to run.
+    #[arg(default_value = "runtime.toml")]
+    manifest: PathBuf,
+    /// How long to wait for in-flight events on shutdown, like "10s".
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Do not watch the manifest and modules for changes (SIGHUP and POST /reload still
+    /// reload).
+    #[arg(long)]
+    no_watch: bool,
+    /// Where compiled modules are cached between runs [default: $XDG_CACHE_HOME/wasmev or
+    /// ~/.cache/wasmev].
+    #[arg(long, env = "WASMEV_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compile every module on every start, without the artifact cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+}
+
+impl HostArgs {
+    fn options(&self) -> Options {
+        let dir = if self.no_cache {
+            None
+        } else {
+            self.cache_dir.clone().or_else(ArtifactCache::default_dir)
+        };
+        let cache = dir.and_then(|dir| match ArtifactCache::open(&dir) {
+            Ok(cache) => Some(cache),
+            Err(e) => {
+                tracing::warn!("{e:#}; compiling without a cache");
+                None
+            }
+        });
+        Options {
+            drain_timeout: self.drain_timeout,
+            watch: !self.no_watch,
+            cache,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Load the manifest, subscribe, and run handlers until SIGINT or SIGTERM.
     ///
     /// On a signal the host stops taking events, lets in-flight ones finish (up to
     /// --drain-timeout), flushes what handlers published, and exits 0.
+    ///
+    /// The host reloads when runtime.toml or a module it names changes, on SIGHUP, and on
+    /// POST /reload to the admin endpoint: changed handlers are swapped in place, events
+    /// already running finish on the old version, and a change that does not load leaves
+    /// the old version serving.
     Run {
-        /// The manifest to run.
-        #[arg(default_value = "runtime.toml")]
-        manifest: PathBuf,
-        /// How long to wait for in-flight events on shutdown, like "10s".
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        drain_timeout: Duration,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Run the host for handler development: build, watch sources, rebuild, hot-swap.
+    ///
+    /// Handlers with `build = "..."` in the manifest are built first; then the host runs
+    /// as with `wasmev run`, and a change to a file matching a handler's `watch` globs
+    /// rebuilds it and swaps the result in, printing the build output and what went live.
+    Dev {
+        #[command(flatten)]
+        host: HostArgs,
     },
     /// Check a manifest and every module it names without connecting anywhere.
     ///
@@ -46,6 +102,10 @@ enum Command {
         /// The manifest to check.
         #[arg(default_value = "runtime.toml")]
         manifest: PathBuf,
+        /// Where compiled modules are cached [default: $XDG_CACHE_HOME/wasmev or
+        /// ~/.cache/wasmev].
+        #[arg(long, env = "WASMEV_CACHE_DIR", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
     },
     /// Publish one event, to NATS or through a running host's admin endpoint.
     ///
@@ -88,11 +148,12 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run {
+            Command::Run { host } => run(host).await,
+            Command::Dev { host } => dev(host).await,
+            Command::Check {
                 manifest,
-                drain_timeout,
-            } => run(manifest, drain_timeout).await,
-            Command::Check { manifest } => check(manifest),
+                cache_dir,
+            } => check(manifest, cache_dir),
             Command::Publish {
                 subject,
                 data,
@@ -105,16 +166,21 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(path: PathBuf, drain_timeout: Duration) -> ExitCode {
-    let manifest = match Manifest::load(&path) {
+async fn run(args: HostArgs) -> ExitCode {
+    let manifest = match Manifest::load(&args.manifest) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let options = Options { drain_timeout };
-    match wasmev::run(&manifest, options, shutdown_signal()).await {
+    let result = async {
+        let host = Host::start(&manifest, args.options()).await?;
+        let _sighup = reload_on_sighup(host.reloader());
+        host.serve(shutdown_signal()).await
+    }
+    .await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -123,8 +189,95 @@ async fn run(path: PathBuf, drain_timeout: Duration) -> ExitCode {
     }
 }
 
-fn check(path: PathBuf) -> ExitCode {
-    match wasmev::check(&path) {
+async fn dev(args: HostArgs) -> ExitCode {
+    let manifest = match Manifest::load(&args.manifest) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let builds = match Build::all(&manifest) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if builds.is_empty() {
+        eprintln!(
+            "note: no handler in {} has a build command; add build = \"...\" and \
+             watch = [\"src/**\"] to a [[handler]] to rebuild it on save",
+            args.manifest.display()
+        );
+    }
+    if !wasmev::dev::build_all(&builds).await {
+        eprintln!("note: a build failed; starting with the modules already on disk");
+    }
+    let mut options = args.options();
+    options.watch = true;
+    let result = async {
+        let host = Host::start(&manifest, options).await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let dev = DevLoop::start(builds, host.reloader(), stop.clone())?;
+        let _sighup = reload_on_sighup(host.reloader());
+        let served = host.serve(shutdown_signal()).await;
+        stop.cancel();
+        dev.join().await;
+        served
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reload on every SIGHUP until the returned guard is dropped.
+fn reload_on_sighup(reloader: Reloader) -> Option<tokio_util::sync::DropGuard> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP ({e}); reload with POST /reload");
+                return None;
+            }
+        };
+        let token = tokio_util::sync::CancellationToken::new();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    received = hup.recv() => {
+                        if received.is_none() {
+                            return;
+                        }
+                        // The serve loop logs the report.
+                        let _ = reloader.reload(Cause::Sighup).await;
+                    }
+                }
+            }
+        });
+        Some(token.drop_guard())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        None
+    }
+}
+
+fn check(path: PathBuf, cache_dir: Option<PathBuf>) -> ExitCode {
+    let cache = cache_dir
+        .or_else(ArtifactCache::default_dir)
+        .and_then(|dir| ArtifactCache::open(dir).ok());
+    match wasmev::check(&path, cache) {
         Ok(m) => {
             println!(
                 "{}: ok ({} handler(s), {})",

@@ -52,6 +52,33 @@ pub struct HandlerSpec {
     pub service: bool,
     /// Consume through a JetStream durable consumer instead of a core subscription.
     pub jetstream: Option<JetStreamSpec>,
+    /// After a hot swap, go back to the previous version if this many first events on the
+    /// new one all fail. `None`: never roll back automatically.
+    pub rollback_after: Option<u32>,
+    /// How `wasmev dev` rebuilds this handler; ignored by `wasmev run`.
+    pub dev: DevSpec,
+}
+
+/// A handler's development loop: the command that builds its module and the source files
+/// whose change triggers it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DevSpec {
+    /// Run with `sh -c` in the manifest's directory.
+    pub build: Option<String>,
+    /// Glob patterns, relative to the manifest's directory.
+    pub watch: Vec<String>,
+}
+
+impl HandlerSpec {
+    /// The settings that decide how the handler runs; equal for two specs that differ
+    /// only in their development loop.
+    pub fn runtime_eq(&self, other: &HandlerSpec) -> bool {
+        let strip = |s: &HandlerSpec| HandlerSpec {
+            dev: DevSpec::default(),
+            ..s.clone()
+        };
+        strip(self) == strip(other)
+    }
 }
 
 /// Per-event limits on what a guest may push at the host and the broker. Defaults and
@@ -298,6 +325,10 @@ struct RawHandler {
     fuel: Option<Spanned<u64>>,
     max_hops: Option<Spanned<u32>>,
     stack: Option<Spanned<Size>>,
+    rollback_after: Option<Spanned<u32>>,
+    build: Option<Spanned<String>>,
+    #[serde(default)]
+    watch: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -529,14 +560,15 @@ impl Validator<'_> {
             total_in_flight += u64::from(spec.max_in_flight);
             handlers.push(spec);
         }
-        if total_in_flight > u64::from(limits::INSTANCE_POOL) {
+        if total_in_flight > u64::from(limits::MAX_TOTAL_IN_FLIGHT) {
             self.report(
                 0..0,
                 "handler".into(),
                 format!(
                     "the handlers' max_in_flight add up to {total_in_flight}, more than the \
-                     {} instances the host can run at once; lower some max_in_flight",
-                    limits::INSTANCE_POOL
+                     {} events the host can run at once (half its instance pool stays free \
+                     for hot swaps); lower some max_in_flight",
+                    limits::MAX_TOTAL_IN_FLIGHT
                 ),
             );
         }
@@ -659,6 +691,21 @@ impl Validator<'_> {
             }
             self.jetstream(&key, js.into_inner(), &h.name.get_ref().0)
         });
+        let rollback_after = h.rollback_after.map(|n| {
+            let value = *n.get_ref();
+            if !(1..=limits::MAX_ROLLBACK_AFTER).contains(&value) {
+                self.report(
+                    n.span(),
+                    key("rollback_after"),
+                    format!(
+                        "rollback_after must be between 1 and {}",
+                        limits::MAX_ROLLBACK_AFTER
+                    ),
+                );
+            }
+            value
+        });
+        let dev = self.dev(&key, h.build, h.watch);
         HandlerSpec {
             name: h.name.into_inner().0,
             module,
@@ -672,6 +719,43 @@ impl Validator<'_> {
             guards,
             service: h.service,
             jetstream,
+            rollback_after,
+            dev,
+        }
+    }
+
+    fn dev(
+        &mut self,
+        key: &dyn Fn(&str) -> String,
+        build: Option<Spanned<String>>,
+        watch: Vec<Spanned<String>>,
+    ) -> DevSpec {
+        if let Some(b) = &build
+            && b.get_ref().trim().is_empty()
+        {
+            self.report(b.span(), key("build"), "build must be a command".into());
+        }
+        if build.is_none()
+            && let Some(w) = watch.first()
+        {
+            self.report(
+                w.span(),
+                key("watch"),
+                "watch needs a build command: add build = \"...\" to this handler".into(),
+            );
+        }
+        for (i, w) in watch.iter().enumerate() {
+            if let Err(e) = globset::Glob::new(w.get_ref()) {
+                self.report(
+                    w.span(),
+                    key(&format!("watch[{i}]")),
+                    format!("invalid glob {:?}: {}", w.get_ref(), e.kind()),
+                );
+            }
+        }
+        DevSpec {
+            build: build.map(Spanned::into_inner),
+            watch: watch.into_iter().map(Spanned::into_inner).collect(),
         }
     }
 

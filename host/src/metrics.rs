@@ -116,6 +116,46 @@ struct PublishLabels {
     result: PublishResult,
 }
 
+/// How a reload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    /// Everything the manifest asks for is running.
+    ok,
+    /// Something could not be applied (bad manifest, module or subscription); what could
+    /// not be applied keeps running its old version.
+    refused,
+}
+
+/// What happened to one handler in a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SwapResult {
+    /// A new version went live.
+    swapped,
+    /// The new version could not be loaded; the old one keeps serving.
+    refused,
+    /// The new version failed its first events and the previous one is live again.
+    rolled_back,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    result: ReloadResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SwapLabels {
+    handler: String,
+    result: SwapResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VersionLabels {
+    handler: String,
+    digest: String,
+}
+
 /// The host's metric registry.
 pub struct Metrics {
     registry: Registry,
@@ -128,6 +168,11 @@ pub struct Metrics {
     dead_lettered: Family<HandlerLabel, Counter>,
     /// 1 once every subscription is confirmed.
     pub ready: Gauge,
+    reloads: Family<ReloadLabels, Counter>,
+    swaps: Family<SwapLabels, Counter>,
+    version: Family<VersionLabels, Gauge>,
+    /// Unix time of the last reload, whatever its result.
+    pub last_reload: Gauge,
 }
 
 /// One handler's metric handles, resolved once.
@@ -206,8 +251,39 @@ impl Metrics {
             "1 once every subscription is confirmed",
             ready.clone(),
         );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        let swaps = Family::<SwapLabels, Counter>::default();
+        let version = Family::<VersionLabels, Gauge>::default();
+        let last_reload = Gauge::default();
+        registry.register(
+            "reloads",
+            "Reloads (file change, SIGHUP, POST /reload, wasmev dev) by result",
+            reloads.clone(),
+        );
+        registry.register(
+            "handler_swaps",
+            "Handler versions swapped in, refused, or rolled back",
+            swaps.clone(),
+        );
+        registry.register(
+            "handler_version",
+            "1 for the module digest each handler runs new events on",
+            version.clone(),
+        );
+        registry.register(
+            "last_reload_timestamp_seconds",
+            "Unix time of the last reload",
+            last_reload.clone(),
+        );
+        for result in [ReloadResult::ok, ReloadResult::refused] {
+            let _ = reloads.get_or_create(&ReloadLabels { result });
+        }
         Arc::new(Self {
             registry,
+            reloads,
+            swaps,
+            version,
+            last_reload,
             received,
             ok,
             failed,
@@ -246,6 +322,44 @@ impl Metrics {
             }),
             output_dropped: self.output_dropped.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Count a finished reload.
+    pub fn reloaded(&self, result: ReloadResult) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_reload.set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    /// Count what happened to `handler` in a reload.
+    pub fn swapped(&self, handler: &str, result: SwapResult) {
+        self.swaps
+            .get_or_create(&SwapLabels {
+                handler: handler.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Record that `handler` now runs `digest` (`None`: the handler is gone), replacing
+    /// the series of the version before.
+    pub fn version(&self, handler: &str, before: Option<&str>, digest: Option<&str>) {
+        if let Some(before) = before {
+            self.version.remove(&VersionLabels {
+                handler: handler.to_string(),
+                digest: before.to_string(),
+            });
+        }
+        if let Some(digest) = digest {
+            self.version
+                .get_or_create(&VersionLabels {
+                    handler: handler.to_string(),
+                    digest: digest.to_string(),
+                })
+                .set(1);
         }
     }
 

@@ -104,7 +104,7 @@ impl fmt::Display for Subject {
 
 /// A subscription or grant pattern in NATS syntax: `*` matches exactly one token, a final
 /// `>` matches one or more tokens.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
 #[serde(try_from = "String")]
 pub struct Pattern(String);
 

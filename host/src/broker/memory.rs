@@ -48,6 +48,17 @@ impl MemorySubscription {
     pub async fn next(&mut self) -> Option<Message> {
         self.rx.recv().await
     }
+
+    /// Stop receiving new messages, keeping those already buffered: `next` returns them,
+    /// then `None`. A publisher that picked this subscription as its queue group's member
+    /// and is still waiting for buffer space goes to another member instead.
+    pub fn drain(&mut self) {
+        if let Some(inner) = self.broker.upgrade() {
+            let mut subs = inner.subs.write().unwrap_or_else(|e| e.into_inner());
+            subs.retain(|s| s.id != self.id);
+        }
+        self.rx.close();
+    }
 }
 
 impl Drop for MemorySubscription {
@@ -106,14 +117,29 @@ impl MemoryBroker {
             payload,
         };
         let mut delivered = 0;
-        for tx in targets {
+        for (mut tx, queue) in targets {
             // Why wait instead of dropping: nothing is lost while the host is up. Why a
             // timeout: a handler publishing into its own full subscription would otherwise
             // wait on itself forever.
-            match tokio::time::timeout(limits::PUBLISH_TIMEOUT, tx.send(message.clone())).await {
-                Ok(Ok(())) => delivered += 1,
-                // The subscriber went away between matching and sending: not a failure.
-                Ok(Err(_)) => {}
+            let sent = loop {
+                match tokio::time::timeout(limits::PUBLISH_TIMEOUT, tx.send(message.clone())).await
+                {
+                    Ok(Err(_)) => {
+                        // The subscriber went away between matching and sending. A plain
+                        // subscriber that left no longer wants it; a queue group still
+                        // does (one member is being replaced in a hot swap): try another.
+                        match queue.as_deref().and_then(|q| self.member(subject, q)) {
+                            Some(next) => tx = next,
+                            None => break Ok(false),
+                        }
+                    }
+                    Ok(Ok(())) => break Ok(true),
+                    Err(e) => break Err(e),
+                }
+            };
+            match sent {
+                Ok(true) => delivered += 1,
+                Ok(false) => {}
                 Err(_) => {
                     return Err(PublishError::Unavailable(format!(
                         "a subscriber of {subject:?} has not taken messages for {}s",
@@ -149,23 +175,38 @@ impl MemoryBroker {
         }
     }
 
-    fn targets(&self, subject: &str) -> Vec<mpsc::Sender<Message>> {
+    /// Every plain subscriber of `subject`, and one member of each queue group (with the
+    /// group's name).
+    fn targets(&self, subject: &str) -> Vec<(mpsc::Sender<Message>, Option<String>)> {
         let subs = self.inner.subs.read().unwrap_or_else(|e| e.into_inner());
         let mut targets = Vec::new();
         let mut groups: HashMap<&str, Vec<&mpsc::Sender<Message>>> = HashMap::new();
         for sub in subs.iter().filter(|s| s.pattern.matches(subject)) {
             match &sub.queue {
-                None => targets.push(sub.tx.clone()),
+                None => targets.push((sub.tx.clone(), None)),
                 Some(q) => groups.entry(q).or_default().push(&sub.tx),
             }
         }
         if !groups.is_empty() {
             let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed);
-            for members in groups.values() {
-                targets.push(members[turn % members.len()].clone());
+            for (queue, members) in groups {
+                targets.push((
+                    members[turn % members.len()].clone(),
+                    Some(queue.to_string()),
+                ));
             }
         }
         targets
+    }
+
+    /// A live member of queue group `queue` subscribed to `subject`, if any is left.
+    fn member(&self, subject: &str, queue: &str) -> Option<mpsc::Sender<Message>> {
+        let subs = self.inner.subs.read().unwrap_or_else(|e| e.into_inner());
+        subs.iter()
+            .find(|s| {
+                s.queue.as_deref() == Some(queue) && !s.tx.is_closed() && s.pattern.matches(subject)
+            })
+            .map(|s| s.tx.clone())
     }
 }
 

@@ -65,6 +65,19 @@ impl Subscription {
             Subscription::Nats(s) => s.next().await,
         }
     }
+
+    /// Unsubscribe, keeping what was already routed here: `next` yields the messages the
+    /// broker sent before it processed the unsubscribe, then `None`. False when there is
+    /// nothing left to read (the connection is gone).
+    pub async fn drain(&mut self) -> bool {
+        match self {
+            Subscription::Memory(s) => {
+                s.drain();
+                true
+            }
+            Subscription::Nats(s) => s.drain().await,
+        }
+    }
 }
 
 impl Broker {

@@ -79,6 +79,19 @@ impl NatsSubscription {
     pub async fn next(&mut self) -> Option<Message> {
         self.inner.next().await.map(|m| convert(&m))
     }
+
+    /// async-nats's drain: UNSUB then PING; the stream ends once the server's answer
+    /// shows nothing more was routed here.
+    /// False when the connection is gone, so there is nothing to wait for.
+    pub async fn drain(&mut self) -> bool {
+        match self.inner.drain().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("drain: {e}");
+                false
+            }
+        }
+    }
 }
 
 /// An async-nats message as dispatch sees it (the payload is shared, not copied).

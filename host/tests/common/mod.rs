@@ -222,16 +222,21 @@ pub struct TestHost {
     pub broker: wasmev::broker::Broker,
     pub metrics: std::sync::Arc<wasmev::metrics::Metrics>,
     pub admin: Option<SocketAddr>,
+    pub reloader: wasmev::reload::Reloader,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestHost {
     pub async fn start(m: &wasmev::Manifest) -> Self {
+        Self::start_with(m, wasmev::Options::default()).await
+    }
+
+    pub async fn start_with(m: &wasmev::Manifest, options: wasmev::Options) -> Self {
         let host = within(
             "host start",
             Duration::from_secs(60),
-            wasmev::Host::start(m, wasmev::Options::default()),
+            wasmev::Host::start(m, options),
         )
         .await
         .expect("host starts");
@@ -240,6 +245,7 @@ impl TestHost {
             broker: host.broker().clone(),
             metrics: host.metrics().clone(),
             admin: host.admin_addr(),
+            reloader: host.reloader(),
             shutdown: Some(tx),
             task: Some(tokio::spawn(host.serve(async {
                 let _ = rx.await;
@@ -267,6 +273,17 @@ impl TestHost {
             .find_map(|l| l.strip_prefix(&prefix))
             .map(|v| v.trim().parse::<f64>().unwrap() as u64)
             .unwrap_or_else(|| panic!("no metric series {prefix:?} in:\n{text}"))
+    }
+
+    /// Reload as `POST /reload` would, and return the report.
+    pub async fn reload(&self) -> wasmev::reload::Report {
+        within(
+            "reload",
+            Duration::from_secs(60),
+            self.reloader.reload(wasmev::reload::Cause::AdminRequest),
+        )
+        .await
+        .expect("host is running")
     }
 
     pub fn failed(&self, handler: &str, reason: &str) -> u64 {
