@@ -185,6 +185,23 @@ pub fn read(spec: &HandlerSpec) -> Result<Vec<u8>, LoadError> {
             path: spec.module.clone(),
         });
     }
+    // Without this, wasmtime would try the bytes as WAT text and report a parse error
+    // at line 1 of "<anon>", which says nothing useful about a .wasm file.
+    if !bytes.starts_with(b"\0asm") {
+        return Err(LoadError::NotComponent {
+            handler: spec.name.clone(),
+            path: spec.module.clone(),
+            reason: if bytes.is_empty() {
+                "the file is empty (still being written?)".into()
+            } else {
+                format!(
+                    "it does not start with the WebAssembly magic bytes (\\0asm); \
+                     its first bytes are {:?}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(16)])
+                )
+            },
+        });
+    }
     Ok(bytes)
 }
 

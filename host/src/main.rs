@@ -138,6 +138,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -190,14 +191,14 @@ async fn run(args: HostArgs) -> ExitCode {
 }
 
 async fn dev(args: HostArgs) -> ExitCode {
-    let manifest = match Manifest::load(&args.manifest) {
+    let unbuilt = match Manifest::load_before_build(&args.manifest) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let builds = match Build::all(&manifest) {
+    let builds = match Build::all(&unbuilt) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -214,6 +215,13 @@ async fn dev(args: HostArgs) -> ExitCode {
     if !wasmev::dev::build_all(&builds).await {
         eprintln!("note: a build failed; starting with the modules already on disk");
     }
+    let manifest = match Manifest::load(&args.manifest) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut options = args.options();
     options.watch = true;
     let result = async {

@@ -465,11 +465,30 @@ impl Manifest {
         Self::parse(path, &src, &|name| std::env::var(name).ok())
     }
 
+    /// Like [`Manifest::load`], but a module file need not exist yet: `wasmev dev` reads
+    /// the build commands that will create it.
+    pub fn load_before_build(path: &Path) -> Result<Manifest, ManifestError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::validate(path, &src, &|name| std::env::var(name).ok(), false)
+    }
+
     /// Validate `src` as if read from `path`; `env` resolves credential variables.
     pub fn parse(
         path: &Path,
         src: &str,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Manifest, ManifestError> {
+        Self::validate(path, src, env, true)
+    }
+
+    fn validate(
+        path: &Path,
+        src: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        require_modules: bool,
     ) -> Result<Manifest, ManifestError> {
         let raw = parse_raw(path, src).map_err(|d| ManifestError::Invalid(vec![d]))?;
         let mut v = Validator {
@@ -477,6 +496,7 @@ impl Manifest {
             src,
             dir: path.parent().unwrap_or(Path::new("")),
             problems: Vec::new(),
+            require_modules,
         };
         let manifest = v.manifest(raw, env);
         if v.problems.is_empty() {
@@ -521,6 +541,7 @@ struct Validator<'a> {
     src: &'a str,
     dir: &'a Path,
     problems: Vec<Diagnostic>,
+    require_modules: bool,
 }
 
 impl Validator<'_> {
@@ -584,7 +605,7 @@ impl Validator<'_> {
         let key = |field: &str| format!("handler[{i}].{field}");
         let guards = self.guards(&key, &h);
         let module = self.dir.join(h.module.get_ref());
-        if !module.is_file() {
+        if self.require_modules && !module.is_file() {
             self.report(
                 h.module.span(),
                 key("module"),

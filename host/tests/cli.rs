@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn wasmev(args: &[&str], cwd: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_wasmev"))
+    wasmev_command()
         .args(args)
         .current_dir(cwd)
         .env("RUST_LOG", "error")
@@ -112,7 +112,7 @@ fn sigterm_stops_intake_and_exits_zero() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmev"))
+    let mut child = wasmev_command()
         .args(["run", "runtime.toml"])
         .current_dir(dir.path())
         .stdout(Stdio::null())

@@ -111,7 +111,7 @@ async fn wasmev_publish_reaches_a_host_on_the_embedded_broker() {
     let mut emails = watch(&host, "email.sent");
     let admin = format!("http://{}", host.admin.unwrap());
 
-    let out = Command::new(env!("CARGO_BIN_EXE_wasmev"))
+    let out = Command::from(wasmev_command())
         .current_dir(dir.path())
         .args([
             "publish",
@@ -136,7 +136,7 @@ async fn wasmev_publish_reaches_a_host_on_the_embedded_broker() {
     assert_eq!(email["user_id"], "9");
 
     // Bad input fails fast with a reason and a non-zero exit.
-    let out = Command::new(env!("CARGO_BIN_EXE_wasmev"))
+    let out = Command::from(wasmev_command())
         .args(["publish", "user.*", "x", "--admin", &admin])
         .output()
         .await

@@ -337,7 +337,7 @@ async fn a_missing_stream_is_a_clear_startup_error() {
 
 /// Start `wasmev run` on `manifest` as a separate process.
 fn spawn_host(manifest: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_wasmev"))
+    wasmev_command()
         .arg("run")
         .arg(manifest)
         .env("RUST_LOG", "error")

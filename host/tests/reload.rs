@@ -17,28 +17,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use serde_json::{Value, json};
-use sha2::Digest as _;
-
-/// The chaos component with a custom section appended: same behaviour, other digest.
-fn variant(tag: &str) -> Vec<u8> {
-    let mut bytes = std::fs::read(component("chaos")).unwrap();
-    let name = b"wasmev-test-variant";
-    let mut body = vec![name.len() as u8];
-    body.extend_from_slice(name);
-    body.extend_from_slice(tag.as_bytes());
-    assert!(body.len() < 128, "one-byte LEB128 section size");
-    bytes.push(0); // custom section id
-    bytes.push(body.len() as u8);
-    bytes.extend_from_slice(&body);
-    bytes
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// A manifest file in a temp dir whose handlers and module files the test rewrites.
 struct Site {

@@ -319,3 +319,35 @@ impl Drop for TestHost {
         }
     }
 }
+
+/// The chaos component with a custom section appended: same behaviour, other digest.
+pub fn variant(tag: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(component("chaos")).unwrap();
+    let name = b"wasmev-test-variant";
+    let mut body = vec![name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(tag.as_bytes());
+    assert!(body.len() < 128, "one-byte LEB128 section size");
+    bytes.push(0); // custom section id
+    bytes.push(body.len() as u8);
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    <sha2::Sha256 as sha2::Digest>::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The `wasmev` binary, with its artifact cache in a temp dir shared by the test run
+/// (never the user's own cache).
+pub fn wasmev_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wasmev"));
+    command.env(
+        "WASMEV_CACHE_DIR",
+        std::env::temp_dir().join("wasmev-test-artifacts"),
+    );
+    command
+}
