@@ -103,8 +103,9 @@ pub async fn consume(
                     let live = live.clone();
                     tracker.spawn(async move {
                         let handler = live.current();
-                        let ok = handle(&handler, message, permit).await;
-                        live.settled(&handler, ok);
+                        if let Some(outcome) = handle(&handler, message, permit).await {
+                            live.settled(&handler, &outcome);
+                        }
                     });
                 }
             }
@@ -112,15 +113,13 @@ pub async fn consume(
     }
 }
 
-/// Run one message and settle it; whether the guest handled it.
+/// Run one message and settle it; how the guest's run ended, if it ran.
 async fn handle(
     handler: &Arc<Handler>,
     message: async_nats::jetstream::Message,
     _permit: OwnedSemaphorePermit,
-) -> bool {
-    let Some(spec) = handler.spec.jetstream.as_ref() else {
-        return false;
-    };
+) -> Option<Outcome> {
+    let spec = handler.spec.jetstream.as_ref()?;
     let (stream, sequence, delivered) = match message.info() {
         Ok(info) => (
             info.stream.to_string(),
@@ -130,7 +129,7 @@ async fn handle(
         Err(e) => {
             // Not a JetStream delivery (no ack subject): nothing to ack either.
             tracing::warn!(handler = %handler.spec.name, "ignoring a message without jetstream info: {e}");
-            return false;
+            return None;
         }
     };
     let base = convert(&message.message);
@@ -160,12 +159,12 @@ async fn handle(
             }
         }
     };
-    let ok = matches!(outcome, Outcome::Ok);
+    let verdict = outcome.clone();
     settle(
         handler, spec, &message, &base, &stream, sequence, delivered, outcome,
     )
     .await;
-    ok
+    Some(verdict)
 }
 
 /// Turn the guest's answer into ack, nak or dead-letter.

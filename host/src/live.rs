@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::cache::Digest;
+use crate::dispatch::Outcome;
 use crate::handler::Handler;
 use crate::manifest::HandlerSpec;
-use crate::metrics::{Metrics, SwapResult};
+use crate::metrics::{FailReason, Metrics, SwapResult};
 
 /// One handler's live version, plus the probation of a freshly swapped one.
 pub struct Live {
@@ -86,10 +87,24 @@ impl Live {
 
     /// Report how an event dispatched on `handler` ended. Ends a probation: passed on the
     /// first success, failed (and rolled back) when the first `limit` events all failed.
-    pub fn settled(&self, handler: &Arc<Handler>, ok: bool) {
+    /// Outcomes that say nothing about the version (an oversized event, a feedback loop,
+    /// the host failing to instantiate) do not count either way.
+    pub fn settled(&self, handler: &Arc<Handler>, outcome: &Outcome) {
         if !self.on_probation.load(Ordering::Acquire) {
             return;
         }
+        let ok = match outcome {
+            Outcome::Ok => true,
+            Outcome::Failed { reason, .. } => match reason {
+                FailReason::too_large | FailReason::hop_limit | FailReason::host => return,
+                FailReason::retry
+                | FailReason::reject
+                | FailReason::trap
+                | FailReason::deadline
+                | FailReason::memory
+                | FailReason::fuel => false,
+            },
+        };
         let mut watch = self.lock();
         let Some(trial) = watch.probation.as_mut() else {
             return;

@@ -34,7 +34,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::nats::NatsBroker;
 use crate::broker::{Broker, Subscription};
 use crate::cache::{ArtifactCache, Digest, Source};
-use crate::dispatch::{Outcome, answer_request, dispatch, event_for};
+use crate::dispatch::{answer_request, dispatch, event_for};
 use crate::engine::{EngineKey, Engines, EpochTicker};
 use crate::handler::{self, Compiled, Compiler, Handler};
 use crate::limits;
@@ -838,7 +838,7 @@ fn spawn_event(
             hops: Delivery::hops_of(&message.headers),
         };
         let (outcome, replied) = dispatch(&handler, event, delivery).await;
-        live.settled(&handler, matches!(outcome, Outcome::Ok));
+        live.settled(&handler, &outcome);
         if handler.spec.service
             && let Some(reply_to) = &message.reply
         {
