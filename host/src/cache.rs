@@ -102,6 +102,12 @@ impl ArtifactCache {
             .join(format!("{}-{}.cwasm", digest.as_str(), &engine_hash[..16]))
     }
 
+    /// Whether an artifact for this module and engine is stored (it may still be refused
+    /// when loaded).
+    pub fn contains(&self, engine: &Engine, digest: &Digest) -> bool {
+        self.entry(engine, digest).is_file()
+    }
+
     /// The component for `bytes`: from the cache when an artifact for this module and
     /// engine exists and loads, else compiled and stored.
     pub fn load(

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use notify::RecursiveMode;
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{HandlerSpec, Manifest};
-use crate::reload::{Cause, Reloader, Report};
+use crate::reload::{Cause, Reloader, Report, is_write};
 
 /// Quiet time after the last source change before building. Why 200 ms: an editor's
 /// "save all" or a `git checkout` touches many files in a burst; one build covers it.
@@ -162,7 +162,7 @@ pub async fn build_all(builds: &[Build]) -> bool {
 
 /// Watch the builds' sources until `stop`: rebuild on change, then reload and report.
 pub struct DevLoop {
-    _debouncer: Debouncer<notify::RecommendedWatcher>,
+    _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
     tasks: JoinSet<()>,
 }
 
@@ -180,21 +180,28 @@ impl DevLoop {
             .iter()
             .filter_map(|b| Some((b.globs.clone(), triggers.get(&b.handler)?.clone())))
             .collect();
-        let mut debouncer = new_debouncer(SOURCE_DEBOUNCE, move |result: DebounceEventResult| {
-            let Ok(events) = result else { return };
-            for (globs, trigger) in &matchers {
-                if events.iter().any(|e| globs.is_match(&e.path)) {
-                    // Stores one permit when a build is running: changes during a build
-                    // cause exactly one more build after it.
-                    trigger.notify_one();
+        let mut debouncer =
+            new_debouncer(SOURCE_DEBOUNCE, None, move |result: DebounceEventResult| {
+                let Ok(events) = result else { return };
+                // Builds read the sources they watch: only writes count, or every build
+                // would trigger the next.
+                let written: Vec<&PathBuf> = events
+                    .iter()
+                    .filter(|e| is_write(&e.event.kind))
+                    .flat_map(|e| e.event.paths.iter())
+                    .collect();
+                for (globs, trigger) in &matchers {
+                    if written.iter().any(|path| globs.is_match(path)) {
+                        // Stores one permit when a build is running: changes during a build
+                        // cause exactly one more build after it.
+                        trigger.notify_one();
+                    }
                 }
-            }
-        })
-        .context("cannot start the source watcher")?;
+            })
+            .context("cannot start the source watcher")?;
         for build in &builds {
             for root in &build.roots {
                 debouncer
-                    .watcher()
                     .watch(root, RecursiveMode::Recursive)
                     .with_context(|| {
                         format!(

@@ -117,11 +117,15 @@ impl Compiler {
                 v.insert((engine, linker))
             }
         };
-        if bytes.len() > ANNOUNCE_COMPILE_BYTES {
+        let cached = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.contains(engine, &digest));
+        if bytes.len() > ANNOUNCE_COMPILE_BYTES && !cached {
             tracing::info!(
                 handler = %spec.name,
                 size = %bytesize::ByteSize::b(bytes.len() as u64).display().iec(),
-                "loading a large module; compiling it the first time takes a few seconds"
+                "compiling a large module; this takes a few seconds (the result is cached)"
             );
         }
         let loaded = match &self.cache {

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use notify::RecursiveMode;
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use notify::{EventKind, RecursiveMode};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -162,7 +162,7 @@ impl Reloader {
 /// Directories are watched rather than files: editors and compilers often write a new
 /// file and rename it over the old one, which a watch on the old file's inode misses.
 pub struct FileWatcher {
-    debouncer: Debouncer<notify::RecommendedWatcher>,
+    debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
     watched_dirs: HashSet<PathBuf>,
     interesting: Arc<Mutex<HashSet<PathBuf>>>,
 }
@@ -170,18 +170,26 @@ pub struct FileWatcher {
 impl FileWatcher {
     pub fn start(manifest: &Manifest, reloader: Reloader) -> anyhow::Result<Self> {
         let interesting: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
-        let debouncer = new_debouncer(DEBOUNCE, {
+        let debouncer = new_debouncer(DEBOUNCE, None, {
             let interesting = interesting.clone();
             move |result: DebounceEventResult| match result {
                 Ok(events) => {
                     let wanted = interesting.lock().unwrap_or_else(|e| e.into_inner());
-                    let hit = events.iter().find(|e| wanted.contains(&e.path));
-                    if let Some(event) = hit {
-                        tracing::debug!(path = %event.path.display(), "changed; reloading");
+                    let hit = events
+                        .iter()
+                        .filter(|e| is_write(&e.event.kind))
+                        .flat_map(|e| e.event.paths.iter())
+                        .find(|path| wanted.contains(*path));
+                    if let Some(path) = hit {
+                        tracing::debug!(path = %path.display(), "changed; reloading");
                         reloader.nudge(Cause::FileChange);
                     }
                 }
-                Err(e) => tracing::warn!("file watcher: {e}"),
+                Err(errors) => {
+                    for e in errors {
+                        tracing::warn!("file watcher: {e}");
+                    }
+                }
             }
         })
         .context("cannot start the file watcher")?;
@@ -208,7 +216,7 @@ impl FileWatcher {
             dirs.insert(dir);
         }
         for dir in self.watched_dirs.difference(&dirs) {
-            let _ = self.debouncer.watcher().unwatch(dir);
+            let _ = self.debouncer.unwatch(dir);
         }
         let mut watched = HashSet::new();
         for dir in dirs {
@@ -216,11 +224,7 @@ impl FileWatcher {
                 watched.insert(dir);
                 continue;
             }
-            match self
-                .debouncer
-                .watcher()
-                .watch(&dir, RecursiveMode::NonRecursive)
-            {
+            match self.debouncer.watch(&dir, RecursiveMode::NonRecursive) {
                 Ok(()) => {
                     watched.insert(dir);
                 }
@@ -232,6 +236,18 @@ impl FileWatcher {
         }
         self.watched_dirs = watched;
         *self.interesting.lock().unwrap_or_else(|e| e.into_inner()) = interesting;
+    }
+}
+
+/// Whether an event can mean new contents. Opening and reading a file, or a change of its
+/// access time, must not count: the reload itself reads every module, so counting reads
+/// would make each reload trigger the next.
+pub fn is_write(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(notify::event::ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
     }
 }
 

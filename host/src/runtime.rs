@@ -708,7 +708,13 @@ fn log_report(report: &Report) {
         tracing::warn!(%cause, "[{setting}] changed; it takes effect after a restart");
     }
     if report.is_ok() && !report.changed_anything() {
-        tracing::info!(%cause, elapsed_ms = report.elapsed_ms, "reload: nothing changed");
+        // A watched file touched without a change (an editor saving the same bytes) is
+        // routine; an explicit request deserves an answer in the log.
+        if report.cause == Some(Cause::FileChange) {
+            tracing::debug!(%cause, elapsed_ms = report.elapsed_ms, "reload: nothing changed");
+        } else {
+            tracing::info!(%cause, elapsed_ms = report.elapsed_ms, "reload: nothing changed");
+        }
     } else if report.is_ok() {
         tracing::info!(%cause, elapsed_ms = report.elapsed_ms, "reload done");
     }

@@ -210,12 +210,39 @@ fn file_watcher_reloads_a_running_host() {
     std::fs::write(dir.path().join("runtime.toml"), manifest(port, "1", "")).unwrap();
     let host = Proc::spawn(&["run"], dir.path(), cache.path());
     wait_healthy(port);
+    let reloads = || {
+        let (_, metrics) = http(port, "GET", "/metrics");
+        ["ok", "refused"]
+            .iter()
+            .map(|r| {
+                let prefix = format!("wasmev_reloads_total{{result=\"{r}\"}} ");
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix))
+                    .unwrap()
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .sum::<u64>()
+    };
+    // Reading files (the host reads every module when it loads) is not a change: no
+    // reload may start on its own.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(reloads(), 0, "a reload started without a change");
+
     std::fs::write(dir.path().join("h.wasm"), variant("2")).unwrap();
     let line = host.wait_line(
         &["handler swapped", "cause=file change"],
         Duration::from_secs(20),
     );
     assert!(line.contains(&sha256(&variant("2"))[..12]), "{line}");
+    // The reload reads the module again; that must not set off another.
+    std::thread::sleep(Duration::from_millis(500));
+    let settled = reloads();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(reloads(), settled, "reloads keep triggering each other");
+    assert!(settled <= 2, "{settled} reloads for one write");
     assert_eq!(host.stop(), Some(0));
 }
 
