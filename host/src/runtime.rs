@@ -330,7 +330,9 @@ impl Host {
     /// Read the manifest again and bring the running handlers in line with it.
     pub async fn reload(&mut self, cause: Cause) -> Report {
         let started = Instant::now();
-        let mut report = match Manifest::load(&self.manifest_path) {
+        // A missing module is one handler's problem, reported as its refusal below, not a
+        // reason to refuse the whole manifest.
+        let mut report = match Manifest::load_before_build(&self.manifest_path) {
             Err(e) => Report {
                 errors: vec![e.to_string()],
                 ..Report::default()

@@ -308,13 +308,18 @@ async fn bad_modules_leave_the_old_version_serving() {
     let wrong_world = std::fs::read(component("wrong-world")).unwrap();
     let half = &v2[..v2.len() / 2];
     for (what, bytes) in [
-        ("garbage", &b"definitely not wasm"[..]),
-        ("a component of another world", &wrong_world[..]),
-        ("half a component", half),
+        ("a deleted module", None),
+        ("garbage", Some(&b"definitely not wasm"[..])),
+        ("a component of another world", Some(&wrong_world[..])),
+        ("half a component", Some(half)),
     ] {
         let refused = swaps(&host, "h", "refused");
-        // A plain write, not a rename: the watcher must cope with files written in place.
-        std::fs::write(site.path("h.wasm"), bytes).unwrap();
+        match bytes {
+            // A plain write, not a rename: the watcher must cope with files written in
+            // place.
+            Some(bytes) => std::fs::write(site.path("h.wasm"), bytes).unwrap(),
+            None => std::fs::remove_file(site.path("h.wasm")).unwrap(),
+        }
         wait_for(
             &format!("the reload of {what} to be refused"),
             Duration::from_secs(10),
