@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use sha2::Digest as _;
 use wasmev::cache::ArtifactCache;
 use wasmev::reload::Cause;
 use wasmev::{Host, Manifest, Options};
@@ -81,10 +80,7 @@ fn variant(module: &[u8], tag: &str) -> Vec<u8> {
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    wasmev::cache::Digest::of(bytes).as_str().to_string()
 }
 
 /// Replace `path` the way a compiler or editor does: write aside, rename over.

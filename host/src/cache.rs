@@ -33,7 +33,7 @@ impl Digest {
 
     /// The first 12 hex digits, enough to tell versions apart in a log line.
     pub fn short(&self) -> &str {
-        self.0.get(..12).unwrap_or(&self.0)
+        short(&self.0)
     }
 
     pub fn as_str(&self) -> &str {
@@ -45,6 +45,11 @@ impl std::fmt::Display for Digest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.short())
     }
+}
+
+/// The first 12 hex digits of a digest written out in full (as reports carry them).
+pub fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
 }
 
 /// Where a component came from.

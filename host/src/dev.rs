@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::short;
 use crate::manifest::{HandlerSpec, Manifest};
 use crate::reload::{Cause, Reloader, Report, is_write};
 
@@ -275,10 +276,6 @@ fn print_outcome(handler: &str, report: &Report) {
     for e in &report.errors {
         println!("[{handler}] reload refused: {e}");
     }
-}
-
-fn short(digest: &str) -> &str {
-    digest.get(..12).unwrap_or(digest)
 }
 
 #[cfg(test)]

@@ -159,12 +159,11 @@ async fn handle(
             }
         }
     };
-    let verdict = outcome.clone();
     settle(
-        handler, spec, &message, &base, &stream, sequence, delivered, outcome,
+        handler, spec, &message, &base, &stream, sequence, delivered, &outcome,
     )
     .await;
-    Some(verdict)
+    Some(outcome)
 }
 
 /// Turn the guest's answer into ack, nak or dead-letter.
@@ -177,7 +176,7 @@ async fn settle(
     stream: &str,
     sequence: u64,
     attempt: u32,
-    outcome: Outcome,
+    outcome: &Outcome,
 ) {
     let name = &handler.spec.name;
     let result = match outcome {
@@ -189,7 +188,7 @@ async fn settle(
         } => {
             if reason.is_permanent() || attempt >= spec.max_deliver {
                 let why = if reason.is_permanent() {
-                    detail
+                    detail.clone()
                 } else {
                     format!("gave up after {attempt} attempt(s); last error: {detail}")
                 };

@@ -167,20 +167,18 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(args: HostArgs) -> ExitCode {
-    let manifest = match Manifest::load(&args.manifest) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+/// The manifest at `path`, its error text as the user sees it from `check`.
+fn load(path: &std::path::Path, before_build: bool) -> anyhow::Result<Manifest> {
+    let loaded = if before_build {
+        Manifest::load_before_build(path)
+    } else {
+        Manifest::load(path)
     };
-    let result = async {
-        let host = Host::start(&manifest, args.options()).await?;
-        let _sighup = reload_on_sighup(host.reloader());
-        host.serve(shutdown_signal()).await
-    }
-    .await;
+    loaded.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Print a failure the way every command does and pick the exit code.
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -190,58 +188,46 @@ async fn run(args: HostArgs) -> ExitCode {
     }
 }
 
+async fn run(args: HostArgs) -> ExitCode {
+    exit(
+        async {
+            let manifest = load(&args.manifest, false)?;
+            let host = Host::start(&manifest, args.options()).await?;
+            let _sighup = reload_on_sighup(host.reloader());
+            host.serve(shutdown_signal()).await
+        }
+        .await,
+    )
+}
+
 async fn dev(args: HostArgs) -> ExitCode {
-    let unbuilt = match Manifest::load_before_build(&args.manifest) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+    exit(
+        async {
+            let builds = Build::all(&load(&args.manifest, true)?)?;
+            if builds.is_empty() {
+                eprintln!(
+                    "note: no handler in {} has a build command; add build = \"...\" and \
+                     watch = [\"src/**\"] to a [[handler]] to rebuild it on save",
+                    args.manifest.display()
+                );
+            }
+            if !wasmev::dev::build_all(&builds).await {
+                eprintln!("note: a build failed; starting with the modules already on disk");
+            }
+            let manifest = load(&args.manifest, false)?;
+            let mut options = args.options();
+            options.watch = true;
+            let host = Host::start(&manifest, options).await?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let dev = DevLoop::start(builds, host.reloader(), stop.clone())?;
+            let _sighup = reload_on_sighup(host.reloader());
+            let served = host.serve(shutdown_signal()).await;
+            stop.cancel();
+            dev.join().await;
+            served
         }
-    };
-    let builds = match Build::all(&unbuilt) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if builds.is_empty() {
-        eprintln!(
-            "note: no handler in {} has a build command; add build = \"...\" and \
-             watch = [\"src/**\"] to a [[handler]] to rebuild it on save",
-            args.manifest.display()
-        );
-    }
-    if !wasmev::dev::build_all(&builds).await {
-        eprintln!("note: a build failed; starting with the modules already on disk");
-    }
-    let manifest = match Manifest::load(&args.manifest) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut options = args.options();
-    options.watch = true;
-    let result = async {
-        let host = Host::start(&manifest, options).await?;
-        let stop = tokio_util::sync::CancellationToken::new();
-        let dev = DevLoop::start(builds, host.reloader(), stop.clone())?;
-        let _sighup = reload_on_sighup(host.reloader());
-        let served = host.serve(shutdown_signal()).await;
-        stop.cancel();
-        dev.join().await;
-        served
-    }
-    .await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        .await,
+    )
 }
 
 /// Reload on every SIGHUP until the returned guard is dropped.

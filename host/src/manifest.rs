@@ -458,21 +458,27 @@ impl TryFrom<String> for NatsUrl {
 impl Manifest {
     /// Read and validate the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(path, &src, &|name| std::env::var(name).ok())
+        Self::read(path, true)
     }
 
     /// Like [`Manifest::load`], but a module file need not exist yet: `wasmev dev` reads
-    /// the build commands that will create it.
+    /// the build commands that will create it, and a reload reports a missing module as
+    /// that handler's problem rather than the manifest's.
     pub fn load_before_build(path: &Path) -> Result<Manifest, ManifestError> {
+        Self::read(path, false)
+    }
+
+    fn read(path: &Path, require_modules: bool) -> Result<Manifest, ManifestError> {
         let src = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::validate(path, &src, &|name| std::env::var(name).ok(), false)
+        Self::validate(
+            path,
+            &src,
+            &|name| std::env::var(name).ok(),
+            require_modules,
+        )
     }
 
     /// Validate `src` as if read from `path`; `env` resolves credential variables.

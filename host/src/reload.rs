@@ -16,6 +16,7 @@ use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, ne
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cache::short;
 use crate::manifest::Manifest;
 
 /// Quiet time after the last change to a watched file before reloading. Why 50 ms: a
@@ -94,6 +95,15 @@ pub struct Refusal {
     pub error: String,
 }
 
+impl Refusal {
+    pub fn new(handler: &str, error: String) -> Self {
+        Self {
+            handler: handler.to_string(),
+            error,
+        }
+    }
+}
+
 impl Report {
     pub fn is_ok(&self) -> bool {
         self.errors.is_empty() && self.refused.is_empty()
@@ -106,6 +116,47 @@ impl Report {
             .map(String::as_str)
             .chain(self.refused.iter().map(|r| r.error.as_str()))
             .collect()
+    }
+
+    /// One log line per handler that changed or was refused, with digests before and after.
+    pub fn log(&self) {
+        let cause = self.cause.map(|c| c.to_string()).unwrap_or_default();
+        for v in &self.added {
+            tracing::info!(handler = %v.handler, digest = %short(&v.digest), %cause, "handler added");
+        }
+        for s in &self.swapped {
+            tracing::info!(
+                handler = %s.handler,
+                from = %short(&s.from),
+                to = %short(&s.to),
+                changed = %s.changed.join(","),
+                %cause,
+                "handler swapped"
+            );
+        }
+        for name in &self.removed {
+            tracing::info!(handler = %name, %cause, "handler removed; its in-flight events finish");
+        }
+        for r in &self.refused {
+            tracing::error!(%cause, "reload refused, the old version keeps serving: {}", r.error);
+        }
+        for e in &self.errors {
+            tracing::error!(%cause, "reload refused, nothing changed:\n{e}");
+        }
+        for setting in &self.restart_needed {
+            tracing::warn!(%cause, "[{setting}] changed; it takes effect after a restart");
+        }
+        if self.is_ok() && !self.changed_anything() {
+            // A watched file touched without a change (an editor saving the same bytes) is
+            // routine; an explicit request deserves an answer in the log.
+            if self.cause == Some(Cause::FileChange) {
+                tracing::debug!(%cause, elapsed_ms = self.elapsed_ms, "reload: nothing changed");
+            } else {
+                tracing::info!(%cause, elapsed_ms = self.elapsed_ms, "reload: nothing changed");
+            }
+        } else if self.is_ok() {
+            tracing::info!(%cause, elapsed_ms = self.elapsed_ms, "reload done");
+        }
     }
 
     /// Whether the reload changed anything that runs.

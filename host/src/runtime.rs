@@ -24,24 +24,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::nats::NatsBroker;
-use crate::broker::{Broker, Subscription};
-use crate::cache::{ArtifactCache, Digest, Source};
-use crate::dispatch::{answer_request, dispatch, event_for};
-use crate::engine::{EngineKey, Engines, EpochTicker};
-use crate::handler::{self, Compiled, Compiler, Handler};
+use crate::cache::ArtifactCache;
+use crate::engine::{Engines, EpochTicker};
+use crate::handler::{Compiler, Handler};
+use crate::intake::subscription_loop;
 use crate::limits;
 use crate::live::Live;
 use crate::manifest::{BrokerSettings, HandlerSpec, Manifest};
 use crate::metrics::{Metrics, ReloadResult, SwapResult};
-use crate::publish::Delivery;
+use crate::plan::{Plan, Step, prepare};
 use crate::reload::{self, Cause, FileWatcher, Refusal, Reloader, Report, Swap, Version};
 use crate::subject::Pattern;
 
@@ -107,21 +107,6 @@ impl Intake {
     }
 }
 
-/// What a reload will do, worked out (and compiled) before anything running is touched.
-struct Plan {
-    steps: Vec<Step>,
-    removed: Vec<String>,
-    report: Report,
-}
-
-enum Step {
-    Add(Compiled),
-    Swap {
-        compiled: Compiled,
-        changed: Vec<&'static str>,
-    },
-}
-
 /// A host that has loaded its handlers and confirmed its subscriptions.
 pub struct Host {
     broker: Broker,
@@ -182,9 +167,18 @@ impl Host {
             };
             let token = token.clone();
             tasks.spawn(async move {
-                admin::serve(listener, state, token)
+                admin::serve(listener, state, token.clone())
                     .await
-                    .with_context(|| format!("admin endpoint on {bound} failed"))
+                    .with_context(|| format!("admin endpoint on {bound} failed"))?;
+                // The serve loop takes Ok as "stopped as asked"; an endpoint that stops
+                // by itself must not pass for that.
+                if token.is_cancelled() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!(
+                        "admin endpoint on {bound} stopped unexpectedly"
+                    ))
+                }
             });
             tracing::info!("admin endpoint on http://{bound}");
         }
@@ -382,7 +376,7 @@ impl Host {
         for refusal in &report.refused {
             self.metrics.swapped(&refusal.handler, SwapResult::refused);
         }
-        log_report(&report);
+        report.log();
         report
     }
 
@@ -414,7 +408,7 @@ impl Host {
                         }
                         Err(e) => {
                             live.retire();
-                            self.refuse(&mut report, &name, e);
+                            refuse(&mut report, &name, e);
                         }
                     }
                 }
@@ -447,7 +441,7 @@ impl Host {
                     let started = match self.start_intakes(&live, new).await {
                         Ok(started) => started,
                         Err(e) => {
-                            self.refuse(&mut report, &name, e);
+                            refuse(&mut report, &name, e);
                             if !stopped.is_empty() {
                                 // The old consumer must run again: the old version stays.
                                 let restart: BTreeSet<Intake> = stopped.into_iter().collect();
@@ -514,13 +508,6 @@ impl Host {
         report
     }
 
-    fn refuse(&self, report: &mut Report, handler: &str, error: anyhow::Error) {
-        report.refused.push(Refusal {
-            handler: handler.to_string(),
-            error: format!("handler {handler:?}: {error:#}"),
-        });
-    }
-
     /// Subscribe (or create the consumer) for each intake and start its loop. All or
     /// nothing: on an error, the intakes started here are stopped again.
     async fn start_intakes(
@@ -582,150 +569,6 @@ impl Host {
     }
 }
 
-/// Work out what a reload does and compile what it needs, off the async workers (compiling
-/// a large component takes seconds). Nothing running is touched.
-///
-/// `running`: each running handler's live slot and current version. `started_with`: the
-/// broker and admin settings in force, to tell which changes need a restart (`None` at
-/// start-up).
-async fn prepare(
-    compiler: Arc<Mutex<Compiler>>,
-    manifest: Manifest,
-    running: Vec<(Arc<Live>, Arc<Handler>)>,
-    started_with: Option<&(Option<BrokerSettings>, Option<SocketAddr>)>,
-) -> anyhow::Result<Plan> {
-    let mut report = Report::default();
-    if let Some((broker, admin)) = started_with {
-        if manifest.broker != *broker {
-            report.restart_needed.push("broker".into());
-        }
-        if manifest.admin != *admin {
-            report.restart_needed.push("admin".into());
-        }
-    }
-    tokio::task::spawn_blocking(move || {
-        let mut compiler = compiler.lock().unwrap_or_else(|e| e.into_inner());
-        let mut steps = Vec::new();
-        for spec in &manifest.handlers {
-            let current = running.iter().find(|(_, h)| h.spec.name == spec.name);
-            let bytes = match handler::read(spec) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    report.refused.push(Refusal {
-                        handler: spec.name.clone(),
-                        error: e.to_string(),
-                    });
-                    continue;
-                }
-            };
-            let digest = Digest::of(&bytes);
-            let Some((live, current)) = current else {
-                match compiler.compile_bytes(spec, &bytes, digest) {
-                    Ok(compiled) => steps.push(Step::Add(compiled)),
-                    Err(e) => report.refused.push(Refusal {
-                        handler: spec.name.clone(),
-                        error: format!("{e:#}"),
-                    }),
-                }
-                continue;
-            };
-            let module_changed = digest != current.digest;
-            if !module_changed && current.spec.runtime_eq(spec) {
-                report.unchanged.push(spec.name.clone());
-                continue;
-            }
-            if live.was_rolled_back(spec, &digest) {
-                report.refused.push(Refusal {
-                    handler: spec.name.clone(),
-                    error: format!(
-                        "handler {:?}: version {digest} was rolled back after failing its \
-                         first events; change the module or its settings to try again",
-                        spec.name
-                    ),
-                });
-                continue;
-            }
-            let changed = reload::changes(&current.spec, spec, module_changed);
-            let compiled = if !module_changed && EngineKey::of(spec) == EngineKey::of(&current.spec)
-            {
-                // Same code on the same engine: only settings changed; no compile.
-                Ok(Compiled {
-                    spec: spec.clone(),
-                    pre: current.pre.clone(),
-                    digest,
-                    source: Source::Cache,
-                })
-            } else {
-                compiler.compile_bytes(spec, &bytes, digest)
-            };
-            match compiled {
-                Ok(compiled) => steps.push(Step::Swap { compiled, changed }),
-                Err(e) => report.refused.push(Refusal {
-                    handler: spec.name.clone(),
-                    error: format!("{e:#}"),
-                }),
-            }
-        }
-        let removed = running
-            .iter()
-            .map(|(_, h)| h.spec.name.clone())
-            .filter(|name| manifest.handler(name).is_none())
-            .collect();
-        Plan {
-            steps,
-            removed,
-            report,
-        }
-    })
-    .await
-    .context("handler compilation panicked")
-}
-
-/// One log line per handler that changed or was refused, with digests before and after.
-fn log_report(report: &Report) {
-    let cause = report.cause.map(|c| c.to_string()).unwrap_or_default();
-    for v in &report.added {
-        tracing::info!(handler = %v.handler, digest = %short(&v.digest), %cause, "handler added");
-    }
-    for s in &report.swapped {
-        tracing::info!(
-            handler = %s.handler,
-            from = %short(&s.from),
-            to = %short(&s.to),
-            changed = %s.changed.join(","),
-            %cause,
-            "handler swapped"
-        );
-    }
-    for name in &report.removed {
-        tracing::info!(handler = %name, %cause, "handler removed; its in-flight events finish");
-    }
-    for r in &report.refused {
-        tracing::error!(%cause, "reload refused, the old version keeps serving: {}", r.error);
-    }
-    for e in &report.errors {
-        tracing::error!(%cause, "reload refused, nothing changed:\n{e}");
-    }
-    for setting in &report.restart_needed {
-        tracing::warn!(%cause, "[{setting}] changed; it takes effect after a restart");
-    }
-    if report.is_ok() && !report.changed_anything() {
-        // A watched file touched without a change (an editor saving the same bytes) is
-        // routine; an explicit request deserves an answer in the log.
-        if report.cause == Some(Cause::FileChange) {
-            tracing::debug!(%cause, elapsed_ms = report.elapsed_ms, "reload: nothing changed");
-        } else {
-            tracing::info!(%cause, elapsed_ms = report.elapsed_ms, "reload: nothing changed");
-        }
-    } else if report.is_ok() {
-        tracing::info!(%cause, elapsed_ms = report.elapsed_ms, "reload done");
-    }
-}
-
-fn short(digest: &str) -> &str {
-    digest.get(..12).unwrap_or(digest)
-}
-
 /// Load, start and serve `manifest` until `shutdown` resolves.
 pub async fn run(
     manifest: &Manifest,
@@ -735,123 +578,10 @@ pub async fn run(
     Host::start(manifest, options).await?.serve(shutdown).await
 }
 
-/// Subscribe again after a subscription ended on its own, retrying every second until it
-/// works; `None` when the intake is stopped first.
-async fn resubscribe(
-    handler: &Handler,
-    pattern: &Pattern,
-    queue: &str,
-    stop: &CancellationToken,
-) -> Option<Subscription> {
-    loop {
-        match handler.broker.subscribe(pattern, Some(queue)).await {
-            Ok(sub) => {
-                tracing::info!(handler = %handler.spec.name, subject = %pattern, "subscribed again");
-                return Some(sub);
-            }
-            Err(e) => tracing::error!(handler = %handler.spec.name, "{e:#}; retrying in 1s"),
-        }
-        tokio::select! {
-            () = stop.cancelled() => return None,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
-
-/// Longest wait for the next buffered message while draining a stopped subscription.
-/// Why 5 s: the broker answers a drain within a round-trip; this only bounds a broken
-/// connection.
-const DRAIN_WAIT: Duration = Duration::from_secs(5);
-
-/// One subscription's intake: take a permit, then a message, then dispatch it on the
-/// handler's live version.
-///
-/// Why the permit first: an event is only pulled off the subscription when the handler
-/// can run it, so a busy handler leaves events in the broker's buffer (where the embedded
-/// broker makes publishers wait and NATS counts what it sheds) instead of piling up tasks.
-///
-/// When `stop` is cancelled (shutdown, or a reload that no longer wants this subject) the
-/// subscription is drained, not dropped: events the broker already routed here still run.
-async fn subscription_loop(
-    live: Arc<Live>,
-    pattern: Pattern,
-    queue: String,
-    mut sub: Subscription,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) -> anyhow::Result<()> {
-    loop {
-        // Both selects are cancel-safe: a semaphore acquire and a channel receive lose
-        // nothing when dropped.
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            permit = live.current().permits.clone().acquire_owned() => {
-                permit.context("handler permits closed")?
-            }
-        };
-        let message = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            message = sub.next() => message,
-        };
-        let Some(message) = message else {
-            // Supervision: a subscription should only end when we drain it. If the broker
-            // ends it anyway, say so and subscribe again rather than go deaf silently.
-            let handler = live.current();
-            tracing::error!(
-                handler = %handler.spec.name,
-                subject = %pattern,
-                "subscription ended unexpectedly; subscribing again"
-            );
-            drop(permit);
-            sub = match resubscribe(&handler, &pattern, &queue, &stop).await {
-                Some(sub) => sub,
-                None => return Ok(()),
-            };
-            continue;
-        };
-        spawn_event(&live, message, permit, &tracker);
-    }
-    if !sub.drain().await {
-        return Ok(());
-    }
-    while let Ok(Some(message)) = tokio::time::timeout(DRAIN_WAIT, sub.next()).await {
-        let permit = live
-            .current()
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .context("handler permits closed")?;
-        spawn_event(&live, message, permit, &tracker);
-    }
-    Ok(())
-}
-
-/// Run one core event on the version live now; the permit is held until it ends.
-fn spawn_event(
-    live: &Arc<Live>,
-    message: crate::broker::Message,
-    permit: OwnedSemaphorePermit,
-    tracker: &TaskTracker,
-) {
-    let live = live.clone();
-    let handler = live.current();
-    tracker.spawn(async move {
-        let event = event_for(&message, 1, || uuid::Uuid::now_v7().to_string());
-        let delivery = Delivery {
-            reply_to: message.reply.clone(),
-            dedupe_prefix: None,
-            hops: Delivery::hops_of(&message.headers),
-        };
-        let (outcome, replied) = dispatch(&handler, event, delivery).await;
-        live.settled(&handler, &outcome);
-        if handler.spec.service
-            && let Some(reply_to) = &message.reply
-        {
-            answer_request(&handler, reply_to, &outcome, replied).await;
-        }
-        drop(permit);
-    });
+/// Record that starting `handler`'s intake failed.
+fn refuse(report: &mut Report, handler: &str, error: anyhow::Error) {
+    report.refused.push(Refusal::new(
+        handler,
+        format!("handler {handler:?}: {error:#}"),
+    ));
 }

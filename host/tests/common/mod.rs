@@ -335,10 +335,7 @@ pub fn variant(tag: &str) -> Vec<u8> {
 }
 
 pub fn sha256(bytes: &[u8]) -> String {
-    <sha2::Sha256 as sha2::Digest>::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    wasmev::cache::Digest::of(bytes).as_str().to_string()
 }
 
 /// The `wasmev` binary, with its artifact cache in a temp dir shared by the test run
