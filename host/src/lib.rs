@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod broker;
 pub mod cache;
+pub mod contract;
 pub mod dev;
 pub mod dispatch;
 pub mod engine;
@@ -27,6 +28,7 @@ pub mod publish;
 pub mod reload;
 pub mod runtime;
 pub mod sandbox;
+pub mod scaffold;
 pub mod subject;
 
 pub use manifest::Manifest;

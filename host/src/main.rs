@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 use wasmev::cache::ArtifactCache;
+use wasmev::contract::{self, GuestLogs};
 use wasmev::dev::{Build, DevLoop};
 use wasmev::ingress::{self, Target};
 use wasmev::reload::{Cause, Reloader};
+use wasmev::scaffold;
 use wasmev::{Host, Manifest, Options};
 
 /// Run WebAssembly event handlers on NATS or an embedded broker.
@@ -107,6 +111,42 @@ enum Command {
         #[arg(long, env = "WASMEV_CACHE_DIR", value_name = "DIR")]
         cache_dir: Option<PathBuf>,
     },
+    /// Create a working handler in Rust, JavaScript, Python or C.
+    ///
+    /// Writes the source, a build script, the handler world (wit/), a manifest with just
+    /// this handler (wasmev.toml) and contract cases (cases.toml) that pass as written,
+    /// then prints the [[handler]] block to add to runtime.toml.
+    New {
+        /// The handler's name: lowercase letters, digits and '-'.
+        name: String,
+        /// The language to write it in.
+        #[arg(long, short)]
+        lang: scaffold::Lang,
+        /// Where to write it [default: handlers/NAME when ./handlers exists, else ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Run a handler's event-contract cases, without a broker.
+    ///
+    /// Each case file (cases.toml next to a handler) names a manifest entry and lists
+    /// events with the expected result, publishes and log lines; every case runs the real
+    /// component in the real sandbox. With no paths: ./cases.toml if present, else every
+    /// handlers/*/cases.toml. Exits 0 when all pass, 1 when a case fails, 2 when a case file
+    /// or its handler cannot be loaded.
+    Test {
+        /// Case files, or folders holding a cases.toml.
+        paths: Vec<PathBuf>,
+        /// Run only the cases whose name contains this text.
+        #[arg(long, value_name = "TEXT")]
+        filter: Option<String>,
+        /// Also show what passing cases published and logged.
+        #[arg(short, long)]
+        verbose: bool,
+        /// Where compiled modules are cached [default: $XDG_CACHE_HOME/wasmev or
+        /// ~/.cache/wasmev].
+        #[arg(long, env = "WASMEV_CACHE_DIR", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
     /// Publish one event, to NATS or through a running host's admin endpoint.
     ///
     /// Without --url or --admin the target comes from the manifest: its [broker] when it
@@ -133,12 +173,24 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+    // `wasmev test` reports guest logs per case itself; the log shows only host errors.
+    let testing = matches!(cli.command, Command::Test { .. });
+    let guest_logs = GuestLogs::default();
+    let default_filter = if testing { "error" } else { "info" };
+    let console = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+        );
+    let capture = testing.then(|| {
+        guest_logs
+            .clone()
+            .with_filter(Targets::new().with_target("guest", tracing::Level::TRACE))
+    });
+    tracing_subscriber::registry()
+        .with(console)
+        .with(capture)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -155,6 +207,25 @@ fn main() -> ExitCode {
                 manifest,
                 cache_dir,
             } => check(manifest, cache_dir),
+            Command::New { name, lang, dir } => {
+                let dir = dir.unwrap_or_else(|| scaffold::default_dir(&name));
+                match scaffold::create(&name, lang, &dir) {
+                    Ok(made) => {
+                        print!("{made}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Test {
+                paths,
+                filter,
+                verbose,
+                cache_dir,
+            } => test(paths, filter, verbose, cache_dir, &guest_logs).await,
             Command::Publish {
                 subject,
                 data,
@@ -267,11 +338,14 @@ fn reload_on_sighup(reloader: Reloader) -> Option<tokio_util::sync::DropGuard> {
     }
 }
 
+/// The artifact cache in `dir` or the default place; none when it cannot be opened.
+fn open_cache(dir: Option<PathBuf>) -> Option<ArtifactCache> {
+    dir.or_else(ArtifactCache::default_dir)
+        .and_then(|dir| ArtifactCache::open(dir).ok())
+}
+
 fn check(path: PathBuf, cache_dir: Option<PathBuf>) -> ExitCode {
-    let cache = cache_dir
-        .or_else(ArtifactCache::default_dir)
-        .and_then(|dir| ArtifactCache::open(dir).ok());
-    match wasmev::check(&path, cache) {
+    match wasmev::check(&path, open_cache(cache_dir)) {
         Ok(m) => {
             println!(
                 "{}: ok ({} handler(s), {})",
@@ -291,6 +365,61 @@ fn check(path: PathBuf, cache_dir: Option<PathBuf>) -> ExitCode {
             eprintln!("{}: {} problem(s)", path.display(), problems.len());
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn test(
+    paths: Vec<PathBuf>,
+    filter: Option<String>,
+    verbose: bool,
+    cache_dir: Option<PathBuf>,
+    logs: &GuestLogs,
+) -> ExitCode {
+    let files: Vec<PathBuf> = if paths.is_empty() {
+        let here = PathBuf::from(contract::CASES_FILE);
+        if here.is_file() {
+            vec![here]
+        } else {
+            contract::discover(std::path::Path::new(""))
+        }
+    } else {
+        paths.iter().map(|p| contract::resolve(p)).collect()
+    };
+    if files.is_empty() {
+        eprintln!(
+            "error: no case files: give a cases.toml (or its folder), or run where \
+             ./cases.toml or handlers/*/cases.toml exist"
+        );
+        return ExitCode::from(2);
+    }
+    let (mut passed, mut failed, mut broken) = (0, 0, 0);
+    for file in &files {
+        match contract::run_file(file, filter.as_deref(), open_cache(cache_dir.clone()), logs).await
+        {
+            Ok(report) => {
+                print!("{}", report.render(verbose));
+                passed += report.passed();
+                failed += report.failed();
+            }
+            Err(e) => {
+                println!("{}: could not run", file.display());
+                eprintln!("error: {e}");
+                broken += 1;
+            }
+        }
+    }
+    let verdict = if failed + broken == 0 { "ok" } else { "FAILED" };
+    let mut summary = format!("test result: {verdict}. {passed} passed, {failed} failed");
+    if broken > 0 {
+        summary.push_str(&format!(", {broken} case file(s) could not run"));
+    }
+    println!("{summary}");
+    if broken > 0 {
+        ExitCode::from(2)
+    } else if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

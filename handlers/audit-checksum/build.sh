@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Build audit_checksum.wasm from audit_checksum.c:
+#   1. wit-bindgen's C generator writes the bindings for the handler world into gen/
+#      (cargo install --locked wit-bindgen-cli@0.63.0);
+#   2. clang (Debian: clang-22 lld-22 wasi-libc libclang-rt-22-dev-wasm32) compiles for
+#      wasm32-wasi as a reactor, and links through wasm-component-ld, which ships with the
+#      Rust toolchain and wraps the core module into a component with the WASI adapter.
+set -euo pipefail
+cd "$(dirname "$0")"
+CC=${CC:-clang-22}
+component_ld="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/wasm-component-ld"
+wit-bindgen c ../../wit --world handler --out-dir gen >/dev/null
+"$CC" --target=wasm32-wasi -Wno-deprecated --sysroot=/usr -O2 -Wall -Wextra -Werror \
+  -mexec-model=reactor -Igen \
+  audit_checksum.c gen/handler.c gen/handler_component_type.o \
+  -fuse-ld="$component_ld" -o audit_checksum.wasm

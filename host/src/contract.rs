@@ -1,0 +1,649 @@
+//! `wasmev test`: event-contract cases for handler authors, run without a broker.
+//!
+//! A case file (`cases.toml`, or `.json` with the same shape) sits next to a handler. It
+//! names a manifest entry, and lists events with what should come of each:
+//!
+//! ```toml
+//! manifest = "../../runtime.toml"
+//! handler = "email-sender"
+//!
+//! [[case]]
+//! name = "a new user gets a welcome email"
+//! subject = "user.created"
+//! json = { id = "u1", name = "Ada", email = "ada@example.com" }
+//! headers = { source = "signup-form" }
+//! expect.result = "ok"
+//! expect.logs = ["welcome email"]
+//! expect.publish = [{ subject = "email.sent", json = { to = "ada@example.com" } }]
+//! ```
+//!
+//! Each case runs the real component in the real sandbox (the manifest's limits, grants
+//! and config), on a private embedded broker that records what the guest publishes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+use tracing_subscriber::layer::{Context, Layer};
+
+use crate::broker::memory::MemoryBroker;
+use crate::broker::{Broker, Message, Subscription};
+use crate::cache::ArtifactCache;
+use crate::dispatch::{Outcome, dispatch, event_for};
+use crate::engine::{Engines, EpochTicker};
+use crate::handler::{Compiler, Handler};
+use crate::manifest::Manifest;
+use crate::metrics::Metrics;
+use crate::publish::Delivery;
+use crate::subject::Pattern;
+
+/// The file name `wasmev test` looks for in a handler's folder.
+pub const CASES_FILE: &str = "cases.toml";
+
+/// A case file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseFile {
+    /// The manifest that declares the handler, relative to the case file.
+    manifest: PathBuf,
+    /// Which of its handlers; may be left out when it has only one.
+    handler: Option<String>,
+    #[serde(rename = "case", default)]
+    cases: Vec<Case>,
+}
+
+/// One event and what should come of it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    subject: String,
+    /// The payload as text, sent as is.
+    payload: Option<String>,
+    /// The payload as a JSON value (a TOML table works), sent serialized.
+    json: Option<Value>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    reply_to: Option<String>,
+    /// Config values for this case, over the manifest's (`paused = true` to test a retry).
+    #[serde(default)]
+    config: BTreeMap<String, Value>,
+    /// Which delivery this is (1 = first).
+    #[serde(default = "first_attempt")]
+    attempt: u32,
+    #[serde(default)]
+    expect: Expect,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// What a case checks; every part left out is not checked, except `result` (default ok).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    /// `ok`, or a failure reason as in the metrics: retry, reject, trap, deadline, memory...
+    result: Option<String>,
+    /// Text the failure's detail must contain (the reject reason, the trap message).
+    detail: Option<String>,
+    /// For `retry`: the delay the handler asked for, in milliseconds.
+    retry_ms: Option<u64>,
+    /// Exactly these publishes, in order (`[]`: none at all).
+    publish: Option<Vec<ExpectPublish>>,
+    /// Each must appear in some line the guest logged or printed.
+    #[serde(default)]
+    logs: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectPublish {
+    subject: String,
+    /// The payload must be JSON containing these fields (objects match as subsets).
+    json: Option<Value>,
+    /// The payload must be exactly this text.
+    payload: Option<String>,
+    /// Headers the publish must carry (others may be present).
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+/// The result of one case.
+#[derive(Debug)]
+pub struct CaseReport {
+    pub name: String,
+    pub elapsed: Duration,
+    /// Every expectation that did not hold; empty means the case passed.
+    pub failures: Vec<String>,
+    /// What the guest logged, for the failure report.
+    pub logs: Vec<String>,
+    pub published: Vec<String>,
+}
+
+/// The result of one case file.
+#[derive(Debug)]
+pub struct FileReport {
+    pub path: PathBuf,
+    pub handler: String,
+    pub cases: Vec<CaseReport>,
+}
+
+impl FileReport {
+    pub fn passed(&self) -> usize {
+        self.cases.iter().filter(|c| c.failures.is_empty()).count()
+    }
+
+    pub fn failed(&self) -> usize {
+        self.cases.len() - self.passed()
+    }
+
+    /// The human report: a line per case, and for a failing case what differed.
+    pub fn render(&self, verbose: bool) -> String {
+        let mut out = format!("{}: handler {:?}\n", self.path.display(), self.handler);
+        for case in &self.cases {
+            let ms = case.elapsed.as_secs_f64() * 1000.0;
+            if case.failures.is_empty() {
+                let _ = writeln!(out, "  pass  {} ({ms:.1} ms)", case.name);
+            } else {
+                let _ = writeln!(out, "  FAIL  {} ({ms:.1} ms)", case.name);
+                for f in &case.failures {
+                    let _ = writeln!(out, "        {f}");
+                }
+            }
+            if verbose || !case.failures.is_empty() {
+                for p in &case.published {
+                    let _ = writeln!(out, "        published: {p}");
+                }
+                for l in &case.logs {
+                    let _ = writeln!(out, "        log: {l}");
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The case files a path names: a file itself, or the `cases.toml` in a folder.
+pub fn resolve(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(CASES_FILE)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Every `handlers/*/cases.toml` under `root`, sorted.
+pub fn discover(root: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(root.join("handlers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join(CASES_FILE))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Guest log lines, collected from the `guest` tracing target while cases run.
+#[derive(Clone, Default)]
+pub struct GuestLogs(Arc<Mutex<Vec<String>>>);
+
+impl GuestLogs {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for GuestLogs {
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        if event.metadata().target() != "guest" {
+            return;
+        }
+        struct Message<'a>(&'a mut String);
+        impl tracing::field::Visit for Message<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    let _ = write!(self.0, "{value:?}");
+                }
+            }
+        }
+        let mut line = format!("{} ", event.metadata().level().as_str().to_lowercase());
+        event.record(&mut Message(&mut line));
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+}
+
+/// Why a case file could not be run at all (as opposed to a case failing).
+#[derive(Debug, thiserror::Error)]
+pub enum CaseFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("{}: {source:#}", path.display())]
+    Handler {
+        path: PathBuf,
+        source: anyhow::Error,
+    },
+}
+
+/// Run every case in the file at `path`; `filter` keeps only cases whose name contains it.
+pub async fn run_file(
+    path: &Path,
+    filter: Option<&str>,
+    cache: Option<ArtifactCache>,
+    logs: &GuestLogs,
+) -> Result<FileReport, CaseFileError> {
+    let invalid = |message: String| CaseFileError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| CaseFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file: CaseFile = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?
+    } else {
+        toml::from_str(&text).map_err(|e| invalid(toml_error(&text, &e)))?
+    };
+    if file.cases.is_empty() {
+        return Err(invalid("no cases: add a [[case]] table".into()));
+    }
+    let payloads = file
+        .cases
+        .iter()
+        .map(|c| payload_of(c).map_err(|m| invalid(format!("case {:?}: {m}", c.name))))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let manifest_path = path.parent().unwrap_or(Path::new("")).join(&file.manifest);
+    let handler_error = |source: anyhow::Error| CaseFileError::Handler {
+        path: path.to_path_buf(),
+        source,
+    };
+    let manifest = Manifest::load(&manifest_path).map_err(|e| handler_error(e.into()))?;
+    let spec = match (&file.handler, manifest.handlers.as_slice()) {
+        (Some(name), _) => manifest.handler(name).cloned().ok_or_else(|| {
+            invalid(format!(
+                "{} has no handler named {name:?} (it has: {})",
+                manifest_path.display(),
+                names(&manifest)
+            ))
+        })?,
+        (None, [only]) => only.clone(),
+        (None, _) => {
+            return Err(invalid(format!(
+                "{} has {} handlers; say which with handler = \"...\" (one of: {})",
+                manifest_path.display(),
+                manifest.handlers.len(),
+                names(&manifest)
+            )));
+        }
+    };
+
+    let engines = Engines::new();
+    // Deadlines are enforced by epoch ticks, as in the host.
+    let _ticker = EpochTicker::start(&engines).map_err(handler_error)?;
+    let compiled = {
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || Compiler::new(engines, cache).compile(&spec))
+            .await
+            .map_err(|e| handler_error(e.into()))?
+            .map_err(handler_error)?
+    };
+    let broker = MemoryBroker::new();
+    let metrics = Metrics::new();
+    let handler = Handler::new(
+        compiled,
+        Broker::Memory(broker.clone()),
+        metrics.handler(&spec.name),
+    );
+    let everything = Pattern::new(">").map_err(|e| handler_error(e.into()))?;
+    let mut outbox = Broker::Memory(broker)
+        .subscribe(&everything, None)
+        .await
+        .map_err(handler_error)?;
+
+    let mut reports = Vec::new();
+    for (case, payload) in file.cases.iter().zip(payloads) {
+        if filter.is_some_and(|f| !case.name.contains(f)) {
+            continue;
+        }
+        logs.take();
+        let message = Message {
+            subject: case.subject.clone(),
+            reply: case.reply_to.clone(),
+            headers: case
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            payload,
+        };
+        let event = event_for(&message, case.attempt, || {
+            format!("case-{}", reports.len() + 1)
+        });
+        let delivery = Delivery {
+            reply_to: case.reply_to.clone(),
+            dedupe_prefix: None,
+            hops: Delivery::hops_of(&message.headers),
+        };
+        let handler = if case.config.is_empty() {
+            handler.clone()
+        } else {
+            with_config(&handler, &case.config, &metrics)
+        };
+        let started = Instant::now();
+        let (outcome, _replied) = dispatch(&handler, event, delivery).await;
+        let elapsed = started.elapsed();
+        let published = drain(&mut outbox).await;
+        let logs = logs.take();
+        reports.push(CaseReport {
+            name: case.name.clone(),
+            elapsed,
+            failures: check(&case.expect, &outcome, &published, &logs),
+            logs,
+            published: published.iter().map(describe).collect(),
+        });
+    }
+    Ok(FileReport {
+        path: path.to_path_buf(),
+        handler: spec.name,
+        cases: reports,
+    })
+}
+
+/// `handler` with `overrides` laid over its config; the same compiled code.
+fn with_config(
+    handler: &Arc<Handler>,
+    overrides: &BTreeMap<String, Value>,
+    metrics: &Metrics,
+) -> Arc<Handler> {
+    let mut spec = handler.spec.clone();
+    for (key, value) in overrides {
+        // As in the manifest: strings as they are, numbers and booleans as written.
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        spec.config.insert(key.clone(), text);
+    }
+    Arc::new(Handler {
+        grants: handler.grants.clone(),
+        permits: handler.permits.clone(),
+        pre: handler.pre.clone(),
+        digest: handler.digest.clone(),
+        metrics: metrics.handler(&spec.name),
+        broker: handler.broker.clone(),
+        spec,
+    })
+}
+
+fn names(manifest: &Manifest) -> String {
+    let names: Vec<&str> = manifest.handlers.iter().map(|h| h.name.as_str()).collect();
+    names.join(", ")
+}
+
+fn toml_error(src: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = src[..span.start.min(src.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
+fn payload_of(case: &Case) -> Result<Bytes, String> {
+    match (&case.payload, &case.json) {
+        (Some(_), Some(_)) => Err("set payload or json, not both".into()),
+        (Some(text), None) => Ok(Bytes::from(text.clone())),
+        (None, Some(value)) => serde_json::to_vec(value)
+            .map(Bytes::from)
+            .map_err(|e| e.to_string()),
+        (None, None) => Ok(Bytes::new()),
+    }
+}
+
+/// Everything published so far. The embedded broker hands a message to its subscribers
+/// before the publish returns, so once the event is done its publishes are all queued.
+async fn drain(outbox: &mut Subscription) -> Vec<Message> {
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1), outbox.next()).await {
+        out.push(m);
+    }
+    out
+}
+
+fn describe(m: &Message) -> String {
+    let headers: Vec<String> = m.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!(
+        "{} {} [{}]",
+        m.subject,
+        String::from_utf8_lossy(&m.payload),
+        headers.join(", ")
+    )
+}
+
+/// Every way `outcome`, `published` and `logs` differ from `expect`.
+fn check(
+    expect: &Expect,
+    outcome: &Outcome,
+    published: &[Message],
+    logs: &[String],
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let (result, detail, retry_after) = match outcome {
+        Outcome::Ok => ("ok", "", None),
+        Outcome::Failed {
+            reason,
+            detail,
+            retry_after,
+        } => (reason.as_str(), detail.as_str(), *retry_after),
+    };
+    let wanted = expect.result.as_deref().unwrap_or("ok");
+    if result != wanted {
+        let detail = if detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({detail})")
+        };
+        failures.push(format!("result: expected {wanted}, got {result}{detail}"));
+    }
+    if let Some(text) = &expect.detail
+        && !detail.contains(text.as_str())
+    {
+        failures.push(format!(
+            "detail: expected it to contain {text:?}, got {detail:?}"
+        ));
+    }
+    if let Some(ms) = expect.retry_ms {
+        let got = retry_after.map(|d| d.as_millis() as u64);
+        if got != Some(ms) {
+            failures.push(format!("retry_ms: expected {ms}, got {got:?}"));
+        }
+    }
+    if let Some(wanted) = &expect.publish {
+        if wanted.len() != published.len() {
+            let subjects: Vec<&str> = published.iter().map(|m| m.subject.as_str()).collect();
+            failures.push(format!(
+                "publish: expected {} message(s), got {} {subjects:?}",
+                wanted.len(),
+                published.len()
+            ));
+        }
+        for (i, (w, got)) in wanted.iter().zip(published).enumerate() {
+            failures.extend(
+                check_publish(w, got)
+                    .into_iter()
+                    .map(|f| format!("publish[{i}]: {f}")),
+            );
+        }
+    }
+    for text in &expect.logs {
+        if !logs.iter().any(|l| l.contains(text.as_str())) {
+            failures.push(format!("logs: no line contains {text:?}"));
+        }
+    }
+    failures
+}
+
+fn check_publish(want: &ExpectPublish, got: &Message) -> Vec<String> {
+    let mut failures = Vec::new();
+    if want.subject != got.subject {
+        failures.push(format!(
+            "subject: expected {:?}, got {:?}",
+            want.subject, got.subject
+        ));
+    }
+    if let Some(text) = &want.payload
+        && text.as_bytes() != &got.payload[..]
+    {
+        failures.push(format!(
+            "payload: expected {text:?}, got {:?}",
+            String::from_utf8_lossy(&got.payload)
+        ));
+    }
+    if let Some(json) = &want.json {
+        match serde_json::from_slice::<Value>(&got.payload) {
+            Err(e) => failures.push(format!("payload is not JSON ({e})")),
+            Ok(value) => {
+                if let Err(path) = contains(&value, json, "") {
+                    failures.push(format!(
+                        "json: at {}: expected {}, got {}",
+                        if path.is_empty() { "the top" } else { &path },
+                        lookup(json, &path),
+                        lookup(&value, &path)
+                    ));
+                }
+            }
+        }
+    }
+    for (name, value) in &want.headers {
+        let found: Vec<&str> = got
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if !found.contains(&value.as_str()) {
+            failures.push(format!("header {name}: expected {value:?}, got {found:?}"));
+        }
+    }
+    failures
+}
+
+/// Whether `got` contains `want`: objects by subset of keys, everything else equal.
+/// On a mismatch, the path of the first differing value (`.user.id`, `[2]`).
+fn contains(got: &Value, want: &Value, at: &str) -> Result<(), String> {
+    match (got, want) {
+        (Value::Object(g), Value::Object(w)) => w.iter().try_for_each(|(k, wv)| {
+            let path = format!("{at}.{k}");
+            match g.get(k) {
+                Some(gv) => contains(gv, wv, &path),
+                None => Err(path),
+            }
+        }),
+        (Value::Array(g), Value::Array(w)) if g.len() == w.len() => g
+            .iter()
+            .zip(w)
+            .enumerate()
+            .try_for_each(|(i, (gv, wv))| contains(gv, wv, &format!("{at}[{i}]"))),
+        _ if json_eq(got, want) => Ok(()),
+        _ => Err(at.to_string()),
+    }
+}
+
+/// JSON equality where 95 and 95.0 are the same number (TOML and JSON writers differ).
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+/// The value at `path` (as produced by [`contains`]) inside `v`, for the report.
+fn lookup(v: &Value, path: &str) -> String {
+    let mut cur = v;
+    for part in path.split(['.', '[']).filter(|p| !p.is_empty()) {
+        let next = match part.strip_suffix(']').and_then(|i| i.parse::<usize>().ok()) {
+            Some(i) => cur.get(i),
+            None => cur.get(part),
+        };
+        match next {
+            Some(n) => cur = n,
+            None => return "(nothing)".into(),
+        }
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_subset_matching_names_the_first_difference() {
+        let got = json!({"id": "u1", "score": 95, "reasons": ["a", "b"], "extra": true});
+        assert_eq!(contains(&got, &json!({"id": "u1"}), ""), Ok(()));
+        assert_eq!(contains(&got, &json!({"score": 95.0}), ""), Ok(()));
+        assert_eq!(contains(&got, &json!({"reasons": ["a", "b"]}), ""), Ok(()));
+        assert_eq!(
+            contains(&got, &json!({"reasons": ["a", "c"]}), ""),
+            Err(".reasons[1]".into())
+        );
+        assert_eq!(
+            contains(&got, &json!({"missing": 1}), ""),
+            Err(".missing".into())
+        );
+        assert_eq!(
+            contains(&got, &json!({"reasons": ["a"]}), ""),
+            Err(".reasons".into())
+        );
+        assert_eq!(
+            lookup(&json!({"reasons": ["a", "c"]}), ".reasons[1]"),
+            "\"c\""
+        );
+    }
+
+    #[test]
+    fn check_reports_every_difference() {
+        let expect: Expect = toml::from_str(
+            r#"
+            result = "reject"
+            logs = ["hello"]
+            publish = [{ subject = "a.b", json = { x = 1 }, headers = { h = "v" } }]
+            "#,
+        )
+        .unwrap();
+        let published = vec![Message {
+            subject: "a.c".into(),
+            reply: None,
+            headers: vec![("h".into(), "w".into())],
+            payload: Bytes::from_static(br#"{"x":2}"#),
+        }];
+        let failures = check(&expect, &Outcome::Ok, &published, &["info bye".into()]);
+        assert_eq!(
+            failures,
+            vec![
+                "result: expected reject, got ok",
+                "publish[0]: subject: expected \"a.b\", got \"a.c\"",
+                "publish[0]: json: at .x: expected 1, got 2",
+                "publish[0]: header h: expected \"v\", got [\"w\"]",
+                "logs: no line contains \"hello\"",
+            ]
+        );
+        assert!(check(&Expect::default(), &Outcome::Ok, &[], &[]).is_empty());
+    }
+}
