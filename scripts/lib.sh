@@ -49,10 +49,48 @@ need_python_tools() {
     command -v componentize-py >/dev/null || die "componentize-py was installed but is not on PATH; add pip's script directory to PATH"
 }
 
+# node and npm build the JavaScript handlers (componentize-js comes from npm per handler).
+need_js_tools() {
+    command -v node >/dev/null && command -v npm >/dev/null \
+        || die "node and npm not found: JavaScript handlers need them (Debian: apt-get install -y nodejs npm; Node 18 or newer)"
+    local major
+    major="$(node -p 'process.versions.node.split(".")[0]')"
+    [ "$major" -ge 18 ] || die "node $major is too old for componentize-js: install Node 18 or newer"
+}
+
+# The C handlers: wit-bindgen's C generator (crates.io) and clang with wasi-libc (Debian).
+# The link uses wasm-component-ld from the Rust toolchain, so no wasm-tools is needed.
+WIT_BINDGEN_VERSION=0.63.0
+need_c_tools() {
+    if ! command -v clang-22 >/dev/null || ! command -v wasm-ld-22 >/dev/null \
+        || [ ! -f /usr/lib/wasm32-wasi/libc.a ] \
+        || [ ! -f /usr/lib/llvm-22/lib/clang/22/lib/wasi/libclang_rt.builtins-wasm32.a ]; then
+        local packages="clang-22 lld-22 wasi-libc libclang-rt-22-dev-wasm32"
+        if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+            say "installing clang for wasm32-wasi (apt-get install $packages)"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
+        else
+            die "C handlers need clang 22 for wasm32-wasi: run 'apt-get install -y $packages' as root"
+        fi
+    fi
+    if ! command -v wit-bindgen >/dev/null \
+        || ! wit-bindgen --version | grep -q "$WIT_BINDGEN_VERSION"; then
+        say "installing wit-bindgen-cli $WIT_BINDGEN_VERSION (cargo install; C bindings; ~4 min, once)"
+        cargo install --locked --quiet "wit-bindgen-cli@$WIT_BINDGEN_VERSION"
+    fi
+}
+
+# Every example handler, in its language, from source.
 build_handlers() {
     say "building the Rust example handlers (wasm32-wasip2 components)"
     cargo build --release --target wasm32-wasip2 -p email-sender -p audit-log
     need_python_tools
     say "building the Python example handler (componentize-py; ~15 s)"
     handlers/signup-scorer/build.sh
+    need_js_tools
+    say "building the JavaScript example handler (componentize-js from npm; ~40 s the first time)"
+    handlers/welcome-renderer/build.sh
+    need_c_tools
+    say "building the C example handler (wit-bindgen c + clang)"
+    handlers/audit-checksum/build.sh
 }

@@ -33,7 +33,7 @@ use tracing_subscriber::layer::{Context, Layer};
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, Message, Subscription};
-use crate::cache::ArtifactCache;
+use crate::cache::{ArtifactCache, Source};
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::engine::{Engines, EpochTicker};
 use crate::handler::{Compiler, Handler};
@@ -131,6 +131,8 @@ pub struct CaseReport {
 pub struct FileReport {
     pub path: PathBuf,
     pub handler: String,
+    /// How the component was loaded, and how long that took.
+    pub loaded: (Source, Duration),
     pub cases: Vec<CaseReport>,
 }
 
@@ -145,7 +147,16 @@ impl FileReport {
 
     /// The human report: a line per case, and for a failing case what differed.
     pub fn render(&self, verbose: bool) -> String {
-        let mut out = format!("{}: handler {:?}\n", self.path.display(), self.handler);
+        let (source, took) = self.loaded;
+        let loaded = match source {
+            Source::Cache => "loaded from the artifact cache".to_string(),
+            Source::Compiled => format!("compiled in {} ms", took.as_millis()),
+        };
+        let mut out = format!(
+            "{}: handler {:?} ({loaded})\n",
+            self.path.display(),
+            self.handler
+        );
         for case in &self.cases {
             let ms = case.elapsed.as_secs_f64() * 1000.0;
             if case.failures.is_empty() {
@@ -294,6 +305,7 @@ pub async fn run_file(
     let engines = Engines::new();
     // Deadlines are enforced by epoch ticks, as in the host.
     let _ticker = EpochTicker::start(&engines).map_err(handler_error)?;
+    let loading = Instant::now();
     let compiled = {
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || Compiler::new(engines, cache).compile(&spec))
@@ -301,6 +313,7 @@ pub async fn run_file(
             .map_err(|e| handler_error(e.into()))?
             .map_err(handler_error)?
     };
+    let loaded = (compiled.source, loading.elapsed());
     let broker = MemoryBroker::new();
     let metrics = Metrics::new();
     let handler = Handler::new(
@@ -359,6 +372,7 @@ pub async fn run_file(
     Ok(FileReport {
         path: path.to_path_buf(),
         handler: spec.name,
+        loaded,
         cases: reports,
     })
 }

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 CC=${CC:-clang-22}
 component_ld="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/wasm-component-ld"
-wit-bindgen c wit --world handler --out-dir gen >/dev/null
+# (wit-bindgen lists each file it writes; show its output only when it fails.)
+if ! out=$(wit-bindgen c wit --world handler --out-dir gen 2>&1); then echo "$out" >&2; exit 1; fi
 "$CC" --target=wasm32-wasi -Wno-deprecated --sysroot=/usr -O2 -Wall -Wextra -Werror \
   -mexec-model=reactor -Igen handler.c gen/handler.c gen/handler_component_type.o \
   -fuse-ld="$component_ld" -o {{module}}
