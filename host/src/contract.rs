@@ -399,6 +399,8 @@ fn with_config(
         digest: handler.digest.clone(),
         metrics: metrics.handler(&spec.name),
         broker: handler.broker.clone(),
+        // A case with its own config gets fresh instances: warm ones carry the old config.
+        warm: None,
         spec,
     })
 }

@@ -13,6 +13,7 @@ use crate::metrics::FailReason;
 use crate::publish::{Delivery, SERVICE_ERROR, SERVICE_ERROR_CODE};
 use crate::sandbox::bindings::wasmev::events::types::{Event, HandleError};
 use crate::sandbox::{State, sanitize};
+use crate::warm::{Warm, WarmPool};
 
 /// Headers that carry a publisher-chosen event id, in order of preference.
 const ID_HEADERS: [&str; 2] = ["Nats-Msg-Id", "Wasmev-Event-Id"];
@@ -151,11 +152,27 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
     }
     let deadline = handler.spec.deadline;
     let deadline_at = Instant::now() + deadline;
-    let mut store = Store::new(
-        handler.pre.engine(),
-        State::new(handler.clone(), &event.subject, delivery, deadline_at),
-    );
-    store.limiter(|state| state);
+    let warm = handler.warm.as_ref().and_then(WarmPool::take);
+    let (mut store, mut instance, uses) = match warm {
+        Some(Warm {
+            mut store,
+            instance,
+            uses,
+        }) => {
+            store
+                .data_mut()
+                .begin(&event.subject, delivery, deadline_at);
+            (store, Some(instance), uses)
+        }
+        None => {
+            let mut store = Store::new(
+                handler.pre.engine(),
+                State::new(handler.clone(), &event.subject, delivery, deadline_at),
+            );
+            store.limiter(|state| state);
+            (store, None, 0)
+        }
+    };
     store.set_hostcall_fuel(usize::try_from(guards.hostcall_fuel).unwrap_or(usize::MAX));
     if store.get_fuel().is_ok() {
         // (get_fuel is Ok only when the engine counts fuel.) Handlers without a budget get
@@ -177,13 +194,28 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
     });
 
     let call = async {
-        let instance = handler.pre.instantiate_async(&mut store).await?;
-        instance.call_handle(&mut store, &event).await
+        let ready = match instance.take() {
+            Some(warm) => warm,
+            None => handler.pre.instantiate_async(&mut store).await?,
+        };
+        let answer = ready.call_handle(&mut store, &event).await?;
+        Ok::<_, wasmtime::Error>((answer, ready))
     };
     // The epoch interrupt stops a guest that is computing; this timeout also stops one that
     // is waiting in a host call (a publish to a stalled broker). A little slack so a
     // computing guest is reported by the (more precise) epoch trap.
     let result = tokio::time::timeout(deadline + limits::EPOCH_TICK * 2, call).await;
+    // Only an instance that returned an answer, within its limits, may serve again; one
+    // that trapped, ran out of time or was refused memory is dropped with its store.
+    let result = match result {
+        Ok(Ok((answer, ready))) => {
+            instance = Some(ready);
+            Ok(Ok(answer))
+        }
+        Ok(Err(e)) => Ok(Err(e)),
+        Err(elapsed) => Err(elapsed),
+    };
+    let answered = matches!(result, Ok(Ok(_)));
 
     let state = store.data();
     log_guest_output(handler, state);
@@ -229,7 +261,17 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
             }
         }
     };
-    (outcome, state.replied)
+    let replied = state.replied;
+    if let (Some(pool), Some(instance), true, false) =
+        (&handler.warm, instance, answered, state.memory_denied)
+    {
+        pool.put(Warm {
+            store,
+            instance,
+            uses: uses + 1,
+        });
+    }
+    (outcome, replied)
 }
 
 fn deadline_text(deadline: Duration) -> String {

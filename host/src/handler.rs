@@ -15,11 +15,12 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use crate::broker::Broker;
 use crate::cache::{self, ArtifactCache, Digest, Source};
 use crate::engine::{EngineKey, Engines};
-use crate::manifest::HandlerSpec;
+use crate::manifest::{HandlerSpec, Instances};
 use crate::metrics::HandlerMetrics;
 use crate::publish::Grants;
 use crate::sandbox::State;
 use crate::sandbox::bindings;
+use crate::warm::WarmPool;
 
 /// Why a handler's module could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +242,8 @@ pub struct Handler {
     /// before an event is pulled, so no instance exists without one.
     pub permits: Arc<Semaphore>,
     pub broker: Broker,
+    /// Idle warm instances, for `instances = "reuse"`.
+    pub warm: Option<WarmPool>,
 }
 
 impl Handler {
@@ -248,8 +251,15 @@ impl Handler {
         let Compiled {
             spec, pre, digest, ..
         } = compiled;
+        let warm = match spec.instances {
+            Instances::PerEvent => None,
+            Instances::Reuse { recycle_after } => {
+                Some(WarmPool::new(spec.max_in_flight, recycle_after))
+            }
+        };
         Arc::new(Self {
             digest,
+            warm,
             grants: Grants::new(spec.publish.clone()),
             permits: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
             spec,
@@ -257,5 +267,22 @@ impl Handler {
             metrics,
             broker,
         })
+    }
+}
+
+impl Handler {
+    /// This version stopped taking events (swapped out or removed): let go of its warm
+    /// instances.
+    pub fn retire(&self) {
+        if let Some(warm) = &self.warm {
+            warm.close();
+        }
+    }
+
+    /// This version takes events again (a rollback brought it back).
+    pub fn revive(&self) {
+        if let Some(warm) = &self.warm {
+            warm.reopen();
+        }
     }
 }

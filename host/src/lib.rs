@@ -30,6 +30,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod scaffold;
 pub mod subject;
+pub mod warm;
 
 pub use manifest::Manifest;
 pub use runtime::{Host, Options, run};

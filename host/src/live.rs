@@ -61,6 +61,7 @@ impl Live {
     pub fn swap(&self, next: Arc<Handler>) {
         let mut watch = self.lock();
         let previous = self.current.swap(next.clone());
+        previous.retire();
         self.metrics.version(
             &next.spec.name,
             Some(previous.digest.as_str()),
@@ -136,7 +137,9 @@ impl Live {
              change the module or the manifest to try again",
             trial.failures
         );
+        trial.previous.revive();
         self.current.store(trial.previous.clone());
+        trial.candidate.retire();
         self.metrics.version(
             name,
             Some(trial.candidate.digest.as_str()),
@@ -149,6 +152,7 @@ impl Live {
     /// Stop exporting this handler's version: it has been removed.
     pub fn retire(&self) {
         let current = self.current();
+        current.retire();
         self.metrics
             .version(&current.spec.name, Some(current.digest.as_str()), None);
     }

@@ -55,6 +55,8 @@ pub struct HandlerSpec {
     /// After a hot swap, go back to the previous version if this many first events on the
     /// new one all fail. `None`: never roll back automatically.
     pub rollback_after: Option<u32>,
+    /// Fresh instance per event, or warm instances reused.
+    pub instances: Instances,
     /// How `wasmev dev` rebuilds this handler; ignored by `wasmev run`.
     pub dev: DevSpec,
 }
@@ -113,6 +115,24 @@ impl Default for Guards {
             stack: limits::DEFAULT_WASM_STACK,
         }
     }
+}
+
+/// How a handler's events get their Wasm instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Instances {
+    /// A fresh instance for every event: no state survives from one event to the next.
+    #[default]
+    PerEvent,
+    /// A pool of warm instances (at most `max_in_flight`), each used by one event at a
+    /// time and dropped after `recycle_after` events or any trap or limit hit.
+    Reuse { recycle_after: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum InstancesMode {
+    PerEvent,
+    Reuse,
 }
 
 /// Where a JetStream consumer starts on first creation.
@@ -326,6 +346,8 @@ struct RawHandler {
     max_hops: Option<Spanned<u32>>,
     stack: Option<Spanned<Size>>,
     rollback_after: Option<Spanned<u32>>,
+    instances: Option<InstancesMode>,
+    recycle_after: Option<Spanned<u32>>,
     build: Option<Spanned<String>>,
     #[serde(default)]
     watch: Vec<Spanned<String>>,
@@ -732,6 +754,34 @@ impl Validator<'_> {
             }
             value
         });
+        let instances = match (h.instances, h.recycle_after) {
+            (Some(InstancesMode::Reuse), n) => {
+                let recycle_after = n.map_or(limits::DEFAULT_RECYCLE_AFTER, |n| {
+                    let value = *n.get_ref();
+                    if !(1..=limits::MAX_RECYCLE_AFTER).contains(&value) {
+                        self.report(
+                            n.span(),
+                            key("recycle_after"),
+                            format!(
+                                "recycle_after must be between 1 and {}",
+                                limits::MAX_RECYCLE_AFTER
+                            ),
+                        );
+                    }
+                    value
+                });
+                Instances::Reuse { recycle_after }
+            }
+            (_, Some(n)) => {
+                self.report(
+                    n.span(),
+                    key("recycle_after"),
+                    "recycle_after applies only with instances = \"reuse\"".into(),
+                );
+                Instances::PerEvent
+            }
+            (_, None) => Instances::PerEvent,
+        };
         let dev = self.dev(&key, h.build, h.watch);
         HandlerSpec {
             name: h.name.into_inner().0,
@@ -747,6 +797,7 @@ impl Validator<'_> {
             service: h.service,
             jetstream,
             rollback_after,
+            instances,
             dev,
         }
     }

@@ -340,5 +340,6 @@ pub fn changes(
     check("service", old.service != new.service);
     check("jetstream", old.jetstream != new.jetstream);
     check("rollback_after", old.rollback_after != new.rollback_after);
+    check("instances", old.instances != new.instances);
     changed
 }

@@ -83,6 +83,20 @@ impl State {
     }
 }
 
+impl State {
+    /// Make a warm instance's state ready for its next event: the per-event fields as
+    /// `new` sets them; the WASI context and output buffers carry over (the buffers were
+    /// emptied when the last event's output was logged).
+    pub fn begin(&mut self, subject: &str, delivery: Delivery, deadline_at: Instant) {
+        subject.clone_into(&mut self.subject);
+        self.delivery = delivery;
+        self.deadline_at = deadline_at;
+        self.replied = false;
+        self.quota = Quota::new(&self.handler.spec.guards);
+        self.memory_denied = false;
+    }
+}
+
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {

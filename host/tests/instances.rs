@@ -1,0 +1,104 @@
+//! `instances = "reuse"`: warm instances serve event after event (guest state survives
+//! between events), are recycled after `recycle_after` events, are dropped after a trap,
+//! and never cross versions on a hot swap. `per-event` (the default) never shares one.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The chaos handler on the embedded broker with `extra` settings; one event at a time.
+async fn start(extra: &str) -> (tempfile::TempDir, TestHost, wasmev::broker::Subscription) {
+    let toml = format!(
+        "version = 1\n{}",
+        handler_block(
+            "chaos",
+            "chaos",
+            &format!(
+                "subscribe = [\"chaos.in\"]\npublish = [\"chaos.>\"]\nmax_in_flight = 1\n{extra}"
+            ),
+        )
+    );
+    let (dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    let results = host
+        .broker
+        .subscribe(
+            &wasmev::subject::Pattern::new("chaos.result").unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    (dir, host, results)
+}
+
+async fn send(host: &TestHost, op: &str) {
+    let wasmev::broker::Broker::Memory(b) = &host.broker else {
+        panic!("embedded broker expected");
+    };
+    b.publish("chaos.in", None, &[], Bytes::from(op.to_string()))
+        .await
+        .unwrap();
+}
+
+/// Send `n` count events one after the other and return the counts the instances saw.
+async fn counts(host: &TestHost, results: &mut wasmev::broker::Subscription, n: usize) -> Vec<u64> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        send(host, r#"{"op":"count"}"#).await;
+        let m = within("a count report", WAIT, results.next())
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        seen.push(v["results"][0].as_u64().unwrap());
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_event_instances_share_nothing() {
+    let (_dir, host, mut results) = start("").await;
+    assert_eq!(counts(&host, &mut results, 5).await, [1, 1, 1, 1, 1]);
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_instances_keep_state_until_recycled() {
+    let (_dir, host, mut results) = start("instances = \"reuse\"\nrecycle_after = 3").await;
+    assert_eq!(counts(&host, &mut results, 7).await, [1, 2, 3, 1, 2, 3, 1]);
+
+    // A guest-chosen failure (reject, retry) leaves the instance usable: it was on its
+    // first event, the reject is its second, the next count its third (and last).
+    send(&host, r#"{"op":"reject","reason":"no"}"#).await;
+    wait_for("the reject", WAIT, async || {
+        (host.failed("chaos", "reject") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(counts(&host, &mut results, 2).await, [2, 1]);
+    // A trap drops it: the next event starts on a fresh instance.
+    send(&host, r#"{"op":"panic"}"#).await;
+    wait_for("the trap", WAIT, async || {
+        (host.failed("chaos", "trap") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(counts(&host, &mut results, 2).await, [1, 2]);
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_starts_the_new_version_on_fresh_instances() {
+    let (dir, host, mut results) = start("instances = \"reuse\"\nconfig = { v = 1 }").await;
+    assert_eq!(counts(&host, &mut results, 3).await, [1, 2, 3]);
+    let path = dir.path().join("runtime.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("v = 1", "v = 2")).unwrap();
+    let report = host.reload().await;
+    assert_eq!(report.swapped.len(), 1, "{report:?}");
+    assert_eq!(counts(&host, &mut results, 2).await, [1, 2]);
+    host.stop().await.unwrap();
+}
