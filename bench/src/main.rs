@@ -3,6 +3,8 @@
 //! Each subcommand prints a table and writes it into its own section of
 //! `bench/RESULTS.md`, with the machine it ran on.
 
+mod perf;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Everything below, one section each, in one run.
+    All,
+    /// Throughput and latency of a trivial handler (per-event and reuse) against a plain
+    /// async-nats subscriber, the same on the embedded broker, and JetStream consume+ack.
+    Events {
+        /// Events per throughput run.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        /// Seconds per latency run (at 10 000 events/s).
+        #[arg(long, default_value_t = 5)]
+        latency_secs: u64,
+    },
+    /// Host start-up to ready with the example handlers, cold and with the artifact cache.
+    Startup {
+        #[arg(long, default_value = "runtime.toml")]
+        manifest: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Idle resident memory of `wasmev run` with 1, 10 and 100 handlers.
+    Memory {
+        #[arg(long, default_value = "target/wasm32-wasip2/release/email_sender.wasm")]
+        module: PathBuf,
+    },
     /// Hot-swap latency: a module file is replaced, how long until the new version is
     /// live (new events run on it).
     Swap {
@@ -46,24 +72,72 @@ enum Bench {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new()?;
-    let (section, table) = match cli.command {
+    let sections = match cli.command {
+        Bench::All => vec![
+            ("events", runtime.block_on(perf::events(200_000, 5))?),
+            (
+                "startup",
+                runtime.block_on(perf::startup(Path::new("runtime.toml"), 3))?,
+            ),
+            (
+                "memory",
+                runtime.block_on(perf::memory(
+                    &perf::wasmev_binary(),
+                    Path::new("target/wasm32-wasip2/release/email_sender.wasm"),
+                ))?,
+            ),
+            (
+                "swap",
+                runtime.block_on(swap_table(&default_swap_modules(), 20))?,
+            ),
+        ],
+        Bench::Events {
+            events,
+            latency_secs,
+        } => vec![(
+            "events",
+            runtime.block_on(perf::events(events, latency_secs))?,
+        )],
+        Bench::Startup { manifest, rounds } => {
+            vec![(
+                "startup",
+                runtime.block_on(perf::startup(&manifest, rounds))?,
+            )]
+        }
+        Bench::Memory { module } => vec![(
+            "memory",
+            runtime.block_on(perf::memory(&perf::wasmev_binary(), &module))?,
+        )],
         Bench::Swap { modules, rounds } => {
-            let mut table = String::from(
-                "## Hot swap\n\nFrom replacing a module file to the new version being live \
-                 (new events run on it). Target: under 100 ms for a small Rust handler with \
-                 its artifact cached.\n\n\
-                 | handler | case | swaps | p50 ms | p90 ms | max ms |\n|---|---|---|---|---|---|\n",
-            );
-            for module in &modules {
-                table.push_str(&runtime.block_on(swap(module, rounds))?);
-            }
-            ("swap", table)
+            vec![("swap", runtime.block_on(swap_table(&modules, rounds))?)]
         }
     };
-    println!("{table}");
-    write_section(&cli.out, section, &table)?;
+    for (section, table) in &sections {
+        println!("{table}");
+        write_section(&cli.out, section, table)?;
+    }
     println!("written to {}", cli.out.display());
     Ok(())
+}
+
+fn default_swap_modules() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from("target/wasm32-wasip2/release/email_sender.wasm"),
+        PathBuf::from("handlers/signup-scorer/signup_scorer.wasm"),
+    ]
+}
+
+async fn swap_table(modules: &[PathBuf], rounds: usize) -> anyhow::Result<String> {
+    let mut table = String::from(
+        "## Hot swap\n\nFrom replacing a module file to the new version being live \
+         (new events run on it). Target: under 100 ms for a small Rust handler with \
+         its artifact cached.\n\n\
+         | handler | case | swaps | p50 ms | p90 ms | max ms |\n|---|---|---|---|---|---|\n",
+    );
+    for module in modules {
+        table.push_str(&swap(module, rounds).await?);
+    }
+    Ok(table)
 }
 
 /// `module` with a custom section naming `tag` appended: same code, another digest.

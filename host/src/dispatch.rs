@@ -174,13 +174,13 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
         }
     };
     store.set_hostcall_fuel(usize::try_from(guards.hostcall_fuel).unwrap_or(usize::MAX));
-    if store.get_fuel().is_ok() {
-        // (get_fuel is Ok only when the engine counts fuel.) Handlers without a budget get
-        // an unlimited one; the engine counts for everyone
-        // once any handler asks for fuel.
-        if let Err(e) = store.set_fuel(guards.fuel.unwrap_or(u64::MAX)) {
-            return (Outcome::failed(FailReason::host, format!("{e:#}")), false);
-        }
+    // Only handlers with a budget run on an engine that counts fuel (the engine key
+    // includes it). Asking a store without fuel for its fuel builds an error value (with
+    // a backtrace under RUST_BACKTRACE=1): the profile found that on every event.
+    if let Some(fuel) = guards.fuel
+        && let Err(e) = store.set_fuel(fuel)
+    {
+        return (Outcome::failed(FailReason::host, format!("{e:#}")), false);
     }
     // Preemption: every epoch tick the guest yields to the executor, so a spinning guest
     // shares the worker threads; past the deadline it is interrupted with a trap.

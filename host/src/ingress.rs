@@ -71,7 +71,7 @@ pub async fn publish(
     }
     match target {
         Target::Nats(settings) => {
-            let broker = NatsBroker::connect(settings).await?;
+            let broker = NatsBroker::connect(settings, Default::default()).await?;
             broker.publish(subject, headers, payload).await?;
             broker.flush().await?;
             Ok(format!(

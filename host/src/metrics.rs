@@ -173,6 +173,8 @@ pub struct Metrics {
     version: Family<VersionLabels, Gauge>,
     /// Unix time of the last reload, whatever its result.
     pub last_reload: Gauge,
+    /// Messages the NATS client dropped because a subscription's buffer was full.
+    pub broker_dropped: Counter,
 }
 
 /// One handler's metric handles, resolved once.
@@ -255,6 +257,13 @@ impl Metrics {
         let swaps = Family::<SwapLabels, Counter>::default();
         let version = Family::<VersionLabels, Gauge>::default();
         let last_reload = Gauge::default();
+        let broker_dropped = Counter::default();
+        registry.register(
+            "broker_dropped_messages",
+            "Messages the NATS client dropped because a subscription buffer was full \
+             (slow consumer: handlers fell behind by more than the buffer); a lower bound",
+            broker_dropped.clone(),
+        );
         registry.register(
             "reloads",
             "Reloads (file change, SIGHUP, POST /reload, wasmev dev) by result",
@@ -284,6 +293,7 @@ impl Metrics {
             swaps,
             version,
             last_reload,
+            broker_dropped,
             received,
             ok,
             failed,

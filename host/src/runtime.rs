@@ -145,7 +145,9 @@ impl Host {
 
         let broker = match &manifest.broker {
             None => Broker::Memory(MemoryBroker::new()),
-            Some(settings) => Broker::Nats(Arc::new(NatsBroker::connect(settings).await?)),
+            Some(settings) => Broker::Nats(Arc::new(
+                NatsBroker::connect(settings, metrics.broker_dropped.clone()).await?,
+            )),
         };
         let ready = Arc::new(AtomicBool::new(false));
         let token = CancellationToken::new();

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
+use bytes::Bytes;
 use common::*;
 use serde_json::{Value, json};
 
@@ -449,4 +450,47 @@ async fn the_wasm_stack_limit_is_per_handler() {
     .await;
     assert_eq!(host.failed("large", "trap"), 0);
     host.stop().await.unwrap();
+}
+
+/// Core NATS cannot push back: a handler far behind makes the client's subscription
+/// buffer (64 Ki messages) overflow and the client drop messages. The host counts them
+/// (`wasmev_broker_dropped_messages_total`) instead of losing them silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_dropped_by_a_full_subscription_buffer_are_counted() {
+    let server = NatsServer::start();
+    let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+        + &handler_block(
+            "chaos",
+            "chaos",
+            "subscribe = [\"chaos.in\"]\npublish = [\"chaos.>\"]\nmax_in_flight = 1\ndeadline = \"30s\"",
+        );
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    // The one permit is held by a long event while 70 000 more arrive.
+    client
+        .publish(
+            "chaos.in",
+            json!({"op": "busy", "ms": 20_000}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let filler = Bytes::from_static(br#"{"op":"retry","ms":1}"#);
+    for _ in 0..70_000 {
+        client.publish("chaos.in", filler.clone()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let dropped = wait_for("drops to be counted", WAIT, async || {
+        let text = host.metrics.encode();
+        let n = text
+            .lines()
+            .find_map(|l| l.strip_prefix("wasmev_broker_dropped_messages_total "))
+            .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+            .unwrap_or(0);
+        (n > 0).then_some(n)
+    })
+    .await;
+    // At most what did not fit in the buffer (the busy event took one message out).
+    assert!(dropped <= 70_001 - 65_536 + 1, "dropped {dropped}");
+    drop(host);
 }

@@ -7,13 +7,13 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
 
 use super::{Message, PublishError, RequestError, validate_header};
 use crate::limits;
@@ -66,8 +66,6 @@ pub struct NatsBroker {
     client: async_nats::Client,
     jetstream: async_nats::jetstream::Context,
     url: Arc<str>,
-    /// Messages the client dropped because a subscription buffer was full.
-    slow_consumer_drops: Arc<AtomicU64>,
     captured: Arc<CaptureCache>,
 }
 
@@ -131,8 +129,9 @@ impl NatsBroker {
     /// Connect to the broker the manifest names. Fails if the first attempt fails: a host
     /// that cannot reach its broker at start-up is misconfigured more often than unlucky.
     /// Later disconnects are retried forever by the client.
-    pub async fn connect(settings: &BrokerSettings) -> anyhow::Result<Self> {
-        let drops = Arc::new(AtomicU64::new(0));
+    /// Connect; `dropped` counts messages the client drops for a full subscription
+    /// buffer (it says so only through its event callback).
+    pub async fn connect(settings: &BrokerSettings, dropped: Counter) -> anyhow::Result<Self> {
         let mut options = match &settings.auth {
             Auth::None => ConnectOptions::new(),
             Auth::CredsFile(path) => ConnectOptions::with_credentials_file(path)
@@ -147,14 +146,13 @@ impl NatsBroker {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         let url = settings.url.clone();
-        let event_drops = drops.clone();
         let event_url = url.clone();
         options = options
             .name("wasmev")
             .connection_timeout(CONNECT_TIMEOUT)
             .subscription_capacity(64 * 1024)
             .event_callback(move |event| {
-                let drops = event_drops.clone();
+                let dropped = dropped.clone();
                 let url = event_url.clone();
                 async move {
                     match event {
@@ -163,8 +161,17 @@ impl NatsBroker {
                             tracing::warn!(%url, "disconnected from nats; reconnecting")
                         }
                         async_nats::Event::SlowConsumer(sid) => {
-                            drops.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(sid, "nats subscription buffer full: messages dropped")
+                            // One event per dropped message: log the 1st, 2nd, 4th, 8th...
+                            // so a long overload is visible without flooding the log.
+                            let total = dropped.inc() + 1;
+                            if total.is_power_of_two() {
+                                tracing::warn!(
+                                    sid,
+                                    dropped = total,
+                                    "nats subscription buffer full: handlers are behind and \
+                                     messages were dropped (wasmev_broker_dropped_messages_total)"
+                                );
+                            }
                         }
                         other => tracing::warn!(%url, "nats: {other}"),
                     }
@@ -178,7 +185,6 @@ impl NatsBroker {
             jetstream: async_nats::jetstream::new(client.clone()),
             client,
             url: url.into(),
-            slow_consumer_drops: drops,
             captured: Arc::default(),
         })
     }
@@ -385,11 +391,6 @@ impl NatsBroker {
 
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
-    }
-
-    /// Messages dropped by the client because a subscription buffer was full.
-    pub fn slow_consumer_drops(&self) -> u64 {
-        self.slow_consumer_drops.load(Ordering::Relaxed)
     }
 
     /// Flush buffered publishes before shutdown so nothing handlers published is lost.
