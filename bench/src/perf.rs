@@ -632,6 +632,19 @@ pub async fn memory(binary: &Path, module: &Path) -> anyhow::Result<String> {
         }
         let path = dir.path().join(format!("idle-{n}.toml"));
         std::fs::write(&path, toml)?;
+        // Fill the artifact cache first, so no run's RSS includes the compiler's.
+        let checked = Command::new(binary)
+            .arg("check")
+            .arg(&path)
+            .env("WASMEV_CACHE_DIR", &cache)
+            .output()
+            .with_context(|| format!("cannot run {}", binary.display()))?;
+        if !checked.status.success() {
+            bail!(
+                "wasmev check failed: {}",
+                String::from_utf8_lossy(&checked.stderr)
+            );
+        }
         let mut child = Command::new(binary)
             .args(["run", "--no-watch"])
             .arg(&path)
