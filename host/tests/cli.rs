@@ -21,14 +21,17 @@ fn wasmev(args: &[&str], cwd: &Path) -> std::process::Output {
 #[test]
 fn check_accepts_the_shipped_runtime_toml() {
     component("email-sender"); // builds the example handlers it names
+    component("audit-log");
     foreign_component("signup-scorer", "signup_scorer.wasm");
+    foreign_component("welcome-renderer", "welcome_renderer.wasm");
+    foreign_component("audit-checksum", "audit_checksum.wasm");
     let out = wasmev(&["check", "runtime.toml"], &workspace());
     assert!(
         out.status.success(),
         "wasmev check runtime.toml failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (3 handler(s), embedded broker)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (5 handler(s), embedded broker)"));
 }
 
 /// A manifest in a temp dir whose one handler's module is `module` (written as given).

@@ -47,15 +47,23 @@ async fn send(host: &TestHost, op: &str) {
 }
 
 /// Send `n` count events one after the other and return the counts the instances saw.
+/// Each event is finished (counted ok, so its instance is back in the pool) before the
+/// next is sent: the report arrives while the event is still running, and right after a
+/// swap the intake's permit comes from the old version, so nothing else orders them.
 async fn counts(host: &TestHost, results: &mut wasmev::broker::Subscription, n: usize) -> Vec<u64> {
     let mut seen = Vec::new();
     for _ in 0..n {
+        let done = host.ok("chaos") + 1;
         send(host, r#"{"op":"count"}"#).await;
         let m = within("a count report", WAIT, results.next())
             .await
             .unwrap();
         let v: Value = serde_json::from_slice(&m.payload).unwrap();
         seen.push(v["results"][0].as_u64().unwrap());
+        wait_for("the event to finish", WAIT, async || {
+            (host.ok("chaos") >= done).then_some(())
+        })
+        .await;
     }
     seen
 }
