@@ -90,18 +90,18 @@ impl Drop for Server {
     }
 }
 
-/// Where events go in and where the answers are counted.
+/// The broker events travel through: where they go in and where answers are counted.
 #[derive(Clone)]
-enum Path2 {
+enum Route {
     Nats(async_nats::Client),
     Memory(wasmev::broker::memory::MemoryBroker),
 }
 
-impl Path2 {
+impl Route {
     async fn publish(&self, subject: &'static str, payload: Bytes) -> anyhow::Result<()> {
         match self {
-            Path2::Nats(c) => c.publish(subject, payload).await?,
-            Path2::Memory(b) => {
+            Route::Nats(c) => c.publish(subject, payload).await?,
+            Route::Memory(b) => {
                 b.publish(subject, None, &[], payload).await?;
             }
         }
@@ -109,7 +109,7 @@ impl Path2 {
     }
 
     async fn flush(&self) -> anyhow::Result<()> {
-        if let Path2::Nats(c) = self {
+        if let Route::Nats(c) = self {
             c.flush().await?;
         }
         Ok(())
@@ -133,7 +133,7 @@ impl Path2 {
             received.fetch_add(1, Ordering::Release);
         };
         Ok(match self {
-            Path2::Nats(c) => {
+            Route::Nats(c) => {
                 let mut sub = c.subscribe("bench.out").await?;
                 c.flush().await?;
                 tokio::spawn(async move {
@@ -142,7 +142,7 @@ impl Path2 {
                     }
                 })
             }
-            Path2::Memory(b) => {
+            Route::Memory(b) => {
                 let mut sub = b.subscribe(Pattern::new("bench.out")?, None);
                 tokio::spawn(async move {
                     while let Some(m) = sub.next().await {
@@ -156,7 +156,7 @@ impl Path2 {
 
 /// Events per second through `path`: `n` events of `PAYLOAD` bytes on `bench.in`, at
 /// most `WINDOW` unanswered, timed from the first publish to the last answer.
-async fn throughput(path: &Path2, n: u64) -> anyhow::Result<f64> {
+async fn throughput(path: &Route, n: u64) -> anyhow::Result<f64> {
     let received = Arc::new(AtomicU64::new(0));
     let collector = path.collect(received.clone(), None).await?;
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
@@ -180,7 +180,7 @@ async fn throughput(path: &Path2, n: u64) -> anyhow::Result<f64> {
 }
 
 /// Publish→answer latency at `LATENCY_RATE` events/s for `secs` seconds: (p50, p99) µs.
-async fn latency(path: &Path2, secs: u64) -> anyhow::Result<(f64, f64)> {
+async fn latency(path: &Route, secs: u64) -> anyhow::Result<(f64, f64)> {
     let epoch = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let received = Arc::new(AtomicU64::new(0));
@@ -358,7 +358,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
     let server = Server::start()?;
     let client = async_nats::connect(&server.url).await?;
-    let nats = Path2::Nats(client.clone());
+    let nats = Route::Nats(client.clone());
     let mut rows = Vec::new();
 
     // Baseline first, then each mode, each on its own subscription.
@@ -404,7 +404,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
 
     // The embedded broker: its own baseline (a plain task republishing), then each mode.
     let memory = wasmev::broker::memory::MemoryBroker::new();
-    let mem_path = Path2::Memory(memory.clone());
+    let mem_path = Route::Memory(memory.clone());
     let base = memory_baseline(&memory)?;
     throughput(&mem_path, events / 10).await?;
     let mem_raw = throughput(&mem_path, events).await?;
@@ -422,7 +422,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         let Broker::Memory(memory) = broker else {
             bail!("expected the embedded broker");
         };
-        let path = Path2::Memory(memory);
+        let path = Route::Memory(memory);
         throughput(&path, events / 10).await?;
         let r = throughput(&path, events).await?;
         let (p50, p99) = latency(&path, latency_secs).await?;

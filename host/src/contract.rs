@@ -36,7 +36,7 @@ use crate::broker::{Broker, Message, Subscription};
 use crate::cache::{ArtifactCache, Source};
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::engine::{Engines, EpochTicker};
-use crate::handler::{Compiler, Handler};
+use crate::handler::{Compiled, Compiler, Handler};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::publish::Delivery;
@@ -181,7 +181,7 @@ impl FileReport {
 }
 
 /// The case files a path names: a file itself, or the `cases.toml` in a folder.
-pub fn resolve(path: &Path) -> PathBuf {
+fn resolve(path: &Path) -> PathBuf {
     if path.is_dir() {
         path.join(CASES_FILE)
     } else {
@@ -189,8 +189,23 @@ pub fn resolve(path: &Path) -> PathBuf {
     }
 }
 
+/// The case files `wasmev test PATHS` runs: each path as a file or a folder holding
+/// `cases.toml`; with no paths, `./cases.toml` if present, else every
+/// `handlers/*/cases.toml`.
+pub fn case_files(paths: &[PathBuf]) -> Vec<PathBuf> {
+    if !paths.is_empty() {
+        return paths.iter().map(|p| resolve(p)).collect();
+    }
+    let here = PathBuf::from(CASES_FILE);
+    if here.is_file() {
+        vec![here]
+    } else {
+        discover(Path::new(""))
+    }
+}
+
 /// Every `handlers/*/cases.toml` under `root`, sorted.
-pub fn discover(root: &Path) -> Vec<PathBuf> {
+fn discover(root: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(root.join("handlers"))
         .into_iter()
         .flatten()
@@ -377,7 +392,8 @@ pub async fn run_file(
     })
 }
 
-/// `handler` with `overrides` laid over its config; the same compiled code.
+/// `handler` with `overrides` laid over its config: the same compiled code, a fresh
+/// version (so warm instances never carry the manifest's config into the case).
 fn with_config(
     handler: &Arc<Handler>,
     overrides: &BTreeMap<String, Value>,
@@ -392,17 +408,17 @@ fn with_config(
         };
         spec.config.insert(key.clone(), text);
     }
-    Arc::new(Handler {
-        grants: handler.grants.clone(),
-        permits: handler.permits.clone(),
+    let compiled = Compiled {
+        spec,
         pre: handler.pre.clone(),
         digest: handler.digest.clone(),
-        metrics: metrics.handler(&spec.name),
-        broker: handler.broker.clone(),
-        // A case with its own config gets fresh instances: warm ones carry the old config.
-        warm: None,
-        spec,
-    })
+        source: Source::Cache,
+    };
+    Handler::new(
+        compiled,
+        handler.broker.clone(),
+        metrics.handler(&handler.spec.name),
+    )
 }
 
 fn names(manifest: &Manifest) -> String {

@@ -268,9 +268,7 @@ impl Handler {
             broker,
         })
     }
-}
 
-impl Handler {
     /// This version stopped taking events (swapped out or removed): let go of its warm
     /// instances.
     pub fn retire(&self) {

@@ -375,16 +375,7 @@ async fn test(
     cache_dir: Option<PathBuf>,
     logs: &GuestLogs,
 ) -> ExitCode {
-    let files: Vec<PathBuf> = if paths.is_empty() {
-        let here = PathBuf::from(contract::CASES_FILE);
-        if here.is_file() {
-            vec![here]
-        } else {
-            contract::discover(std::path::Path::new(""))
-        }
-    } else {
-        paths.iter().map(|p| contract::resolve(p)).collect()
-    };
+    let files = contract::case_files(&paths);
     if files.is_empty() {
         eprintln!(
             "error: no case files: give a cases.toml (or its folder), or run where \

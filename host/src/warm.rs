@@ -68,9 +68,4 @@ impl WarmPool {
     pub fn reopen(&self) {
         self.open.store(true, Ordering::Release);
     }
-
-    /// Idle instances right now.
-    pub fn idle(&self) -> usize {
-        self.idle.len()
-    }
 }
