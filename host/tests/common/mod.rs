@@ -109,6 +109,28 @@ fn nats_server_bin() -> PathBuf {
     );
 }
 
+/// The client port a nats-server wrote to its ports file in `dir`.
+fn wait_for_ports_file(dir: &Path) -> u16 {
+    let start = Instant::now();
+    loop {
+        let written = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .find_map(|e| std::fs::read_to_string(e.path()).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| v["nats"][0].as_str().map(str::to_string));
+        if let Some(url) = written {
+            return url.rsplit(':').next().unwrap().parse().unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nats-server wrote no ports file in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A real nats-server with JetStream on a random loopback port and a temp store,
 /// killed on drop and restartable on the same port and store.
 pub struct NatsServer {
@@ -119,8 +141,11 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Self {
+        // Port 0 here means "let the server pick": a port probed free and then handed to
+        // the server can be taken by a parallel test's server in between, and that
+        // server's death later looks like ours.
         let mut server = Self {
-            port: free_port(),
+            port: 0,
             store: tempfile::tempdir().unwrap(),
             child: None,
         };
@@ -132,22 +157,30 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Start the server on `self.port`, or on a port of its choosing when that is 0
+    /// (read back from the ports file it writes), and wait until it accepts connections.
     fn spawn(&mut self) {
+        let ports_dir = self.store.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).unwrap();
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
         let child = Command::new(nats_server_bin())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
             .arg(self.store.path())
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
         self.child = Some(child);
+        if self.port == 0 {
+            self.port = wait_for_ports_file(&ports_dir);
+        }
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let start = Instant::now();
         while TcpStream::connect(addr).is_err() {
