@@ -38,6 +38,21 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         latency_secs: u64,
     },
+    /// One throughput case, repeated for a while; prints its rate and writes nothing.
+    /// For profiling: `perf record -p $(pgrep wasmev-bench)` while it runs.
+    One {
+        /// baseline, per-event or reuse.
+        #[arg(long, default_value = "reuse")]
+        mode: String,
+        /// Use the embedded broker instead of a nats-server.
+        #[arg(long)]
+        embedded: bool,
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// Keep running rounds for this many seconds.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
     /// Host start-up to ready with the example handlers, cold and with the artifact cache.
     Startup {
         #[arg(long, default_value = "runtime.toml")]
@@ -69,6 +84,10 @@ enum Bench {
     },
 }
 
+/// The same allocator as the `wasmev` binary, so in-process hosts run as they do there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new()?;
@@ -98,6 +117,18 @@ fn main() -> anyhow::Result<()> {
             "events",
             runtime.block_on(perf::events(events, latency_secs))?,
         )],
+        Bench::One {
+            mode,
+            embedded,
+            events,
+            secs,
+        } => {
+            println!(
+                "{}",
+                runtime.block_on(perf::one(&mode, embedded, events, secs))?
+            );
+            return Ok(());
+        }
         Bench::Startup { manifest, rounds } => {
             vec![(
                 "startup",

@@ -509,6 +509,58 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     ))
 }
 
+/// One throughput case on its own, repeated for `secs` seconds (for a profiler to attach
+/// to): `mode` is `baseline`, `per-event` or `reuse`; `embedded` picks the embedded broker.
+pub async fn one(mode: &str, embedded: bool, events: u64, secs: u64) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    let server = if embedded { None } else { Some(Server::start()?) };
+    let url = server.as_ref().map(|s| s.url.clone());
+    let memory = wasmev::broker::memory::MemoryBroker::new();
+    let (route, running, base) = match (mode, &url) {
+        ("baseline", Some(url)) => {
+            let client = async_nats::connect(url).await?;
+            (Route::Nats(client), None, Some(nats_baseline(url).await?))
+        }
+        ("baseline", None) => (
+            Route::Memory(memory.clone()),
+            None,
+            Some(memory_baseline(&memory)?),
+        ),
+        ("per-event" | "reuse", _) => {
+            let (host, broker) = echo_host(dir.path(), mode, url.as_deref(), "").await?;
+            let route = match (broker, &url) {
+                (Broker::Memory(m), None) => Route::Memory(m),
+                (_, Some(url)) => Route::Nats(async_nats::connect(url).await?),
+                _ => bail!("unexpected broker"),
+            };
+            (route, Some(host), None)
+        }
+        _ => bail!("mode is baseline, per-event or reuse, not {mode:?}"),
+    };
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut rates = Vec::new();
+    loop {
+        rates.push(throughput(&route, events).await?);
+        if Instant::now() >= until {
+            break;
+        }
+    }
+    if let Some(host) = running {
+        host.shutdown().await?;
+    }
+    if let Some(base) = base {
+        base.abort();
+    }
+    let best = rates.iter().copied().fold(0.0, f64::max);
+    Ok(format!(
+        "{mode} on {}: {} runs of {events} events, best {}, last {}",
+        if embedded { "the embedded broker" } else { "NATS" },
+        rates.len(),
+        rate(best),
+        rate(rates.last().copied().unwrap_or(0.0)),
+    ))
+}
+
 fn table(intro: &str, rows: &[Row]) -> String {
     let mut out = format!(
         "{intro}\n| measure | wasmev | baseline | ratio / overhead | target |\n|---|---|---|---|---|\n"

@@ -170,6 +170,16 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
                 State::new(handler.clone(), &event.subject, delivery, deadline_at),
             );
             store.limiter(|state| state);
+            // Preemption: every epoch tick the guest yields to the executor, so a spinning
+            // guest shares the worker threads; past the event's deadline (read from the
+            // state, so a warm store keeps this one callback) it is interrupted.
+            store.epoch_deadline_callback(|store| {
+                Ok(if Instant::now() >= store.data().deadline_at() {
+                    UpdateDeadline::Interrupt
+                } else {
+                    UpdateDeadline::Yield(1)
+                })
+            });
             (store, None, 0)
         }
     };
@@ -182,16 +192,7 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
     {
         return (Outcome::failed(FailReason::host, format!("{e:#}")), false);
     }
-    // Preemption: every epoch tick the guest yields to the executor, so a spinning guest
-    // shares the worker threads; past the deadline it is interrupted with a trap.
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        Ok(if Instant::now() >= deadline_at {
-            UpdateDeadline::Interrupt
-        } else {
-            UpdateDeadline::Yield(1)
-        })
-    });
 
     let call = async {
         let ready = match instance.take() {

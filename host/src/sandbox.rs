@@ -84,6 +84,11 @@ impl State {
 }
 
 impl State {
+    /// When the current event's deadline passes.
+    pub fn deadline_at(&self) -> Instant {
+        self.deadline_at
+    }
+
     /// Make a warm instance's state ready for its next event: the per-event fields as
     /// `new` sets them; the WASI context and output buffers carry over (the buffers were
     /// emptied when the last event's output was logged).
