@@ -513,7 +513,11 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
 /// to): `mode` is `baseline`, `per-event` or `reuse`; `embedded` picks the embedded broker.
 pub async fn one(mode: &str, embedded: bool, events: u64, secs: u64) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
-    let server = if embedded { None } else { Some(Server::start()?) };
+    let server = if embedded {
+        None
+    } else {
+        Some(Server::start()?)
+    };
     let url = server.as_ref().map(|s| s.url.clone());
     let memory = wasmev::broker::memory::MemoryBroker::new();
     let (route, running, base) = match (mode, &url) {
@@ -554,7 +558,11 @@ pub async fn one(mode: &str, embedded: bool, events: u64, secs: u64) -> anyhow::
     let best = rates.iter().copied().fold(0.0, f64::max);
     Ok(format!(
         "{mode} on {}: {} runs of {events} events, best {}, last {}",
-        if embedded { "the embedded broker" } else { "NATS" },
+        if embedded {
+            "the embedded broker"
+        } else {
+            "NATS"
+        },
         rates.len(),
         rate(best),
         rate(rates.last().copied().unwrap_or(0.0)),

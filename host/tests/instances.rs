@@ -12,16 +12,20 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The chaos handler on the embedded broker with `extra` settings; one event at a time.
+/// The chaos handler on the embedded broker with `extra` settings; one event at a time
+/// unless `extra` sets max_in_flight.
 async fn start(extra: &str) -> (tempfile::TempDir, TestHost, wasmev::broker::Subscription) {
+    let limit = if extra.contains("max_in_flight") {
+        ""
+    } else {
+        "max_in_flight = 1\n"
+    };
     let toml = format!(
         "version = 1\n{}",
         handler_block(
             "chaos",
             "chaos",
-            &format!(
-                "subscribe = [\"chaos.in\"]\npublish = [\"chaos.>\"]\nmax_in_flight = 1\n{extra}"
-            ),
+            &format!("subscribe = [\"chaos.in\"]\npublish = [\"chaos.>\"]\n{limit}{extra}"),
         )
     );
     let (dir, m) = manifest(&toml);
@@ -109,4 +113,54 @@ async fn a_swap_starts_the_new_version_on_fresh_instances() {
     assert_eq!(report.swapped.len(), 1, "{report:?}");
     assert_eq!(counts(&host, &mut results, 2).await, [1, 2]);
     host.stop().await.unwrap();
+}
+
+/// Events the intake takes together (a batch, under load) still run at the same time:
+/// eight guests each ask a question that is answered only once all eight are waiting.
+/// Were a batch run one event after another, only one question would ever be waiting
+/// and every ask would time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_taken_together_still_run_concurrently() {
+    for mode in ["per-event", "reuse"] {
+        let (_dir, host, mut results) = start(&format!(
+            "instances = {mode:?}\nmax_in_flight = 8\ndeadline = \"20s\""
+        ))
+        .await;
+        let wasmev::broker::Broker::Memory(b) = &host.broker else {
+            panic!("embedded broker expected");
+        };
+        let mut questions = b.subscribe(
+            wasmev::subject::Pattern::new("chaos.question").unwrap(),
+            None,
+        );
+        for _ in 0..8 {
+            send(
+                &host,
+                r#"{"op":"ask","subject":"chaos.question","payload":"?","timeout_ms":15000}"#,
+            )
+            .await;
+        }
+        let mut waiting = Vec::new();
+        while waiting.len() < 8 {
+            let q = within("all eight questions at once", WAIT, questions.next())
+                .await
+                .unwrap();
+            waiting.push(q.reply.expect("a request has a reply subject"));
+        }
+        for reply in &waiting {
+            b.publish(reply, None, &[], Bytes::from_static(b"answer"))
+                .await
+                .unwrap();
+        }
+        for _ in 0..8 {
+            let m = within("an ask report", WAIT, results.next()).await.unwrap();
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(
+                v["results"][0],
+                serde_json::json!({ "ok": "answer" }),
+                "{mode}: {v}"
+            );
+        }
+        host.stop().await.unwrap();
+    }
 }
