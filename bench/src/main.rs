@@ -52,6 +52,9 @@ enum Bench {
         /// Keep running rounds for this many seconds.
         #[arg(long, default_value_t = 10)]
         secs: u64,
+        /// Measure latency at 10 000 events/s for this many seconds instead.
+        #[arg(long)]
+        latency: Option<u64>,
     },
     /// Host start-up to ready with the example handlers, cold and with the artifact cache.
     Startup {
@@ -122,10 +125,11 @@ fn main() -> anyhow::Result<()> {
             embedded,
             events,
             secs,
+            latency,
         } => {
             println!(
                 "{}",
-                runtime.block_on(perf::one(&mode, embedded, events, secs))?
+                runtime.block_on(perf::one(&mode, embedded, events, secs, latency))?
             );
             return Ok(());
         }

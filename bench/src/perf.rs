@@ -511,7 +511,13 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
 
 /// One throughput case on its own, repeated for `secs` seconds (for a profiler to attach
 /// to): `mode` is `baseline`, `per-event` or `reuse`; `embedded` picks the embedded broker.
-pub async fn one(mode: &str, embedded: bool, events: u64, secs: u64) -> anyhow::Result<String> {
+pub async fn one(
+    mode: &str,
+    embedded: bool,
+    events: u64,
+    secs: u64,
+    latency_secs: Option<u64>,
+) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
     let server = if embedded {
         None
@@ -541,6 +547,20 @@ pub async fn one(mode: &str, embedded: bool, events: u64, secs: u64) -> anyhow::
         }
         _ => bail!("mode is baseline, per-event or reuse, not {mode:?}"),
     };
+    if let Some(latency_secs) = latency_secs {
+        throughput(&route, events / 10).await?; // warm-up
+        let (p50, p99) = latency(&route, latency_secs).await?;
+        if let Some(host) = running {
+            host.shutdown().await?;
+        }
+        if let Some(base) = base {
+            base.abort();
+        }
+        return Ok(format!(
+            "{mode} on {}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s",
+            if embedded { "the embedded broker" } else { "NATS" },
+        ));
+    }
     let until = Instant::now() + Duration::from_secs(secs);
     let mut rates = Vec::new();
     loop {
