@@ -41,7 +41,7 @@ enum Bench {
     /// One throughput case, repeated for a while; prints its rate and writes nothing.
     /// For profiling: `perf record -p $(pgrep wasmev-bench)` while it runs.
     One {
-        /// baseline, per-event or reuse.
+        /// baseline, per-event, reuse, or jetstream (consume+ack of stored events).
         #[arg(long, default_value = "reuse")]
         mode: String,
         /// Use the embedded broker instead of a nats-server.

@@ -443,51 +443,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         host.shutdown().await?;
     }
 
-    // JetStream: events stored first, then consumed and acked by the handler.
-    let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "BENCH".into(),
-        subjects: vec!["bench.in".into()],
-        ..Default::default()
-    })
-    .await?;
-    let n = events / 2;
-    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
-    let mut acks = futures::stream::FuturesUnordered::new();
-    for _ in 0..n {
-        acks.push(std::future::IntoFuture::into_future(
-            js.publish("bench.in", payload.clone()).await?,
-        ));
-        if acks.len() >= 1024 {
-            while let Some(a) = acks.next().await {
-                a?;
-            }
-        }
-    }
-    while let Some(a) = acks.next().await {
-        a?;
-    }
-    let (host, _) = echo_host(
-        dir.path(),
-        "per-event",
-        Some(&server.url),
-        "[handler.jetstream]\nstream = \"BENCH\"\nmax_ack_pending = 4096\n",
-    )
-    .await?;
-    let started = Instant::now();
-    let metrics = host.metrics.clone();
-    wait_until(
-        || {
-            metric(
-                &metrics.encode(),
-                "wasmev_events_ok_total{handler=\"echo\"}",
-            ) >= n
-        },
-        Duration::from_secs(300),
-    )
-    .await?;
-    let js_rate = n as f64 / started.elapsed().as_secs_f64();
-    host.shutdown().await?;
+    let js_rate = jetstream(&client, dir.path(), &server.url, events / 2).await?;
     rows.push(Row::new(
         "JetStream: consume + ack, per-event (stored events)",
         rate(js_rate),
@@ -545,7 +501,15 @@ pub async fn one(
             };
             (route, Some(host), None)
         }
-        _ => bail!("mode is baseline, per-event or reuse, not {mode:?}"),
+        ("jetstream", Some(url)) => {
+            let client = async_nats::connect(url).await?;
+            let rate = jetstream(&client, dir.path(), url, events).await?;
+            return Ok(format!(
+                "jetstream consume+ack: {} ({events} events)",
+                self::rate(rate)
+            ));
+        }
+        _ => bail!("mode is baseline, per-event, reuse or jetstream (NATS only), not {mode:?}"),
     };
     if let Some(latency_secs) = latency_secs {
         throughput(&route, events / 10).await?; // warm-up
@@ -558,7 +522,11 @@ pub async fn one(
         }
         return Ok(format!(
             "{mode} on {}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s",
-            if embedded { "the embedded broker" } else { "NATS" },
+            if embedded {
+                "the embedded broker"
+            } else {
+                "NATS"
+            },
         ));
     }
     let until = Instant::now() + Duration::from_secs(secs);
@@ -587,6 +555,61 @@ pub async fn one(
         rate(best),
         rate(rates.last().copied().unwrap_or(0.0)),
     ))
+}
+
+/// JetStream consume+ack: `n` events stored on a new stream first, then consumed by the
+/// echo handler (per-event) until all are acked; events per second.
+async fn jetstream(
+    client: &async_nats::Client,
+    dir: &Path,
+    url: &str,
+    n: u64,
+) -> anyhow::Result<f64> {
+    let js = async_nats::jetstream::new(client.clone());
+    let _ = js.delete_stream("BENCH").await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH".into(),
+        subjects: vec!["bench.in".into()],
+        ..Default::default()
+    })
+    .await?;
+    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        acks.push(std::future::IntoFuture::into_future(
+            js.publish("bench.in", payload.clone()).await?,
+        ));
+        if acks.len() >= 1024 {
+            while let Some(a) = acks.next().await {
+                a?;
+            }
+        }
+    }
+    while let Some(a) = acks.next().await {
+        a?;
+    }
+    let (host, _) = echo_host(
+        dir,
+        "per-event",
+        Some(url),
+        "[handler.jetstream]\nstream = \"BENCH\"\nmax_ack_pending = 4096\n",
+    )
+    .await?;
+    let started = Instant::now();
+    let metrics = host.metrics.clone();
+    wait_until(
+        || {
+            metric(
+                &metrics.encode(),
+                "wasmev_events_ok_total{handler=\"echo\"}",
+            ) >= n
+        },
+        Duration::from_secs(300),
+    )
+    .await?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    host.shutdown().await?;
+    Ok(rate)
 }
 
 fn table(intro: &str, rows: &[Row]) -> String {
