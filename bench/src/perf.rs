@@ -154,9 +154,50 @@ impl Route {
     }
 }
 
+/// The load generator's own runtime, one thread, like a client in another process: the
+/// publisher (which spins between sends at a fixed rate) and the counter never hold up
+/// the host's (or the baseline's) tasks on their worker threads, nor wait behind them.
+static DRIVER: std::sync::LazyLock<Option<tokio::runtime::Runtime>> =
+    std::sync::LazyLock::new(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-driver")
+            .enable_all()
+            .build()
+            .ok()
+    });
+
+/// Run `fut` on the load generator's runtime.
+async fn on_driver<T: Send + 'static>(
+    fut: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    let Some(driver) = DRIVER.as_ref() else {
+        bail!("cannot start the load generator's runtime");
+    };
+    driver.spawn(fut).await?
+}
+
+/// A NATS route whose connection lives on the load generator's runtime.
+async fn nats_route(url: &str) -> anyhow::Result<Route> {
+    let url = url.to_string();
+    on_driver(async move { Ok(Route::Nats(async_nats::connect(url).await?)) }).await
+}
+
+/// [`throughput_here`], driven from the load generator's runtime.
+async fn throughput(path: &Route, n: u64) -> anyhow::Result<f64> {
+    let path = path.clone();
+    on_driver(async move { throughput_here(&path, n).await }).await
+}
+
+/// [`latency_here`], driven from the load generator's runtime.
+async fn latency(path: &Route, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let path = path.clone();
+    on_driver(async move { latency_here(&path, secs).await }).await
+}
+
 /// Events per second through `path`: `n` events of `PAYLOAD` bytes on `bench.in`, at
 /// most `WINDOW` unanswered, timed from the first publish to the last answer.
-async fn throughput(path: &Route, n: u64) -> anyhow::Result<f64> {
+async fn throughput_here(path: &Route, n: u64) -> anyhow::Result<f64> {
     let received = Arc::new(AtomicU64::new(0));
     let collector = path.collect(received.clone(), None).await?;
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
@@ -180,7 +221,7 @@ async fn throughput(path: &Route, n: u64) -> anyhow::Result<f64> {
 }
 
 /// Publish→answer latency at `LATENCY_RATE` events/s for `secs` seconds: (p50, p99) µs.
-async fn latency(path: &Route, secs: u64) -> anyhow::Result<(f64, f64)> {
+async fn latency_here(path: &Route, secs: u64) -> anyhow::Result<(f64, f64)> {
     let epoch = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let received = Arc::new(AtomicU64::new(0));
@@ -189,27 +230,36 @@ async fn latency(path: &Route, secs: u64) -> anyhow::Result<(f64, f64)> {
         .await?;
     let n = LATENCY_RATE * secs;
     let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
-    let start = Instant::now();
-    for i in 0..n {
-        let due = start + interval * i as u32;
-        let now = Instant::now();
-        if due > now {
-            // Spin for sub-millisecond waits: the timer wheel ticks in milliseconds.
-            if due - now > Duration::from_millis(2) {
-                tokio::time::sleep(due - now - Duration::from_millis(1)).await;
-            }
-            while Instant::now() < due {
-                std::hint::spin_loop();
-            }
-        }
-        let mut payload = vec![0u8; PAYLOAD];
-        payload[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
-        path.publish("bench.in", payload.into()).await?;
-        if i % 16 == 0 {
-            path.flush().await?;
-        }
-    }
-    path.flush().await?;
+    // The publisher is a plain thread pacing itself with sleeps (no spinning, no tokio
+    // worker held): each send goes through the driver's runtime and is flushed at once,
+    // so nothing waits in a client-side batch and the time measured is the path's.
+    let runtime = tokio::runtime::Handle::current();
+    let publisher = {
+        let path = path.clone();
+        std::thread::Builder::new()
+            .name("bench-publisher".into())
+            .spawn(move || -> anyhow::Result<()> {
+                let start = Instant::now();
+                for i in 0..n {
+                    let due = start + interval * i as u32;
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    let mut payload = vec![0u8; PAYLOAD];
+                    payload[..8]
+                        .copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                    runtime.block_on(async {
+                        path.publish("bench.in", payload.into()).await?;
+                        path.flush().await
+                    })?;
+                }
+                Ok(())
+            })?
+    };
+    tokio::task::spawn_blocking(move || publisher.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the publisher thread panicked"))??;
     wait_until(
         || received.load(Ordering::Acquire) >= n,
         Duration::from_secs(60),
@@ -358,7 +408,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
     let server = Server::start()?;
     let client = async_nats::connect(&server.url).await?;
-    let nats = Route::Nats(client.clone());
+    let nats = nats_route(&server.url).await?;
     let mut rows = Vec::new();
 
     // Baseline first, then each mode, each on its own subscription.
@@ -483,10 +533,11 @@ pub async fn one(
     let url = server.as_ref().map(|s| s.url.clone());
     let memory = wasmev::broker::memory::MemoryBroker::new();
     let (route, running, base) = match (mode, &url) {
-        ("baseline", Some(url)) => {
-            let client = async_nats::connect(url).await?;
-            (Route::Nats(client), None, Some(nats_baseline(url).await?))
-        }
+        ("baseline", Some(url)) => (
+            nats_route(url).await?,
+            None,
+            Some(nats_baseline(url).await?),
+        ),
         ("baseline", None) => (
             Route::Memory(memory.clone()),
             None,
@@ -496,7 +547,7 @@ pub async fn one(
             let (host, broker) = echo_host(dir.path(), mode, url.as_deref(), "").await?;
             let route = match (broker, &url) {
                 (Broker::Memory(m), None) => Route::Memory(m),
-                (_, Some(url)) => Route::Nats(async_nats::connect(url).await?),
+                (_, Some(url)) => nats_route(url).await?,
                 _ => bail!("unexpected broker"),
             };
             (route, Some(host), None)
