@@ -202,8 +202,16 @@ async fn throughput_here(path: &Route, n: u64) -> anyhow::Result<f64> {
     let collector = path.collect(received.clone(), None).await?;
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
     let started = Instant::now();
+    let mut progress = (0, Instant::now());
     for sent in 0..n {
-        while sent - received.load(Ordering::Acquire) >= WINDOW {
+        // Saturating: a late answer from an earlier run can make `received` pass `sent`.
+        while sent.saturating_sub(received.load(Ordering::Acquire)) >= WINDOW {
+            let now = received.load(Ordering::Acquire);
+            if now != progress.0 {
+                progress = (now, Instant::now());
+            } else if progress.1.elapsed() > Duration::from_secs(30) {
+                bail!("no answers for 30 s with {sent} sent and {now} answered (events lost?)");
+            }
             path.flush().await?;
             tokio::task::yield_now().await;
         }
@@ -284,37 +292,68 @@ async fn wait_until(done: impl Fn() -> bool, limit: Duration) -> anyhow::Result<
     Ok(())
 }
 
+/// A baseline republisher running until stopped.
+struct Baseline {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Baseline {
+    /// Unsubscribe (flushed, so the server has it before anything else subscribes:
+    /// otherwise the next subscriber and this one would both answer for a moment).
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
 /// The baseline: a plain async-nats subscriber on `bench.in` republishing on `bench.out`.
-async fn nats_baseline(url: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+async fn nats_baseline(url: &str) -> anyhow::Result<Baseline> {
     let client = async_nats::connect(url).await?;
     let mut sub = client.subscribe("bench.in").await?;
     client.flush().await?;
-    Ok(tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if client.publish("bench.out", m.payload).await.is_err() {
-                return;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                m = sub.next() => match m {
+                    Some(m) => {
+                        if client.publish("bench.out", m.payload).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
             }
         }
-    }))
+        let _ = sub.unsubscribe().await;
+        let _ = client.flush().await;
+    });
+    Ok(Baseline { stop, task })
 }
 
 /// The same on the embedded broker.
-fn memory_baseline(
-    broker: &wasmev::broker::memory::MemoryBroker,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+fn memory_baseline(broker: &wasmev::broker::memory::MemoryBroker) -> anyhow::Result<Baseline> {
     let mut sub = broker.subscribe(Pattern::new("bench.in")?, None);
     let broker = broker.clone();
-    Ok(tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if broker
-                .publish("bench.out", None, &[], m.payload)
-                .await
-                .is_err()
-            {
-                return;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                m = sub.next() => match m {
+                    Some(m) => {
+                        if broker.publish("bench.out", None, &[], m.payload).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
             }
         }
-    }))
+    });
+    Ok(Baseline { stop, task })
 }
 
 /// A host running the echo handler in `mode` (`per-event` or `reuse`), on `broker_url`
@@ -416,7 +455,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     throughput(&nats, events / 10).await?; // warm-up
     let raw = throughput(&nats, events).await?;
     let (raw_p50, raw_p99) = latency(&nats, latency_secs).await?;
-    base.abort();
+    base.stop().await;
     rows.push(Row::new(
         "NATS: plain async-nats subscriber (baseline)",
         rate(raw),
@@ -459,7 +498,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     throughput(&mem_path, events / 10).await?;
     let mem_raw = throughput(&mem_path, events).await?;
     let (mem_p50, mem_p99) = latency(&mem_path, latency_secs).await?;
-    base.abort();
+    base.stop().await;
     rows.push(Row::new(
         "embedded: plain task republishing (baseline)",
         rate(mem_raw),
@@ -569,7 +608,7 @@ pub async fn one(
             host.shutdown().await?;
         }
         if let Some(base) = base {
-            base.abort();
+            base.stop().await;
         }
         return Ok(format!(
             "{mode} on {}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s",
@@ -592,7 +631,7 @@ pub async fn one(
         host.shutdown().await?;
     }
     if let Some(base) = base {
-        base.abort();
+        base.stop().await;
     }
     let best = rates.iter().copied().fold(0.0, f64::max);
     Ok(format!(
