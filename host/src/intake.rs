@@ -19,6 +19,39 @@ use crate::live::Live;
 use crate::publish::Delivery;
 use crate::subject::Pattern;
 
+/// Stops one intake. `cancel` asks; `stop` asks and waits (bounded) until the intake no
+/// longer takes new events from the broker, so a reload can answer only once a removed
+/// subscription is gone: an event published after the answer never reaches it.
+pub struct IntakeStop {
+    token: CancellationToken,
+    unsubscribed: tokio::sync::watch::Receiver<bool>,
+}
+
+impl IntakeStop {
+    /// A stop for an intake that reports through the returned sender (true once it has
+    /// unsubscribed; dropping the sender counts the same).
+    pub fn new(token: CancellationToken) -> (Self, tokio::sync::watch::Sender<bool>) {
+        let (tx, unsubscribed) = tokio::sync::watch::channel(false);
+        (
+            Self {
+                token,
+                unsubscribed,
+            },
+            tx,
+        )
+    }
+
+    pub fn cancel(&self) {
+        self.token.cancel();
+    }
+
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        // Err: the intake ended (and dropped its sender); either way it takes no more.
+        let _ = tokio::time::timeout(DRAIN_WAIT, self.unsubscribed.wait_for(|done| *done)).await;
+    }
+}
+
 /// Subscribe again after a subscription ended on its own, retrying every second until it
 /// works; `None` when the intake is stopped first.
 async fn resubscribe(
@@ -62,6 +95,7 @@ pub async fn subscription_loop(
     queue: String,
     mut sub: Subscription,
     stop: CancellationToken,
+    unsubscribed: tokio::sync::watch::Sender<bool>,
     tracker: TaskTracker,
 ) -> anyhow::Result<()> {
     loop {
@@ -112,7 +146,10 @@ pub async fn subscription_loop(
         }
         spawn_events(&live, handler, batch, &tracker);
     }
-    if !sub.drain().await {
+    let drained = sub.drain().await;
+    // The broker routes nothing new here now; what it already did is run below.
+    let _ = unsubscribed.send(true);
+    if !drained {
         return Ok(());
     }
     while let Ok(Some(message)) = tokio::time::timeout(DRAIN_WAIT, sub.next()).await {

@@ -36,7 +36,7 @@ use crate::broker::nats::NatsBroker;
 use crate::cache::ArtifactCache;
 use crate::engine::{Engines, EpochTicker};
 use crate::handler::{Compiler, Handler};
-use crate::intake::subscription_loop;
+use crate::intake::{IntakeStop, subscription_loop};
 use crate::limits;
 use crate::live::Live;
 use crate::manifest::{BrokerSettings, HandlerSpec, Manifest};
@@ -69,7 +69,7 @@ impl Default for Options {
 /// A running handler: its live version and the intakes feeding it.
 struct Running {
     live: Arc<Live>,
-    intakes: BTreeMap<Intake, CancellationToken>,
+    intakes: BTreeMap<Intake, IntakeStop>,
 }
 
 /// One source of events for a handler. Two versions of a handler with the same intake
@@ -389,7 +389,7 @@ impl Host {
             removed,
             mut report,
         } = plan;
-        let mut retired: Vec<CancellationToken> = Vec::new();
+        let mut retired: Vec<IntakeStop> = Vec::new();
         for step in steps {
             match step {
                 Step::Add(compiled) => {
@@ -504,8 +504,10 @@ impl Host {
         }
         // Only now, with every new subscription confirmed by the server, do the old ones
         // go: an event is always covered by one or the other.
-        for token in retired {
-            token.cancel();
+        // Each is waited for (bounded), so when the report goes out no retired
+        // subscription takes new events.
+        for stop in retired {
+            stop.stop().await;
         }
         report
     }
@@ -516,7 +518,7 @@ impl Host {
         &mut self,
         live: &Arc<Live>,
         wanted: BTreeSet<Intake>,
-    ) -> anyhow::Result<BTreeMap<Intake, CancellationToken>> {
+    ) -> anyhow::Result<BTreeMap<Intake, IntakeStop>> {
         let mut started = BTreeMap::new();
         for intake in wanted {
             match self.start_intake(live, &intake).await {
@@ -538,9 +540,10 @@ impl Host {
         &mut self,
         live: &Arc<Live>,
         intake: &Intake,
-    ) -> anyhow::Result<CancellationToken> {
+    ) -> anyhow::Result<IntakeStop> {
         let handler = live.current();
         let stop = self.token.child_token();
+        let (handle, unsubscribed) = IntakeStop::new(stop.clone());
         match intake {
             Intake::JetStream(_) => {
                 let (Broker::Nats(nats), Some(spec)) = (&self.broker, &handler.spec.jetstream)
@@ -563,11 +566,12 @@ impl Host {
                     queue.clone(),
                     sub,
                     stop.clone(),
+                    unsubscribed,
                     self.tracker.clone(),
                 ));
             }
         }
-        Ok(stop)
+        Ok(handle)
     }
 }
 
