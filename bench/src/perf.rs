@@ -601,50 +601,42 @@ pub async fn one(
         }
         _ => bail!("mode is baseline, per-event, reuse or jetstream (NATS only), not {mode:?}"),
     };
-    if let Some(latency_secs) = latency_secs {
-        throughput(&route, events / 10).await?; // warm-up
-        let (p50, p99) = latency(&route, latency_secs).await?;
-        if let Some(host) = running {
-            host.shutdown().await?;
+    let broker = if embedded {
+        "the embedded broker"
+    } else {
+        "NATS"
+    };
+    let result = match latency_secs {
+        Some(latency_secs) => {
+            throughput(&route, events / 10).await?; // warm-up
+            let (p50, p99) = latency(&route, latency_secs).await?;
+            format!("{mode} on {broker}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s")
         }
-        if let Some(base) = base {
-            base.stop().await;
+        None => {
+            let until = Instant::now() + Duration::from_secs(secs);
+            let mut rates = Vec::new();
+            loop {
+                rates.push(throughput(&route, events).await?);
+                if Instant::now() >= until {
+                    break;
+                }
+            }
+            let best = rates.iter().copied().fold(0.0, f64::max);
+            format!(
+                "{mode} on {broker}: {} runs of {events} events, best {}, last {}",
+                rates.len(),
+                rate(best),
+                rate(rates.last().copied().unwrap_or(0.0)),
+            )
         }
-        return Ok(format!(
-            "{mode} on {}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s",
-            if embedded {
-                "the embedded broker"
-            } else {
-                "NATS"
-            },
-        ));
-    }
-    let until = Instant::now() + Duration::from_secs(secs);
-    let mut rates = Vec::new();
-    loop {
-        rates.push(throughput(&route, events).await?);
-        if Instant::now() >= until {
-            break;
-        }
-    }
+    };
     if let Some(host) = running {
         host.shutdown().await?;
     }
     if let Some(base) = base {
         base.stop().await;
     }
-    let best = rates.iter().copied().fold(0.0, f64::max);
-    Ok(format!(
-        "{mode} on {}: {} runs of {events} events, best {}, last {}",
-        if embedded {
-            "the embedded broker"
-        } else {
-            "NATS"
-        },
-        rates.len(),
-        rate(best),
-        rate(rates.last().copied().unwrap_or(0.0)),
-    ))
+    Ok(result)
 }
 
 /// JetStream consume+ack: `n` events stored on a new stream first, then consumed by the
