@@ -358,14 +358,14 @@ pub async fn run_file(
                 .collect(),
             payload,
         };
-        let event = event_for(&message, case.attempt, || {
-            format!("case-{}", reports.len() + 1)
-        });
         let delivery = Delivery {
             reply_to: case.reply_to.clone(),
             dedupe_prefix: None,
             hops: Delivery::hops_of(&message.headers),
         };
+        let event = event_for(message, case.attempt, || {
+            format!("case-{}", reports.len() + 1)
+        });
         let handler = if case.config.is_empty() {
             handler.clone()
         } else {

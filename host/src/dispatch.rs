@@ -49,15 +49,16 @@ pub fn publisher_id(headers: &[(String, String)]) -> Option<String> {
 }
 
 /// The event record a guest sees for `msg`; `fallback_id` names it when the publisher
-/// did not.
-pub fn event_for(msg: &Message, attempt: u32, fallback_id: impl FnOnce() -> String) -> Event {
+/// did not. Takes the message: its strings move into the event rather than being copied
+/// (the core intake owns each message, and this is on every event's path).
+pub fn event_for(msg: Message, attempt: u32, fallback_id: impl FnOnce() -> String) -> Event {
     let id = publisher_id(&msg.headers).unwrap_or_else(fallback_id);
     Event {
         id,
-        subject: msg.subject.clone(),
+        subject: msg.subject,
         payload: msg.payload.to_vec(),
-        headers: msg.headers.clone(),
-        reply_to: msg.reply.clone(),
+        headers: msg.headers,
+        reply_to: msg.reply,
         attempt,
     }
 }
@@ -68,24 +69,22 @@ pub async fn dispatch(handler: &Arc<Handler>, event: Event, delivery: Delivery) 
     let metrics = &handler.metrics;
     metrics.received.inc();
     let started = Instant::now();
-    let subject = event.subject.clone();
-    let event_id = event.id.clone();
     // Boxed: the call's future holds the store and instance (~1.8 KB); inline it made
     // every event task ~4 KB, copied on each spawn and first poll (memmove was ~5% of a
     // warm-instance event).
-    let (outcome, replied) = Box::pin(run(handler, event, delivery)).await;
+    let (outcome, replied) = Box::pin(run(handler, &event, delivery, started)).await;
     metrics.duration.observe(started.elapsed().as_secs_f64());
     match &outcome {
         Outcome::Ok => {
             metrics.ok.inc();
-            tracing::debug!(handler = %handler.spec.name, %subject, %event_id, "event handled");
+            tracing::debug!(handler = %handler.spec.name, subject = %event.subject, event_id = %event.id, "event handled");
         }
         Outcome::Failed { reason, detail, .. } => {
             metrics.failed(*reason).inc();
             tracing::warn!(
                 handler = %handler.spec.name,
-                %subject,
-                %event_id,
+                subject = %event.subject,
+                event_id = %event.id,
                 reason = reason.as_str(),
                 "event failed: {detail}"
             );
@@ -125,7 +124,14 @@ pub async fn answer_request(handler: &Handler, reply_to: &str, outcome: &Outcome
     }
 }
 
-async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outcome, bool) {
+/// `started`: when dispatch began; the deadline counts from it (one clock read less per
+/// event).
+async fn run(
+    handler: &Arc<Handler>,
+    event: &Event,
+    delivery: Delivery,
+    started: Instant,
+) -> (Outcome, bool) {
     let guards = &handler.spec.guards;
     // Refuse before an instance exists: these cannot succeed, and cost nothing to check.
     if event.payload.len() as u64 > guards.max_payload {
@@ -154,7 +160,7 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
         );
     }
     let deadline = handler.spec.deadline;
-    let deadline_at = Instant::now() + deadline;
+    let deadline_at = started + deadline;
     let warm = handler.warm.as_ref().and_then(WarmPool::take);
     let (mut store, mut instance, uses) = match warm {
         Some(Warm {
@@ -202,13 +208,13 @@ async fn run(handler: &Arc<Handler>, event: Event, delivery: Delivery) -> (Outco
             Some(warm) => warm,
             None => handler.pre.instantiate_async(&mut store).await?,
         };
-        let answer = ready.call_handle(&mut store, &event).await?;
+        let answer = ready.call_handle(&mut store, event).await?;
         Ok::<_, wasmtime::Error>((answer, ready))
     };
     // The epoch interrupt stops a guest that is computing; this timeout also stops one that
     // is waiting in a host call (a publish to a stalled broker). A little slack so a
     // computing guest is reported by the (more precise) epoch trap.
-    let result = tokio::time::timeout(deadline + limits::EPOCH_TICK * 2, call).await;
+    let result = tokio::time::timeout_at((deadline_at + limits::EPOCH_TICK * 2).into(), call).await;
     // Only an instance that returned an answer, within its limits, may serve again; one
     // that trapped, ran out of time or was refused memory is dropped with its store.
     let result = match result {

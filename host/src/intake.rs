@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::FutureExt as _;
-use futures::StreamExt as _;
-use futures::stream::FuturesUnordered;
+use futures::future::join_all;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -181,12 +180,15 @@ fn spawn_events(
     tracker: &TaskTracker,
 ) {
     let live = live.clone();
+    // join_all over a batch this small keeps the futures in one allocation and polls
+    // them in place (FuturesUnordered allocated and copied each into a task of its own).
     tracker.spawn(async move {
-        let mut running: FuturesUnordered<_> = batch
-            .into_iter()
-            .map(|(message, permit)| run_event(&live, &handler, message, permit))
-            .collect();
-        while running.next().await.is_some() {}
+        join_all(
+            batch
+                .into_iter()
+                .map(|(message, permit)| run_event(&live, &handler, message, permit)),
+        )
+        .await;
     });
 }
 
@@ -197,18 +199,29 @@ async fn run_event(
     message: Message,
     permit: OwnedSemaphorePermit,
 ) {
-    let event = event_for(&message, 1, || uuid::Uuid::now_v7().to_string());
     let delivery = Delivery {
         reply_to: message.reply.clone(),
         dedupe_prefix: None,
         hops: Delivery::hops_of(&message.headers),
     };
+    let service_reply = if handler.spec.service {
+        message.reply.clone()
+    } else {
+        None
+    };
+    let event = event_for(message, 1, new_event_id);
     let (outcome, replied) = dispatch(handler, event, delivery).await;
     live.settled(handler, &outcome);
-    if handler.spec.service
-        && let Some(reply_to) = &message.reply
-    {
+    if let Some(reply_to) = &service_reply {
         Box::pin(answer_request(handler, reply_to, &outcome, replied)).await;
     }
     drop(permit);
+}
+
+/// An id for an event whose publisher gave none: a UUIDv7, so ids sort by time.
+fn new_event_id() -> String {
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned()
 }

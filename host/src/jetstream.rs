@@ -134,7 +134,9 @@ async fn handle(
     };
     let base = convert(&message.message);
     // Stable across redeliveries: the publisher's id, else the stream position.
-    let mut event = event_for(&base, delivered.max(1), || format!("{stream}:{sequence}"));
+    let mut event = event_for(base.clone(), delivered.max(1), || {
+        format!("{stream}:{sequence}")
+    });
     // The message's reply subject is JetStream's ack subject, not the publisher's.
     event.reply_to = None;
     let delivery = Delivery {

@@ -18,6 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use super::{Message, PublishError, RequestError, validate_header};
 use crate::limits;
 use crate::manifest::{Auth, BrokerSettings, Deliver, JetStreamSpec};
+use crate::publish::HOPS;
 use crate::subject::Pattern;
 
 /// How long a subscription confirmation may take. Why 10 s: a round-trip to a healthy
@@ -111,6 +112,9 @@ fn header_pairs(h: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The hop header, on every guest publish: built once, not parsed and copied each time.
+const HOPS_NAME: HeaderName = HeaderName::from_static(HOPS);
+
 /// Build a header map, refusing (never panicking on) what NATS would reject.
 fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, PublishError> {
     let mut map = HeaderMap::new();
@@ -118,7 +122,11 @@ fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, PublishError> {
         validate_header(k, v)?;
         // Both parses re-check what validate_header checked; they cannot fail here, but a
         // failure must still be an error value and never a panic.
-        let name = HeaderName::from_str(k).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
+        let name = if k == HOPS {
+            HOPS_NAME
+        } else {
+            HeaderName::from_str(k).map_err(|_| PublishError::InvalidHeader(k.clone()))?
+        };
         let value = HeaderValue::from_str(v).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
         map.append(name, value);
     }
