@@ -442,6 +442,44 @@ fn rate(r: f64) -> String {
     format!("{:.0} ev/s", r)
 }
 
+/// Throughput runs per figure. Why 5: single runs on a shared 2-core machine swing by
+/// ±20 %; the median of five is steady to a few percent, and five runs of the default
+/// 200 000 events take seconds.
+const RUNS: usize = 5;
+
+/// One throughput figure: the median of `runs` runs of `n` events (after a warm-up), and
+/// the worker threads' CPU per event over all of them.
+struct Measured {
+    median: f64,
+    cpu_us: f64,
+}
+
+async fn measure(path: &Route, n: u64, runs: usize) -> anyhow::Result<Measured> {
+    throughput(path, n / 10).await?; // warm-up
+    let before = worker_cpu();
+    let mut rates = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        rates.push(throughput(path, n).await?);
+    }
+    let cpu = worker_cpu().saturating_sub(before);
+    rates.sort_by(f64::total_cmp);
+    Ok(Measured {
+        median: rates[rates.len() / 2],
+        cpu_us: cpu.as_secs_f64() * 1e6 / (n as f64 * rates.len() as f64),
+    })
+}
+
+/// The row comparing worker CPU per event with the baseline's.
+fn cpu_row(what: &str, m: &Measured, base: &Measured) -> Row {
+    Row::new(
+        what,
+        format!("{:.2} µs", m.cpu_us),
+        format!("{:.2} µs", base.cpu_us),
+        format!("{:.1}×", m.cpu_us / base.cpu_us),
+        "",
+    )
+}
+
 /// Throughput and latency on NATS and the embedded broker, and JetStream.
 pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
@@ -452,13 +490,12 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
 
     // Baseline first, then each mode, each on its own subscription.
     let base = nats_baseline(&server.url).await?;
-    throughput(&nats, events / 10).await?; // warm-up
-    let raw = throughput(&nats, events).await?;
+    let raw = measure(&nats, events, RUNS).await?;
     let (raw_p50, raw_p99) = latency(&nats, latency_secs).await?;
     base.stop().await;
     rows.push(Row::new(
         "NATS: plain async-nats subscriber (baseline)",
-        rate(raw),
+        rate(raw.median),
         "—".into(),
         "1.00".into(),
         "",
@@ -468,17 +505,21 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     for (mode, target, lat_target) in [("per-event", "≥ 0.30", 250.0), ("reuse", "≥ 0.90", 50.0)]
     {
         let (host, _) = echo_host(dir.path(), mode, Some(&server.url), "").await?;
-        throughput(&nats, events / 10).await?;
-        let r = throughput(&nats, events).await?;
+        let m = measure(&nats, events, RUNS).await?;
         if mode == "per-event" {
-            core_per_event = r;
+            core_per_event = m.median;
         }
         rows.push(Row::new(
             &format!("NATS: wasmev, instances = {mode}"),
-            rate(r),
-            rate(raw),
-            format!("{:.2}", r / raw),
+            rate(m.median),
+            rate(raw.median),
+            format!("{:.2}", m.median / raw.median),
             target,
+        ));
+        rows.push(cpu_row(
+            &format!("NATS: worker CPU per event, {mode}"),
+            &m,
+            &raw,
         ));
         let (p50, p99) = latency(&nats, latency_secs).await?;
         rows.push(Row::new(
@@ -495,13 +536,12 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let memory = wasmev::broker::memory::MemoryBroker::new();
     let mem_path = Route::Memory(memory.clone());
     let base = memory_baseline(&memory)?;
-    throughput(&mem_path, events / 10).await?;
-    let mem_raw = throughput(&mem_path, events).await?;
+    let mem_raw = measure(&mem_path, events, RUNS).await?;
     let (mem_p50, mem_p99) = latency(&mem_path, latency_secs).await?;
     base.stop().await;
     rows.push(Row::new(
         "embedded: plain task republishing (baseline)",
-        rate(mem_raw),
+        rate(mem_raw.median),
         "—".into(),
         "1.00".into(),
         "",
@@ -512,15 +552,19 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
             bail!("expected the embedded broker");
         };
         let path = Route::Memory(memory);
-        throughput(&path, events / 10).await?;
-        let r = throughput(&path, events).await?;
+        let m = measure(&path, events, RUNS).await?;
         let (p50, p99) = latency(&path, latency_secs).await?;
         rows.push(Row::new(
             &format!("embedded: wasmev, {mode}"),
-            rate(r),
-            rate(mem_raw),
-            format!("{:.2}", r / mem_raw),
+            rate(m.median),
+            rate(mem_raw.median),
+            format!("{:.2}", m.median / mem_raw.median),
             "",
+        ));
+        rows.push(cpu_row(
+            &format!("embedded: worker CPU per event, {mode}"),
+            &m,
+            &mem_raw,
         ));
         rows.push(Row::new(
             &format!("embedded: p50 / p99 latency at {LATENCY_RATE} ev/s, {mode}"),
@@ -545,8 +589,11 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         &format!(
             "## Events: throughput and latency\n\nThe echo handler (`bench/echo`: republish \
              the {PAYLOAD}-byte payload) against a baseline doing the same work without \
-             Wasm, in the same run. Throughput: {events} events, at most {WINDOW} \
-             unanswered, max_in_flight = {IN_FLIGHT}, publish→answer. Latency: \
+             Wasm, in the same run. Throughput: the median of {RUNS} runs of {events} \
+             events each, at most {WINDOW} unanswered, max_in_flight = {IN_FLIGHT}, \
+             publish→answer. Worker CPU per event: CPU time of the tokio worker threads \
+             (the host, or the baseline subscriber; not the load generator, not \
+             nats-server) over those runs, divided by the events. Latency: \
              {LATENCY_RATE} events/s for {latency_secs} s, publish→answer. {}.\n",
             Server::version()
         ),
@@ -613,27 +660,25 @@ pub async fn one(
             format!("{mode} on {broker}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s")
         }
         None => {
-            let until = Instant::now() + Duration::from_secs(secs);
-            let mut rates = Vec::new();
-            let cpu_before = worker_cpu();
-            loop {
-                rates.push(throughput(&route, events).await?);
-                if Instant::now() >= until {
-                    break;
-                }
+            // Compare changes by the median and the CPU per event, not by the best run:
+            // single runs swing by ±20 % on a shared machine.
+            let started = Instant::now();
+            let mut runs = 0;
+            let mut medians = Vec::new();
+            let mut cpu = 0.0;
+            while runs == 0 || started.elapsed() < Duration::from_secs(secs) {
+                let m = measure(&route, events, 1).await?;
+                medians.push(m.median);
+                cpu += m.cpu_us;
+                runs += 1;
             }
-            let cpu = worker_cpu().saturating_sub(cpu_before);
-            let per_event = cpu.as_secs_f64() * 1e6 / (events as f64 * rates.len() as f64);
-            rates.sort_by(f64::total_cmp);
-            // The median: on a shared machine single runs swing by ±20 %, so compare
-            // changes by this, not by the best run. CPU per event is steadier still: it
-            // barely depends on what else the machine is doing.
+            medians.sort_by(f64::total_cmp);
             format!(
-                "{mode} on {broker}: {} runs of {events} events, median {}, best {}; \
-                 {per_event:.2} µs worker CPU per event",
-                rates.len(),
-                rate(rates[rates.len() / 2]),
-                rate(rates.last().copied().unwrap_or(0.0)),
+                "{mode} on {broker}: {runs} runs of {events} events, median {}, best {}; \
+                 {:.2} µs worker CPU per event",
+                rate(medians[medians.len() / 2]),
+                rate(medians.last().copied().unwrap_or(0.0)),
+                cpu / f64::from(runs),
             )
         }
     };
