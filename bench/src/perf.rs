@@ -684,8 +684,14 @@ pub async fn one(
     let result = match latency_secs {
         Some(latency_secs) => {
             throughput(&route, events / 10).await?; // warm-up
+            let before = worker_cpu();
             let (p50, p99) = latency(&route, latency_secs).await?;
-            format!("{mode} on {broker}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s")
+            let cpu = worker_cpu().saturating_sub(before).as_secs_f64() * 1e6
+                / (LATENCY_RATE * latency_secs) as f64;
+            format!(
+                "{mode} on {broker}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s; \
+                 {cpu:.2} µs worker CPU per event"
+            )
         }
         None => {
             // Compare changes by the median and the CPU per event, not by the best run:
