@@ -74,6 +74,29 @@ async fn resubscribe(
     }
 }
 
+/// A permit of the live version, with that version; `None` once `stop` is cancelled.
+/// A swap while waiting starts the wait again on the new version: otherwise an intake
+/// whose old version had every permit taken (by slow events) would hold new events back
+/// until one of those ended.
+async fn permit_of_current(
+    live: &Live,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<(Arc<Handler>, OwnedSemaphorePermit)>> {
+    loop {
+        let changed = live.changed();
+        let handler = live.current();
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(None),
+            () = changed => continue,
+            permit = handler.permits.clone().acquire_owned() => {
+                let permit = permit.context("handler permits closed")?;
+                return Ok(Some((handler, permit)));
+            }
+        }
+    }
+}
+
 /// Longest wait for the next buffered message while draining a stopped subscription.
 /// Why 5 s: the broker answers a drain within a round-trip; this only bounds a broken
 /// connection.
@@ -98,14 +121,10 @@ pub async fn subscription_loop(
     tracker: TaskTracker,
 ) -> anyhow::Result<()> {
     loop {
-        // Both selects are cancel-safe: a semaphore acquire and a channel receive lose
-        // nothing when dropped.
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            permit = live.current().permits.clone().acquire_owned() => {
-                permit.context("handler permits closed")?
-            }
+        // All selects are cancel-safe: a semaphore acquire, a notification and a channel
+        // receive lose nothing when dropped.
+        let Some(permit) = permit_of_current(&live, &stop).await? else {
+            break;
         };
         let message = tokio::select! {
             biased;
@@ -128,10 +147,23 @@ pub async fn subscription_loop(
             };
             continue;
         };
+        // A swap while waiting for the message: the permit is the old version's, and the
+        // event runs on (and counts against) the new one.
+        let handler = live.current();
+        let permit = if Arc::ptr_eq(&handler, &permit.0) {
+            permit.1
+        } else {
+            drop(permit);
+            handler
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .context("handler permits closed")?
+        };
         // Under load more events are already waiting: take each that has a permit free
         // now into the same task. Nothing waits for this: a missing permit or an empty
         // buffer ends the batch.
-        let handler = live.current();
         let mut batch = vec![(message, permit)];
         while batch.len() < MAX_BATCH {
             let Ok(permit) = handler.permits.clone().try_acquire_owned() else {

@@ -23,6 +23,9 @@ pub struct Live {
     on_probation: AtomicBool,
     watch: Mutex<Watch>,
     metrics: Arc<Metrics>,
+    /// Woken whenever the current version changes (a swap or a rollback), so an intake
+    /// waiting for one of the old version's permits takes the new version's instead.
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -48,12 +51,19 @@ impl Live {
             on_probation: AtomicBool::new(false),
             watch: Mutex::new(Watch::default()),
             metrics,
+            changed: tokio::sync::Notify::new(),
         })
     }
 
     /// The version to dispatch the next event on.
     pub fn current(&self) -> Arc<Handler> {
         self.current.load_full()
+    }
+
+    /// Completes at the next change of version. Create it before reading
+    /// [`Live::current`]: a change between the two is then not missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     /// Make `next` the version new events run on. With `rollback_after` set in its spec,
@@ -76,6 +86,7 @@ impl Live {
         });
         self.on_probation
             .store(watch.probation.is_some(), Ordering::Release);
+        self.changed.notify_waiters();
     }
 
     /// Whether `spec` with module `digest` is the version rolled back earlier.
@@ -139,6 +150,7 @@ impl Live {
         );
         trial.previous.revive();
         self.current.store(trial.previous.clone());
+        self.changed.notify_waiters();
         trial.candidate.retire();
         self.metrics.version(
             name,

@@ -443,6 +443,60 @@ async fn manifest_edits_add_remove_and_reconfigure() {
     host.stop().await.unwrap();
 }
 
+/// A swap while the old version has every permit taken: the next event runs on the new
+/// version at once. (The intake used to keep waiting for one of the old version's
+/// permits, so new events sat behind the old version's slowest event.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_does_not_wait_for_the_old_versions_permits() {
+    let site = Site::new();
+    site.write_module("chaos.wasm", &variant("1"));
+    let a = |version: &str| {
+        chaos_handler(
+            "a",
+            "chaos.wasm",
+            "a.in",
+            version,
+            "max_in_flight = 1\ndeadline = \"20s\"",
+        )
+    };
+    let m = site.write_manifest(&format!("version = 1\n{}", a("a1")));
+    let host = TestHost::start(&m).await;
+    let mut stamps = memory_sub(&host, "chaos.stamp").await;
+    let mut results = memory_sub(&host, "chaos.result").await;
+
+    // v1's only permit is taken by an event that runs for 8 s.
+    publish_memory(
+        &host,
+        "a.in",
+        Bytes::from(json!({"op": "busy", "ms": 8000}).to_string()),
+    )
+    .await;
+    wait_for(
+        "the busy event to start",
+        Duration::from_secs(5),
+        async || (host.received("a") == 1).then_some(()),
+    )
+    .await;
+    site.write_manifest(&format!("version = 1\n{}", a("a2")));
+    let report = host.reload().await;
+    assert_eq!(report.swapped.len(), 1);
+
+    publish_memory(&host, "a.in", stamp(1)).await;
+    assert_eq!(next_stamp(&mut stamps).await["version"], "a2");
+    assert!(
+        futures::FutureExt::now_or_never(results.next()).is_none(),
+        "the new version's event waited for the old version's busy event"
+    );
+    let busy = within("busy report", Duration::from_secs(15), results.next())
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&busy.payload).unwrap()["op"],
+        "busy"
+    );
+    host.stop().await.unwrap();
+}
+
 /// A new version whose first events all fail is rolled back when the manifest asks for
 /// it, and is not tried again until it changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
