@@ -477,24 +477,35 @@ fn rate(r: f64) -> String {
 /// 200 000 events take seconds.
 const RUNS: usize = 5;
 
-/// One throughput figure: the median of `runs` runs of `n` events (after a warm-up), and
-/// the worker threads' CPU per event over all of them.
+/// One throughput figure: the median (and best) of the runs of `n` events after a
+/// warm-up, and the worker threads' CPU per event over all of them.
 struct Measured {
     median: f64,
+    best: f64,
+    runs: usize,
     cpu_us: f64,
 }
 
-async fn measure(path: &Route, n: u64, runs: usize) -> anyhow::Result<Measured> {
+/// At least `runs` runs of `n` events, and more until `min_time` has passed.
+async fn measure(
+    path: &Route,
+    n: u64,
+    runs: usize,
+    min_time: Duration,
+) -> anyhow::Result<Measured> {
     throughput(path, n / 10).await?; // warm-up
+    let started = Instant::now();
     let before = worker_cpu();
     let mut rates = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
+    while rates.len() < runs.max(1) || started.elapsed() < min_time {
         rates.push(throughput(path, n).await?);
     }
     let cpu = worker_cpu().saturating_sub(before);
     rates.sort_by(f64::total_cmp);
     Ok(Measured {
         median: rates[rates.len() / 2],
+        best: rates[rates.len() - 1],
+        runs: rates.len(),
         cpu_us: cpu.as_secs_f64() * 1e6 / (n as f64 * rates.len() as f64),
     })
 }
@@ -520,7 +531,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
 
     // Baseline first, then each mode, each on its own subscription.
     let base = nats_baseline(&server.url).await?;
-    let raw = measure(&nats, events, RUNS).await?;
+    let raw = measure(&nats, events, RUNS, Duration::ZERO).await?;
     let raw_latency = latency_median(&nats, latency_secs).await?;
     base.stop().await;
     rows.push(Row::new(
@@ -535,7 +546,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     for (mode, target, lat_target) in [("per-event", "≥ 0.30", 250.0), ("reuse", "≥ 0.90", 50.0)]
     {
         let (host, _) = echo_host(dir.path(), mode, Some(&server.url), "").await?;
-        let m = measure(&nats, events, RUNS).await?;
+        let m = measure(&nats, events, RUNS, Duration::ZERO).await?;
         if mode == "per-event" {
             core_per_event = m.median;
         }
@@ -564,7 +575,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let memory = wasmev::broker::memory::MemoryBroker::new();
     let mem_path = Route::Memory(memory.clone());
     let base = memory_baseline(&memory)?;
-    let mem_raw = measure(&mem_path, events, RUNS).await?;
+    let mem_raw = measure(&mem_path, events, RUNS, Duration::ZERO).await?;
     let mem_latency = latency_median(&mem_path, latency_secs).await?;
     base.stop().await;
     rows.push(Row::new(
@@ -580,7 +591,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
             bail!("expected the embedded broker");
         };
         let path = Route::Memory(memory);
-        let m = measure(&path, events, RUNS).await?;
+        let m = measure(&path, events, RUNS, Duration::ZERO).await?;
         let lat = latency_median(&path, latency_secs).await?;
         rows.push(Row::new(
             &format!("embedded: wasmev, {mode}"),
@@ -696,23 +707,14 @@ pub async fn one(
         None => {
             // Compare changes by the median and the CPU per event, not by the best run:
             // single runs swing by ±20 % on a shared machine.
-            let started = Instant::now();
-            let mut runs = 0;
-            let mut medians = Vec::new();
-            let mut cpu = 0.0;
-            while runs == 0 || started.elapsed() < Duration::from_secs(secs) {
-                let m = measure(&route, events, 1).await?;
-                medians.push(m.median);
-                cpu += m.cpu_us;
-                runs += 1;
-            }
-            medians.sort_by(f64::total_cmp);
+            let m = measure(&route, events, 1, Duration::from_secs(secs)).await?;
             format!(
-                "{mode} on {broker}: {runs} runs of {events} events, median {}, best {}; \
+                "{mode} on {broker}: {} runs of {events} events, median {}, best {}; \
                  {:.2} µs worker CPU per event",
-                rate(medians[medians.len() / 2]),
-                rate(medians.last().copied().unwrap_or(0.0)),
-                cpu / f64::from(runs),
+                m.runs,
+                rate(m.median),
+                rate(m.best),
+                m.cpu_us,
             )
         }
     };

@@ -85,16 +85,24 @@ async fn permit_of_current(
     loop {
         let changed = live.changed();
         let handler = live.current();
-        tokio::select! {
+        let permit = tokio::select! {
             biased;
             () = stop.cancelled() => return Ok(None),
             () = changed => continue,
-            permit = handler.permits.clone().acquire_owned() => {
-                let permit = permit.context("handler permits closed")?;
-                return Ok(Some((handler, permit)));
-            }
-        }
+            permit = permit_of(&handler) => permit?,
+        };
+        return Ok(Some((handler, permit)));
     }
+}
+
+/// One of `handler`'s `max_in_flight` permits, waiting for it. Cancel-safe.
+async fn permit_of(handler: &Handler) -> anyhow::Result<OwnedSemaphorePermit> {
+    handler
+        .permits
+        .clone()
+        .acquire_owned()
+        .await
+        .context("handler permits closed")
 }
 
 /// Longest wait for the next buffered message while draining a stopped subscription.
@@ -123,7 +131,7 @@ pub async fn subscription_loop(
     loop {
         // All selects are cancel-safe: a semaphore acquire, a notification and a channel
         // receive lose nothing when dropped.
-        let Some(permit) = permit_of_current(&live, &stop).await? else {
+        let Some((permit_version, permit)) = permit_of_current(&live, &stop).await? else {
             break;
         };
         let message = tokio::select! {
@@ -150,16 +158,11 @@ pub async fn subscription_loop(
         // A swap while waiting for the message: the permit is the old version's, and the
         // event runs on (and counts against) the new one.
         let handler = live.current();
-        let permit = if Arc::ptr_eq(&handler, &permit.0) {
-            permit.1
+        let permit = if Arc::ptr_eq(&handler, &permit_version) {
+            permit
         } else {
             drop(permit);
-            handler
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .context("handler permits closed")?
+            permit_of(&handler).await?
         };
         // Under load more events are already waiting: take each that has a permit free
         // now into the same task. Nothing waits for this: a missing permit or an empty
@@ -184,14 +187,9 @@ pub async fn subscription_loop(
         return Ok(());
     }
     while let Ok(Some(message)) = tokio::time::timeout(DRAIN_WAIT, sub.next()).await {
-        let permit = live
-            .current()
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .context("handler permits closed")?;
-        spawn_events(&live, live.current(), vec![(message, permit)], &tracker);
+        let handler = live.current();
+        let permit = permit_of(&handler).await?;
+        spawn_events(&live, handler, vec![(message, permit)], &tracker);
     }
     Ok(())
 }

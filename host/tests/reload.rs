@@ -96,6 +96,32 @@ async fn next_stamp(sub: &mut wasmev::broker::Subscription) -> Value {
     serde_json::from_slice(&m.payload).unwrap()
 }
 
+/// Publish a `busy` event of `ms` to `handler` on `subject` and wait until it runs.
+async fn start_busy(host: &TestHost, handler: &str, subject: &str, ms: u64) {
+    let received = host.received(handler);
+    publish_memory(
+        host,
+        subject,
+        Bytes::from(json!({"op": "busy", "ms": ms}).to_string()),
+    )
+    .await;
+    wait_for(
+        "the busy event to start",
+        Duration::from_secs(5),
+        async || (host.received(handler) > received).then_some(()),
+    )
+    .await;
+}
+
+/// The next report on `results` is a busy event's, within `limit`.
+async fn expect_busy_report(results: &mut wasmev::broker::Subscription, limit: Duration) {
+    let busy = within("busy report", limit, results.next()).await.unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&busy.payload).unwrap()["op"],
+        "busy"
+    );
+}
+
 /// A chaos handler block; `version` goes to its config, and so into every stamp.
 fn chaos_handler(name: &str, module: &str, subscribe: &str, version: &str, extra: &str) -> String {
     chaos_handler_config(
@@ -363,18 +389,7 @@ async fn manifest_edits_add_remove_and_reconfigure() {
     let mut results = memory_sub(&host, "chaos.result").await;
 
     // An event of `a` runs across the reload that adds `b`.
-    publish_memory(
-        &host,
-        "a.in",
-        Bytes::from(json!({"op": "busy", "ms": 600}).to_string()),
-    )
-    .await;
-    wait_for(
-        "the busy event to start",
-        Duration::from_secs(5),
-        async || (host.received("a") == 1).then_some(()),
-    )
-    .await;
+    start_busy(&host, "a", "a.in", 600).await;
     site.write_manifest(&format!("version = 1\n{}{b}", a("a1")));
     let report = host.reload().await;
     assert_eq!(report.result, "ok");
@@ -382,13 +397,7 @@ async fn manifest_edits_add_remove_and_reconfigure() {
     assert_eq!(report.added[0].handler, "b");
     assert_eq!(report.unchanged, ["a"]);
     assert!(report.swapped.is_empty() && report.removed.is_empty());
-    let busy = within("busy report", Duration::from_secs(10), results.next())
-        .await
-        .unwrap();
-    assert_eq!(
-        serde_json::from_slice::<Value>(&busy.payload).unwrap()["op"],
-        "busy"
-    );
+    expect_busy_report(&mut results, Duration::from_secs(10)).await;
     wait_for(
         "the busy event to end ok",
         Duration::from_secs(5),
@@ -465,18 +474,7 @@ async fn swap_does_not_wait_for_the_old_versions_permits() {
     let mut results = memory_sub(&host, "chaos.result").await;
 
     // v1's only permit is taken by an event that runs for 8 s.
-    publish_memory(
-        &host,
-        "a.in",
-        Bytes::from(json!({"op": "busy", "ms": 8000}).to_string()),
-    )
-    .await;
-    wait_for(
-        "the busy event to start",
-        Duration::from_secs(5),
-        async || (host.received("a") == 1).then_some(()),
-    )
-    .await;
+    start_busy(&host, "a", "a.in", 8000).await;
     site.write_manifest(&format!("version = 1\n{}", a("a2")));
     let report = host.reload().await;
     assert_eq!(report.swapped.len(), 1);
@@ -487,13 +485,7 @@ async fn swap_does_not_wait_for_the_old_versions_permits() {
         futures::FutureExt::now_or_never(results.next()).is_none(),
         "the new version's event waited for the old version's busy event"
     );
-    let busy = within("busy report", Duration::from_secs(15), results.next())
-        .await
-        .unwrap();
-    assert_eq!(
-        serde_json::from_slice::<Value>(&busy.payload).unwrap()["op"],
-        "busy"
-    );
+    expect_busy_report(&mut results, Duration::from_secs(15)).await;
     host.stop().await.unwrap();
 }
 
