@@ -243,7 +243,10 @@ async fn run_event(
     let (outcome, replied) = dispatch(handler, event, delivery).await;
     live.settled(handler, &outcome);
     if let Some(reply_to) = &service_reply {
-        Box::pin(answer_request(handler, reply_to, &outcome, replied)).await;
+        // Its own statement, so the unboxed future is not kept across the await (see
+        // `dispatch`).
+        let answer = Box::pin(answer_request(handler, reply_to, &outcome, replied));
+        answer.await;
     }
     drop(permit);
 }
