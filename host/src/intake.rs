@@ -252,9 +252,36 @@ async fn run_event(
 }
 
 /// An id for an event whose publisher gave none: a UUIDv7, so ids sort by time.
+///
+/// From a per-thread context: `Uuid::now_v7` shares one behind a process-wide mutex, which
+/// every worker thread took once per event (2 % of a warm event's CPU in the profile). Ids
+/// from one thread still sort strictly; across threads, to the millisecond.
 fn new_event_id() -> String {
-    uuid::Uuid::now_v7()
+    use uuid::timestamp::context::{ContextV7, ThreadLocalContext};
+    thread_local! {
+        static CONTEXT: ContextV7 = const { ContextV7::new() };
+    }
+    let now = uuid::Timestamp::now(ThreadLocalContext::new(&CONTEXT));
+    uuid::Uuid::new_v7(now)
         .hyphenated()
         .encode_lower(&mut uuid::Uuid::encode_buffer())
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_event_id;
+
+    #[test]
+    fn event_ids_are_uuid_v7_and_sort_in_the_order_made() {
+        let ids: Vec<String> = (0..10_000).map(|_| new_event_id()).collect();
+        for id in &ids {
+            let uuid = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(uuid.get_version(), Some(uuid::Version::SortRand), "{id}");
+            assert_eq!(id, &uuid.hyphenated().to_string(), "canonical form");
+        }
+        // Made on one thread, faster than the clock ticks: the counter keeps them apart
+        // and in order.
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+    }
 }
