@@ -1,0 +1,239 @@
+//! The TOML schema of `runtime.toml`, as written. Every struct denies unknown fields so a
+//! misspelt key is an error, not a silently ignored setting; values that have a syntax
+//! (names, subjects, durations, sizes, URLs) are types whose parse error names the value.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Deliver, Diagnostic};
+use crate::subject::{Pattern, SubjectError};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawManifest {
+    pub(super) version: Spanned<u32>,
+    pub(super) broker: Option<RawBroker>,
+    pub(super) admin: Option<RawAdmin>,
+    #[serde(default, rename = "handler")]
+    pub(super) handlers: Vec<RawHandler>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBroker {
+    pub(super) url: Spanned<NatsUrl>,
+    pub(super) creds_file: Option<Spanned<PathBuf>>,
+    pub(super) token_env: Option<Spanned<String>>,
+    pub(super) user_env: Option<Spanned<String>>,
+    pub(super) password_env: Option<Spanned<String>>,
+    pub(super) tls_ca: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) listen: ListenAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct ListenAddr(pub(super) SocketAddr);
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse().map(Self).map_err(|_| {
+            format!("invalid listen address {s:?}: write an IP and port like \"127.0.0.1:9090\"")
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHandler {
+    pub(super) name: Spanned<Name>,
+    pub(super) module: Spanned<PathBuf>,
+    pub(super) subscribe: Spanned<Vec<SubscribePattern>>,
+    pub(super) queue: Option<Name>,
+    #[serde(default)]
+    pub(super) publish: Vec<SubscribePattern>,
+    #[serde(default)]
+    pub(super) config: BTreeMap<String, Spanned<toml::Value>>,
+    pub(super) deadline: Option<Spanned<HumanDuration>>,
+    pub(super) memory: Option<Spanned<Size>>,
+    pub(super) max_in_flight: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(super) service: bool,
+    pub(super) jetstream: Option<Spanned<RawJetStream>>,
+    pub(super) max_payload: Option<Spanned<Size>>,
+    pub(super) max_publishes: Option<Spanned<u32>>,
+    pub(super) max_publish_bytes: Option<Spanned<Size>>,
+    pub(super) hostcall_fuel: Option<Spanned<Size>>,
+    pub(super) fuel: Option<Spanned<u64>>,
+    pub(super) max_hops: Option<Spanned<u32>>,
+    pub(super) stack: Option<Spanned<Size>>,
+    pub(super) rollback_after: Option<Spanned<u32>>,
+    pub(super) instances: Option<InstancesMode>,
+    pub(super) recycle_after: Option<Spanned<u32>>,
+    pub(super) build: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) watch: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJetStream {
+    pub(super) stream: Name,
+    pub(super) durable: Option<Name>,
+    pub(super) deliver: Option<Deliver>,
+    pub(super) ack_wait: Option<Spanned<HumanDuration>>,
+    pub(super) max_deliver: Option<Spanned<u32>>,
+    pub(super) backoff: Option<Spanned<Vec<HumanDuration>>>,
+    pub(super) max_ack_pending: Option<Spanned<u32>>,
+    pub(super) dead_letter: Option<ConcreteSubject>,
+    pub(super) stream_subjects: Option<Vec<SubscribePattern>>,
+}
+
+/// A concrete subject whose deserialization error names the value.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct ConcreteSubject(pub(super) String);
+
+impl TryFrom<String> for ConcreteSubject {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::subject::Subject::new(s.clone())
+            .map(|_| Self(s.clone()))
+            .map_err(|e| format!("invalid subject {s:?}: {e}"))
+    }
+}
+
+/// A handler or queue-group name: it appears in metrics labels, log fields and consumer
+/// names, so it is restricted to characters that are safe in all of them.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct Name(pub(super) String);
+
+impl TryFrom<String> for Name {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        const MAX: usize = 64;
+        if s.is_empty() || s.len() > MAX {
+            return Err(format!("invalid name {s:?}: must be 1 to {MAX} characters"));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+        {
+            return Err(format!(
+                "invalid name {s:?}: {c:?} is not allowed; use letters, digits, `-` and `_`"
+            ));
+        }
+        Ok(Self(s))
+    }
+}
+
+/// A pattern whose deserialization error names the value.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct SubscribePattern(pub(super) Pattern);
+
+impl TryFrom<String> for SubscribePattern {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Pattern::new(s.clone())
+            .map(Self)
+            .map_err(|e: SubjectError| format!("invalid subject {s:?}: {e}"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct HumanDuration(pub(super) Duration);
+
+impl TryFrom<String> for HumanDuration {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        humantime::parse_duration(&s)
+            .map(Self)
+            .map_err(|e| format!("invalid duration {s:?}: {e}; write it like \"500ms\" or \"2s\""))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct Size(pub(super) u64);
+
+impl TryFrom<String> for Size {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse::<bytesize::ByteSize>()
+            .map(|b| Self(b.as_u64()))
+            .map_err(|e| format!("invalid size {s:?}: {e}; write it like \"64MiB\""))
+    }
+}
+
+/// A NATS server URL without credentials in it.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct NatsUrl(pub(super) String);
+
+impl TryFrom<String> for NatsUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let url = url::Url::parse(&s).map_err(|e| format!("invalid broker url {s:?}: {e}"))?;
+        if !matches!(url.scheme(), "nats" | "tls" | "ws" | "wss") {
+            return Err(format!(
+                "unsupported scheme {:?} in broker url; use nats://, tls://, ws:// or wss://",
+                url.scheme()
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(
+                "credentials inside the broker url are not allowed (they end up in logs \
+                 and process lists); use creds_file, token_env, or user_env and password_env"
+                    .to_string(),
+            );
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(format!("broker url {s:?} has no host"));
+        }
+        Ok(Self(s))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum InstancesMode {
+    PerEvent,
+    Reuse,
+}
+
+pub(super) fn parse_raw(path: &Path, src: &str) -> Result<RawManifest, Diagnostic> {
+    let de = toml::Deserializer::parse(src).map_err(|e| {
+        Diagnostic::new(path, src, e.span().unwrap_or(0..0), "", e.message().into())
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // `Spanned<T>` deserializes through a private field; users never wrote that key.
+        let key = e
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "");
+        let key = if key == "." { String::new() } else { key };
+        let inner = e.into_inner();
+        Diagnostic::new(
+            path,
+            src,
+            inner.span().unwrap_or(0..0),
+            &key,
+            inner.message().trim_end().to_string(),
+        )
+    })
+}
