@@ -1,0 +1,277 @@
+//! The events table: throughput and latency on NATS and the embedded broker, JetStream,
+//! and `one` case on its own for a profiler.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use wasmev::broker::Broker;
+
+use super::load::{
+    LATENCY_RUNS, RUNS, Route, cpu_row, echo_host, latency, latency_median, latency_row, measure,
+    memory_baseline, nats_baseline, nats_route, throughput, wait_until, worker_cpu,
+};
+use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, metric, rate, table};
+
+/// Throughput and latency on NATS and the embedded broker, and JetStream.
+pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start()?;
+    let client = async_nats::connect(&server.url).await?;
+    let nats = nats_route(&server.url).await?;
+    let mut rows = Vec::new();
+
+    // Baseline first, then each mode, each on its own subscription.
+    let base = nats_baseline(&server.url).await?;
+    let raw = measure(&nats, events, RUNS, Duration::ZERO).await?;
+    let raw_latency = latency_median(&nats, latency_secs).await?;
+    base.stop().await;
+    rows.push(Row::new(
+        "NATS: plain async-nats subscriber (baseline)",
+        rate(raw.median),
+        "—".into(),
+        "1.00".into(),
+        "",
+    ));
+
+    let mut core_per_event = 0.0;
+    for (mode, target, lat_target) in [("per-event", "≥ 0.30", 250.0), ("reuse", "≥ 0.90", 50.0)]
+    {
+        let (host, _) = echo_host(dir.path(), mode, Some(&server.url), "").await?;
+        let m = measure(&nats, events, RUNS, Duration::ZERO).await?;
+        if mode == "per-event" {
+            core_per_event = m.median;
+        }
+        rows.push(Row::new(
+            &format!("NATS: wasmev, instances = {mode}"),
+            rate(m.median),
+            rate(raw.median),
+            format!("{:.2}", m.median / raw.median),
+            target,
+        ));
+        rows.push(cpu_row(
+            &format!("NATS: worker CPU per event, {mode}"),
+            &m,
+            &raw,
+        ));
+        rows.push(latency_row(
+            &format!("NATS: p50 / p99 latency at {LATENCY_RATE} ev/s, {mode}"),
+            latency_median(&nats, latency_secs).await?,
+            raw_latency,
+            &format!("p99 overhead ≤ {lat_target:.0} µs"),
+        ));
+        host.shutdown().await?;
+    }
+
+    // The embedded broker: its own baseline (a plain task republishing), then each mode.
+    let memory = wasmev::broker::memory::MemoryBroker::new();
+    let mem_path = Route::Memory(memory.clone());
+    let base = memory_baseline(&memory)?;
+    let mem_raw = measure(&mem_path, events, RUNS, Duration::ZERO).await?;
+    let mem_latency = latency_median(&mem_path, latency_secs).await?;
+    base.stop().await;
+    rows.push(Row::new(
+        "embedded: plain task republishing (baseline)",
+        rate(mem_raw.median),
+        "—".into(),
+        "1.00".into(),
+        "",
+    ));
+    for mode in ["per-event", "reuse"] {
+        let (host, broker) = echo_host(dir.path(), mode, None, "").await?;
+        let Broker::Memory(memory) = broker else {
+            bail!("expected the embedded broker");
+        };
+        let path = Route::Memory(memory);
+        let m = measure(&path, events, RUNS, Duration::ZERO).await?;
+        let lat = latency_median(&path, latency_secs).await?;
+        rows.push(Row::new(
+            &format!("embedded: wasmev, {mode}"),
+            rate(m.median),
+            rate(mem_raw.median),
+            format!("{:.2}", m.median / mem_raw.median),
+            "",
+        ));
+        rows.push(cpu_row(
+            &format!("embedded: worker CPU per event, {mode}"),
+            &m,
+            &mem_raw,
+        ));
+        rows.push(latency_row(
+            &format!("embedded: p50 / p99 latency at {LATENCY_RATE} ev/s, {mode}"),
+            lat,
+            mem_latency,
+            "",
+        ));
+        host.shutdown().await?;
+    }
+
+    let js_rate = jetstream(&client, dir.path(), &server.url, events / 2).await?;
+    rows.push(Row::new(
+        "JetStream: consume + ack, per-event (stored events)",
+        rate(js_rate),
+        format!("{} (core, per-event)", rate(core_per_event)),
+        format!("{:.2}", js_rate / core_per_event),
+        "",
+    ));
+
+    Ok(table(
+        &format!(
+            "## Events: throughput and latency\n\nThe echo handler (`bench/echo`: republish \
+             the {PAYLOAD}-byte payload) against a baseline doing the same work without \
+             Wasm, in the same run. Throughput: the median of {RUNS} runs of {events} \
+             events each, at most {WINDOW} unanswered, max_in_flight = {IN_FLIGHT}, \
+             publish→answer. Worker CPU per event: CPU time of the tokio worker threads \
+             (the host, or the baseline subscriber; not the load generator, not \
+             nats-server) over those runs, divided by the events. Latency: \
+             {LATENCY_RATE} events/s for {latency_secs} s, publish→answer; the median p50 \
+             and the median p99 of {LATENCY_RUNS} such runs. {}.\n",
+            Server::version()
+        ),
+        &rows,
+    ))
+}
+
+/// One throughput case on its own, repeated for `secs` seconds (for a profiler to attach
+/// to): `mode` is `baseline`, `per-event` or `reuse`; `embedded` picks the embedded broker.
+pub async fn one(
+    mode: &str,
+    embedded: bool,
+    events: u64,
+    secs: u64,
+    latency_secs: Option<u64>,
+) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    let server = if embedded {
+        None
+    } else {
+        Some(Server::start()?)
+    };
+    let url = server.as_ref().map(|s| s.url.clone());
+    let memory = wasmev::broker::memory::MemoryBroker::new();
+    let (route, running, base) = match (mode, &url) {
+        ("baseline", Some(url)) => (
+            nats_route(url).await?,
+            None,
+            Some(nats_baseline(url).await?),
+        ),
+        ("baseline", None) => (
+            Route::Memory(memory.clone()),
+            None,
+            Some(memory_baseline(&memory)?),
+        ),
+        ("per-event" | "reuse", _) => {
+            let (host, broker) = echo_host(dir.path(), mode, url.as_deref(), "").await?;
+            let route = match (broker, &url) {
+                (Broker::Memory(m), None) => Route::Memory(m),
+                (_, Some(url)) => nats_route(url).await?,
+                _ => bail!("unexpected broker"),
+            };
+            (route, Some(host), None)
+        }
+        ("jetstream", Some(url)) => {
+            let client = async_nats::connect(url).await?;
+            let rate = jetstream(&client, dir.path(), url, events).await?;
+            return Ok(format!(
+                "jetstream consume+ack: {} ({events} events)",
+                self::rate(rate)
+            ));
+        }
+        _ => bail!("mode is baseline, per-event, reuse or jetstream (NATS only), not {mode:?}"),
+    };
+    let broker = if embedded {
+        "the embedded broker"
+    } else {
+        "NATS"
+    };
+    let result = match latency_secs {
+        Some(latency_secs) => {
+            throughput(&route, events / 10).await?; // warm-up
+            let before = worker_cpu();
+            let (p50, p99) = latency(&route, latency_secs).await?;
+            let cpu = worker_cpu().saturating_sub(before).as_secs_f64() * 1e6
+                / (LATENCY_RATE * latency_secs) as f64;
+            format!(
+                "{mode} on {broker}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s; \
+                 {cpu:.2} µs worker CPU per event"
+            )
+        }
+        None => {
+            // Compare changes by the median and the CPU per event, not by the best run:
+            // single runs swing by ±20 % on a shared machine.
+            let m = measure(&route, events, 1, Duration::from_secs(secs)).await?;
+            format!(
+                "{mode} on {broker}: {} runs of {events} events, median {}, best {}; \
+                 {:.2} µs worker CPU per event",
+                m.runs,
+                rate(m.median),
+                rate(m.best),
+                m.cpu_us,
+            )
+        }
+    };
+    if let Some(host) = running {
+        host.shutdown().await?;
+    }
+    if let Some(base) = base {
+        base.stop().await;
+    }
+    Ok(result)
+}
+
+/// JetStream consume+ack: `n` events stored on a new stream first, then consumed by the
+/// echo handler (per-event) until all are acked; events per second.
+pub(super) async fn jetstream(
+    client: &async_nats::Client,
+    dir: &Path,
+    url: &str,
+    n: u64,
+) -> anyhow::Result<f64> {
+    let js = async_nats::jetstream::new(client.clone());
+    let _ = js.delete_stream("BENCH").await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH".into(),
+        subjects: vec!["bench.in".into()],
+        ..Default::default()
+    })
+    .await?;
+    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        acks.push(std::future::IntoFuture::into_future(
+            js.publish("bench.in", payload.clone()).await?,
+        ));
+        if acks.len() >= 1024 {
+            while let Some(a) = acks.next().await {
+                a?;
+            }
+        }
+    }
+    while let Some(a) = acks.next().await {
+        a?;
+    }
+    let (host, _) = echo_host(
+        dir,
+        "per-event",
+        Some(url),
+        "[handler.jetstream]\nstream = \"BENCH\"\nmax_ack_pending = 4096\n",
+    )
+    .await?;
+    let started = Instant::now();
+    let metrics = host.metrics.clone();
+    wait_until(
+        || {
+            metric(
+                &metrics.encode(),
+                "wasmev_events_ok_total{handler=\"echo\"}",
+            ) >= n
+        },
+        Duration::from_secs(300),
+    )
+    .await?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    host.shutdown().await?;
+    Ok(rate)
+}

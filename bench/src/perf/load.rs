@@ -1,0 +1,458 @@
+//! The load generator (its own runtime), the baseline republishers, the host under test,
+//! and the measuring of a throughput figure.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use wasmev::broker::Broker;
+use wasmev::cache::ArtifactCache;
+use wasmev::subject::Pattern;
+use wasmev::{Host, Manifest, Options};
+
+use super::{ECHO, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW};
+
+/// The broker events travel through: where they go in and where answers are counted.
+#[derive(Clone)]
+pub(super) enum Route {
+    Nats(async_nats::Client),
+    Memory(wasmev::broker::memory::MemoryBroker),
+}
+
+impl Route {
+    pub(super) async fn publish(
+        &self,
+        subject: &'static str,
+        payload: Bytes,
+    ) -> anyhow::Result<()> {
+        match self {
+            Route::Nats(c) => c.publish(subject, payload).await?,
+            Route::Memory(b) => {
+                b.publish(subject, None, &[], payload).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn flush(&self) -> anyhow::Result<()> {
+        if let Route::Nats(c) = self {
+            c.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Count every message on `bench.out`; with `latency`, record publish→answer times
+    /// (the payload starts with the send time in ns since `epoch`).
+    pub(super) async fn collect(
+        &self,
+        received: Arc<AtomicU64>,
+        latency: Option<(Instant, Arc<std::sync::Mutex<Vec<u64>>>)>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let record = move |payload: &[u8]| {
+            if let Some((epoch, samples)) = &latency {
+                let mut sent = [0u8; 8];
+                sent.copy_from_slice(&payload[..8]);
+                let now = epoch.elapsed().as_nanos() as u64;
+                let took = now.saturating_sub(u64::from_le_bytes(sent));
+                samples.lock().unwrap_or_else(|e| e.into_inner()).push(took);
+            }
+            received.fetch_add(1, Ordering::Release);
+        };
+        Ok(match self {
+            Route::Nats(c) => {
+                let mut sub = c.subscribe("bench.out").await?;
+                c.flush().await?;
+                tokio::spawn(async move {
+                    while let Some(m) = sub.next().await {
+                        record(&m.payload);
+                    }
+                })
+            }
+            Route::Memory(b) => {
+                let mut sub = b.subscribe(Pattern::new("bench.out")?, None);
+                tokio::spawn(async move {
+                    while let Some(m) = sub.next().await {
+                        record(&m.payload);
+                    }
+                })
+            }
+        })
+    }
+}
+
+/// The load generator's own runtime, one thread, like a client in another process: the
+/// publisher (which spins between sends at a fixed rate) and the counter never hold up
+/// the host's (or the baseline's) tasks on their worker threads, nor wait behind them.
+pub(super) static DRIVER: std::sync::LazyLock<Option<tokio::runtime::Runtime>> =
+    std::sync::LazyLock::new(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-driver")
+            .enable_all()
+            .build()
+            .ok()
+    });
+
+/// Run `fut` on the load generator's runtime.
+pub(super) async fn on_driver<T: Send + 'static>(
+    fut: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    let Some(driver) = DRIVER.as_ref() else {
+        bail!("cannot start the load generator's runtime");
+    };
+    driver.spawn(fut).await?
+}
+
+/// A NATS route whose connection lives on the load generator's runtime.
+pub(super) async fn nats_route(url: &str) -> anyhow::Result<Route> {
+    let url = url.to_string();
+    on_driver(async move { Ok(Route::Nats(async_nats::connect(url).await?)) }).await
+}
+
+/// [`throughput_here`], driven from the load generator's runtime.
+pub(super) async fn throughput(path: &Route, n: u64) -> anyhow::Result<f64> {
+    let path = path.clone();
+    on_driver(async move { throughput_here(&path, n).await }).await
+}
+
+/// [`latency_here`], driven from the load generator's runtime.
+pub(super) async fn latency(path: &Route, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let path = path.clone();
+    on_driver(async move { latency_here(&path, secs).await }).await
+}
+
+/// Latency runs per figure. Why 3: one run's p99 moved by hundreds of µs between
+/// identical runs on this VM (the baseline's as much as wasmev's); the median of three
+/// is steadier without making the suite long.
+pub(super) const LATENCY_RUNS: usize = 3;
+
+/// The median p50 and the median p99 of [`LATENCY_RUNS`] latency runs of `secs` each.
+pub(super) async fn latency_median(path: &Route, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let mut p50s = Vec::with_capacity(LATENCY_RUNS);
+    let mut p99s = Vec::with_capacity(LATENCY_RUNS);
+    for _ in 0..LATENCY_RUNS {
+        let (p50, p99) = latency(path, secs).await?;
+        p50s.push(p50);
+        p99s.push(p99);
+    }
+    p50s.sort_by(f64::total_cmp);
+    p99s.sort_by(f64::total_cmp);
+    Ok((p50s[LATENCY_RUNS / 2], p99s[LATENCY_RUNS / 2]))
+}
+
+/// The latency row: both percentiles beside the baseline's, overheads signed.
+pub(super) fn latency_row(
+    what: &str,
+    (p50, p99): (f64, f64),
+    (b50, b99): (f64, f64),
+    target: &str,
+) -> Row {
+    Row::new(
+        what,
+        format!("{p50:.0} / {p99:.0} µs"),
+        format!("{b50:.0} / {b99:.0} µs"),
+        format!("{:+.0} / {:+.0} µs", p50 - b50, p99 - b99),
+        target,
+    )
+}
+
+/// Events per second through `path`: `n` events of `PAYLOAD` bytes on `bench.in`, at
+/// most `WINDOW` unanswered, timed from the first publish to the last answer.
+pub(super) async fn throughput_here(path: &Route, n: u64) -> anyhow::Result<f64> {
+    let received = Arc::new(AtomicU64::new(0));
+    let collector = path.collect(received.clone(), None).await?;
+    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    let started = Instant::now();
+    let mut progress = (0, Instant::now());
+    for sent in 0..n {
+        // Saturating: a late answer from an earlier run can make `received` pass `sent`.
+        while sent.saturating_sub(received.load(Ordering::Acquire)) >= WINDOW {
+            let now = received.load(Ordering::Acquire);
+            if now != progress.0 {
+                progress = (now, Instant::now());
+            } else if progress.1.elapsed() > Duration::from_secs(30) {
+                bail!("no answers for 30 s with {sent} sent and {now} answered (events lost?)");
+            }
+            path.flush().await?;
+            tokio::task::yield_now().await;
+        }
+        path.publish("bench.in", payload.clone()).await?;
+    }
+    path.flush().await?;
+    wait_until(
+        || received.load(Ordering::Acquire) >= n,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    collector.abort();
+    Ok(rate)
+}
+
+/// Publish→answer latency at `LATENCY_RATE` events/s for `secs` seconds: (p50, p99) µs.
+pub(super) async fn latency_here(path: &Route, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let epoch = Instant::now();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let received = Arc::new(AtomicU64::new(0));
+    let collector = path
+        .collect(received.clone(), Some((epoch, samples.clone())))
+        .await?;
+    let n = LATENCY_RATE * secs;
+    let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
+    // The publisher is a plain thread pacing itself with sleeps (no spinning, no tokio
+    // worker held): each send goes through the driver's runtime and is flushed at once,
+    // so nothing waits in a client-side batch and the time measured is the path's.
+    let runtime = tokio::runtime::Handle::current();
+    let publisher = {
+        let path = path.clone();
+        std::thread::Builder::new()
+            .name("bench-publisher".into())
+            .spawn(move || -> anyhow::Result<()> {
+                let start = Instant::now();
+                for i in 0..n {
+                    let due = start + interval * i as u32;
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    let mut payload = vec![0u8; PAYLOAD];
+                    payload[..8]
+                        .copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                    runtime.block_on(async {
+                        path.publish("bench.in", payload.into()).await?;
+                        path.flush().await
+                    })?;
+                }
+                Ok(())
+            })?
+    };
+    tokio::task::spawn_blocking(move || publisher.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the publisher thread panicked"))??;
+    wait_until(
+        || received.load(Ordering::Acquire) >= n,
+        Duration::from_secs(60),
+    )
+    .await?;
+    collector.abort();
+    let mut s = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+    s.sort_unstable();
+    // (The throughput run before each latency run has warmed caches and connections.)
+    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
+    Ok((at(0.5), at(0.99)))
+}
+
+pub(super) async fn wait_until(done: impl Fn() -> bool, limit: Duration) -> anyhow::Result<()> {
+    let since = Instant::now();
+    while !done() {
+        if since.elapsed() > limit {
+            bail!("timed out waiting for answers (events lost?)");
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Ok(())
+}
+
+/// A baseline republisher running until stopped.
+pub(super) struct Baseline {
+    pub(super) stop: tokio::sync::oneshot::Sender<()>,
+    pub(super) task: tokio::task::JoinHandle<()>,
+}
+
+impl Baseline {
+    /// Unsubscribe (flushed, so the server has it before anything else subscribes:
+    /// otherwise the next subscriber and this one would both answer for a moment).
+    pub(super) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// The baseline: a plain async-nats subscriber on `bench.in` republishing on `bench.out`.
+pub(super) async fn nats_baseline(url: &str) -> anyhow::Result<Baseline> {
+    let client = async_nats::connect(url).await?;
+    let mut sub = client.subscribe("bench.in").await?;
+    client.flush().await?;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                m = sub.next() => match m {
+                    Some(m) => {
+                        if client.publish("bench.out", m.payload).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+        let _ = sub.unsubscribe().await;
+        let _ = client.flush().await;
+    });
+    Ok(Baseline { stop, task })
+}
+
+/// The same on the embedded broker.
+pub(super) fn memory_baseline(
+    broker: &wasmev::broker::memory::MemoryBroker,
+) -> anyhow::Result<Baseline> {
+    let mut sub = broker.subscribe(Pattern::new("bench.in")?, None);
+    let broker = broker.clone();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                m = sub.next() => match m {
+                    Some(m) => {
+                        if broker.publish("bench.out", None, &[], m.payload).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    Ok(Baseline { stop, task })
+}
+
+/// A host running the echo handler in `mode` (`per-event` or `reuse`), on `broker_url`
+/// (None: embedded), with extra handler TOML.
+pub(super) async fn echo_host(
+    dir: &Path,
+    mode: &str,
+    broker_url: Option<&str>,
+    extra: &str,
+) -> anyhow::Result<(Running, Broker)> {
+    let module = std::fs::canonicalize(ECHO)
+        .with_context(|| format!("{ECHO} is missing; ./scripts/bench builds it"))?;
+    let broker = broker_url.map_or(String::new(), |u| format!("[broker]\nurl = {u:?}\n"));
+    let manifest_path = dir.join(format!("echo-{mode}.toml"));
+    std::fs::write(
+        &manifest_path,
+        format!(
+            "version = 1\n{broker}[[handler]]\nname = \"echo\"\nmodule = {:?}\n\
+             subscribe = [\"bench.in\"]\npublish = [\"bench.out\"]\n\
+             max_in_flight = {IN_FLIGHT}\ninstances = {mode:?}\n{extra}",
+            module.display().to_string()
+        ),
+    )?;
+    let manifest = Manifest::load(&manifest_path)?;
+    let host = Host::start(
+        &manifest,
+        Options {
+            watch: false,
+            cache: Some(ArtifactCache::open(dir.join("cache"))?),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let broker = host.broker().clone();
+    Ok((Running::serve(host), broker))
+}
+
+/// A host serving in the background until `stop`.
+pub(super) struct Running {
+    pub(super) stop: tokio::sync::oneshot::Sender<()>,
+    pub(super) task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub(super) metrics: Arc<wasmev::metrics::Metrics>,
+}
+
+impl Running {
+    pub(super) fn serve(host: Host) -> Self {
+        let metrics = host.metrics().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(host.serve(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            stop,
+            task,
+            metrics,
+        }
+    }
+
+    pub(super) async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+}
+
+/// Throughput runs per figure. Why 5: single runs on a shared 2-core machine swing by
+/// ±20 %; the median of five is steady to a few percent, and five runs of the default
+/// 200 000 events take seconds.
+pub(super) const RUNS: usize = 5;
+
+/// One throughput figure: the median (and best) of the runs of `n` events after a
+/// warm-up, and the worker threads' CPU per event over all of them.
+pub(super) struct Measured {
+    pub(super) median: f64,
+    pub(super) best: f64,
+    pub(super) runs: usize,
+    pub(super) cpu_us: f64,
+}
+
+/// At least `runs` runs of `n` events, and more until `min_time` has passed.
+pub(super) async fn measure(
+    path: &Route,
+    n: u64,
+    runs: usize,
+    min_time: Duration,
+) -> anyhow::Result<Measured> {
+    throughput(path, n / 10).await?; // warm-up
+    let started = Instant::now();
+    let before = worker_cpu();
+    let mut rates = Vec::with_capacity(runs);
+    while rates.len() < runs.max(1) || started.elapsed() < min_time {
+        rates.push(throughput(path, n).await?);
+    }
+    let cpu = worker_cpu().saturating_sub(before);
+    rates.sort_by(f64::total_cmp);
+    Ok(Measured {
+        median: rates[rates.len() / 2],
+        best: rates[rates.len() - 1],
+        runs: rates.len(),
+        cpu_us: cpu.as_secs_f64() * 1e6 / (n as f64 * rates.len() as f64),
+    })
+}
+
+/// The row comparing worker CPU per event with the baseline's.
+pub(super) fn cpu_row(what: &str, m: &Measured, base: &Measured) -> Row {
+    Row::new(
+        what,
+        format!("{:.2} µs", m.cpu_us),
+        format!("{:.2} µs", base.cpu_us),
+        format!("{:.1}×", m.cpu_us / base.cpu_us),
+        "",
+    )
+}
+
+/// CPU time used so far by this process's tokio worker threads: the host (or the
+/// baseline subscriber), not the load generator, which runs on its own named thread.
+/// Zero where /proc is not available.
+pub(super) fn worker_cpu() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let mut total = Duration::ZERO;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let is_worker = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|name| name.trim() == "tokio-rt-worker");
+        // schedstat: nanoseconds on CPU, then waiting, then timeslices.
+        let on_cpu = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+        if let (true, Some(ns)) = (is_worker, on_cpu) {
+            total += Duration::from_nanos(ns);
+        }
+    }
+    total
+}

@@ -1,0 +1,139 @@
+//! Throughput, latency, start-up and memory, each against a baseline measured in the
+//! same run: a plain async-nats subscriber doing the handler's work (republish the
+//! payload) without Wasm.
+//!
+//! `load`: the load generator, the baselines and the host under test; `events`: the
+//! throughput, latency and JetStream figures; `process`: start-up and memory of the host
+//! as a process.
+
+mod events;
+mod load;
+mod process;
+
+pub use events::{events, one};
+pub use process::{memory, startup, wasmev_binary};
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Payload size for throughput and latency: a small JSON event.
+const PAYLOAD: usize = 128;
+/// Events in flight at most during a throughput run: enough to keep every stage busy,
+/// few enough that no subscription buffer (64 Ki messages) ever fills and drops.
+const WINDOW: u64 = 4096;
+/// Concurrency the handler is allowed (max_in_flight).
+const IN_FLIGHT: u32 = 64;
+/// The rate for latency runs, events per second.
+const LATENCY_RATE: u64 = 10_000;
+
+pub const ECHO: &str = "target/wasm32-wasip2/release/bench_echo.wasm";
+
+/// A nats-server of our own on a free loopback port, killed on drop.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    _store: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| {
+            ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .unwrap_or("nats-server")
+                .to_string()
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let store = tempfile::tempdir()?;
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!("cannot start {bin}; install nats-server or set NATS_SERVER_BIN")
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server did not start on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _store: store,
+        })
+    }
+
+    /// The server's version line, for the table.
+    pub fn version() -> String {
+        let bin =
+            std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".into());
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Row {
+    what: String,
+    figure: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+}
+
+impl Row {
+    fn new(what: &str, figure: String, baseline: String, ratio: String, target: &str) -> Self {
+        Self {
+            what: what.into(),
+            figure,
+            baseline,
+            ratio,
+            target: target.into(),
+        }
+    }
+}
+
+fn rate(r: f64) -> String {
+    format!("{:.0} ev/s", r)
+}
+
+fn table(intro: &str, rows: &[Row]) -> String {
+    let mut out = format!(
+        "{intro}\n| measure | wasmev | baseline | ratio / overhead | target |\n|---|---|---|---|---|\n"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.what, r.figure, r.baseline, r.ratio, r.target
+        ));
+    }
+    out
+}
+
+/// The value of the series `name{labels}` in a Prometheus text exposition.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
