@@ -14,7 +14,7 @@ use wasmev::cache::ArtifactCache;
 use wasmev::subject::Pattern;
 use wasmev::{Host, Manifest, Options};
 
-use super::{ECHO, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW};
+use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW};
 
 /// The broker events travel through: where they go in and where answers are counted.
 #[derive(Clone)]
@@ -323,16 +323,17 @@ pub(super) fn memory_baseline(
     Ok(Baseline { stop, task })
 }
 
-/// A host running the echo handler in `mode` (`per-event` or `reuse`), on `broker_url`
-/// (None: embedded), with extra handler TOML.
+/// A host running the echo handler built at `module` in `mode` (`per-event` or `reuse`),
+/// on `broker_url` (None: embedded), with extra handler TOML.
 pub(super) async fn echo_host(
     dir: &Path,
+    module: &str,
     mode: &str,
     broker_url: Option<&str>,
     extra: &str,
 ) -> anyhow::Result<(Running, Broker)> {
-    let module = std::fs::canonicalize(ECHO)
-        .with_context(|| format!("{ECHO} is missing; ./scripts/bench builds it"))?;
+    let module = std::fs::canonicalize(module)
+        .with_context(|| format!("{module} is missing; ./scripts/bench builds it"))?;
     let broker = broker_url.map_or(String::new(), |u| format!("[broker]\nurl = {u:?}\n"));
     let manifest_path = dir.join(format!("echo-{mode}.toml"));
     std::fs::write(

@@ -30,6 +30,10 @@ const IN_FLIGHT: u32 = 64;
 const LATENCY_RATE: u64 = 10_000;
 
 pub const ECHO: &str = "target/wasm32-wasip2/release/bench_echo.wasm";
+/// The same handler linked with a 64 KiB shadow stack instead of Rust's default 1 MiB
+/// (`-C link-arg=-zstack-size=65536`): its linear memory is 2 pages instead of 17, which
+/// is what a fresh instance pays for when it is reset (`./scripts/bench` builds both).
+const ECHO_SMALL_STACK: &str = "target/echo-64k-stack/wasm32-wasip2/release/bench_echo.wasm";
 
 /// A nats-server of our own on a free loopback port, killed on drop.
 pub struct Server {
