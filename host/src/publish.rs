@@ -176,8 +176,8 @@ async fn send(
     let mut publish = std::pin::pin!(async {
         if durable {
             // Boxed, in a statement of its own: the stream-acknowledged publish's future is
-            // large, and unboxed it made every guest publish's future its size (1.8 KB,
-            // moved into the host call on each publish).
+            // the larger branch; unboxed, every guest publish's future was 1824 bytes
+            // instead of 1384, and is moved into the host call on each publish.
             let durable = Box::pin(broker.publish_durable(subject, headers, payload));
             durable.await
         } else {
