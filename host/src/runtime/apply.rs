@@ -1,0 +1,277 @@
+//! Reload, applied: a prepared plan's handlers start, swap or drain, and intakes are
+//! started all-or-nothing per handler.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::bail;
+
+use super::{Host, Intake, Running};
+use crate::broker::Broker;
+use crate::handler::Handler;
+use crate::intake::{IntakeStop, subscription_loop};
+use crate::live::Live;
+use crate::manifest::Manifest;
+use crate::metrics::{ReloadResult, SwapResult};
+use crate::plan::{Plan, Step, prepare};
+use crate::reload::{Cause, Refusal, Report, Swap, Version};
+
+impl Host {
+    /// Read the manifest again and bring the running handlers in line with it.
+    pub async fn reload(&mut self, cause: Cause) -> Report {
+        let started = Instant::now();
+        // A missing module is one handler's problem, reported as its refusal below, not a
+        // reason to refuse the whole manifest.
+        let mut report = match Manifest::load_before_build(&self.manifest_path) {
+            Err(e) => Report {
+                errors: vec![e.to_string()],
+                ..Report::default()
+            },
+            Ok(manifest) => {
+                if let Some(watcher) = &mut self.watcher {
+                    watcher.follow(&manifest);
+                }
+                let running: Vec<(Arc<Live>, Arc<Handler>)> = self
+                    .handlers
+                    .values()
+                    .map(|r| (r.live.clone(), r.live.current()))
+                    .collect();
+                match prepare(
+                    self.compiler.clone(),
+                    manifest,
+                    running,
+                    Some(&self.started_with),
+                )
+                .await
+                {
+                    Ok(plan) => self.apply(plan).await,
+                    Err(e) => Report {
+                        errors: vec![format!("{e:#}")],
+                        ..Report::default()
+                    },
+                }
+            }
+        };
+        report.cause = Some(cause);
+        report.live = self
+            .handlers
+            .iter()
+            .map(|(name, running)| Version {
+                handler: name.clone(),
+                digest: running.live.current().digest.as_str().to_string(),
+            })
+            .collect();
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        let result = if report.is_ok() {
+            ReloadResult::ok
+        } else {
+            ReloadResult::refused
+        };
+        report.result = format!("{result:?}");
+        self.metrics.reloaded(result);
+        for refusal in &report.refused {
+            self.metrics.swapped(&refusal.handler, SwapResult::refused);
+        }
+        report.log();
+        report
+    }
+
+    /// Carry out `plan`: start added handlers, swap changed ones, stop removed ones.
+    pub(super) async fn apply(&mut self, plan: Plan) -> Report {
+        let Plan {
+            steps,
+            removed,
+            mut report,
+        } = plan;
+        let mut retired: Vec<IntakeStop> = Vec::new();
+        for step in steps {
+            match step {
+                Step::Add(compiled) => {
+                    let name = compiled.spec.name.clone();
+                    let digest = compiled.digest.as_str().to_string();
+                    let handler =
+                        Handler::new(compiled, self.broker.clone(), self.metrics.handler(&name));
+                    let wanted = Intake::of(&handler.spec, &self.host_id);
+                    let live = Live::new(handler, self.metrics.clone());
+                    match self.start_intakes(&live, wanted).await {
+                        Ok(intakes) => {
+                            self.handlers
+                                .insert(name.clone(), Running { live, intakes });
+                            report.added.push(Version {
+                                handler: name,
+                                digest,
+                            });
+                        }
+                        Err(e) => {
+                            live.retire();
+                            refuse(&mut report, &name, e);
+                        }
+                    }
+                }
+                Step::Swap { compiled, changed } => {
+                    let name = compiled.spec.name.clone();
+                    let Some(running) = self.handlers.get(&name) else {
+                        continue;
+                    };
+                    let live = running.live.clone();
+                    let old_intakes: BTreeSet<Intake> = running.intakes.keys().cloned().collect();
+                    let handler =
+                        Handler::new(compiled, self.broker.clone(), self.metrics.handler(&name));
+                    let wanted = Intake::of(&handler.spec, &self.host_id);
+                    // JetStream: stop pulling for the old consumer before the new one
+                    // starts, so no message is in two loops; JetStream keeps what is not
+                    // acked, so the gap loses nothing.
+                    let mut stopped = Vec::new();
+                    if let Some(running) = self.handlers.get_mut(&name) {
+                        running.intakes.retain(|intake, token| {
+                            let keep =
+                                !matches!(intake, Intake::JetStream(_)) || wanted.contains(intake);
+                            if !keep {
+                                token.cancel();
+                                stopped.push(intake.clone());
+                            }
+                            keep
+                        });
+                    }
+                    let new: BTreeSet<Intake> = wanted.difference(&old_intakes).cloned().collect();
+                    let started = match self.start_intakes(&live, new).await {
+                        Ok(started) => started,
+                        Err(e) => {
+                            refuse(&mut report, &name, e);
+                            if !stopped.is_empty() {
+                                // The old consumer must run again: the old version stays.
+                                let restart: BTreeSet<Intake> = stopped.into_iter().collect();
+                                match self.start_intakes(&live, restart).await {
+                                    Ok(intakes) => {
+                                        if let Some(running) = self.handlers.get_mut(&name) {
+                                            running.intakes.extend(intakes);
+                                        }
+                                    }
+                                    Err(e) => {
+                                        tracing::error!(handler = %name, "cannot resume the old consumer: {e:#}")
+                                    }
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    let from = live.current().digest.as_str().to_string();
+                    let to = handler.digest.as_str().to_string();
+                    live.swap(handler);
+                    self.metrics.swapped(&name, SwapResult::swapped);
+                    if let Some(running) = self.handlers.get_mut(&name) {
+                        running.intakes.extend(started);
+                        // Core subscriptions the new version does not want are drained
+                        // once the new ones are confirmed (below).
+                        let gone: Vec<Intake> = running
+                            .intakes
+                            .keys()
+                            .filter(|i| !wanted.contains(i))
+                            .cloned()
+                            .collect();
+                        for intake in gone {
+                            if let Some(token) = running.intakes.remove(&intake) {
+                                retired.push(token);
+                            }
+                        }
+                    }
+                    report.swapped.push(Swap {
+                        handler: name,
+                        from,
+                        to,
+                        changed,
+                    });
+                }
+            }
+        }
+        for name in &removed {
+            if let Some(running) = self.handlers.remove(name) {
+                running.live.retire();
+                retired.extend(running.intakes.into_values());
+            }
+        }
+        report.removed = removed;
+        if (!report.added.is_empty() || !report.swapped.is_empty())
+            && let Err(e) = self.broker.confirm().await
+        {
+            report.errors.push(format!("{e:#}"));
+        }
+        // Only now, with every new subscription confirmed by the server, do the old ones
+        // go: an event is always covered by one or the other.
+        // All are stopped at once and waited for (bounded), so when the report goes out
+        // no retired subscription takes new events.
+        futures::future::join_all(retired.into_iter().map(IntakeStop::stop)).await;
+        report
+    }
+
+    /// Subscribe (or create the consumer) for each intake and start its loop. All or
+    /// nothing: on an error, the intakes started here are stopped again.
+    async fn start_intakes(
+        &mut self,
+        live: &Arc<Live>,
+        wanted: BTreeSet<Intake>,
+    ) -> anyhow::Result<BTreeMap<Intake, IntakeStop>> {
+        let mut started = BTreeMap::new();
+        for intake in wanted {
+            match self.start_intake(live, &intake).await {
+                Ok(token) => {
+                    started.insert(intake, token);
+                }
+                Err(e) => {
+                    for token in started.values() {
+                        token.cancel();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(started)
+    }
+
+    async fn start_intake(
+        &mut self,
+        live: &Arc<Live>,
+        intake: &Intake,
+    ) -> anyhow::Result<IntakeStop> {
+        let handler = live.current();
+        let stop = self.token.child_token();
+        let (handle, unsubscribed) = IntakeStop::new(stop.clone());
+        match intake {
+            Intake::JetStream(_) => {
+                let (Broker::Nats(nats), Some(spec)) = (&self.broker, &handler.spec.jetstream)
+                else {
+                    bail!("jetstream needs a [broker]");
+                };
+                let consumer = nats.consumer(spec, &handler.spec.subscribe).await?;
+                self.tasks.spawn(crate::jetstream::consume(
+                    live.clone(),
+                    consumer,
+                    stop.clone(),
+                    self.tracker.clone(),
+                ));
+            }
+            Intake::Core { pattern, queue } => {
+                let sub = self.broker.subscribe(pattern, Some(queue)).await?;
+                self.tasks.spawn(subscription_loop(
+                    live.clone(),
+                    pattern.clone(),
+                    queue.clone(),
+                    sub,
+                    stop.clone(),
+                    unsubscribed,
+                    self.tracker.clone(),
+                ));
+            }
+        }
+        Ok(handle)
+    }
+}
+
+/// Record that starting `handler`'s intake failed.
+fn refuse(report: &mut Report, handler: &str, error: anyhow::Error) {
+    report.refused.push(Refusal::new(
+        handler,
+        format!("handler {handler:?}: {error:#}"),
+    ));
+}
