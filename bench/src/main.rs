@@ -41,7 +41,8 @@ enum Bench {
     /// One throughput case, repeated for a while; prints its rate and writes nothing.
     /// For profiling: `perf record -p $(pgrep wasmev-bench)` while it runs.
     One {
-        /// baseline, per-event, reuse, or jetstream (consume+ack of stored events).
+        /// baseline, baseline-hops (the baseline adding wasmev's hop header to each
+        /// publish), per-event, reuse, or jetstream (consume+ack of stored events).
         #[arg(long, default_value = "reuse")]
         mode: String,
         /// Use the embedded broker instead of a nats-server.

@@ -27,7 +27,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let mut rows = Vec::new();
 
     // Baseline first, then each mode, each on its own subscription.
-    let base = nats_baseline(&server.url).await?;
+    let base = nats_baseline(&server.url, false).await?;
     let raw = measure(&nats, events, RUNS, Duration::ZERO).await?;
     let raw_latency = latency_median(&nats, latency_secs).await?;
     base.stop().await;
@@ -37,6 +37,24 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         "—".into(),
         "1.00".into(),
         "",
+    ));
+
+    // Not a target's denominator: how much of the gap is the hop header wasmev stamps on
+    // every guest publish (to cut feedback loops), priced on the plain subscriber.
+    let base = nats_baseline(&server.url, true).await?;
+    let hops = measure(&nats, events, RUNS, Duration::ZERO).await?;
+    base.stop().await;
+    rows.push(Row::new(
+        "NATS: the same subscriber adding a `Wasmev-Hops` header to each publish",
+        rate(hops.median),
+        rate(raw.median),
+        format!("{:.2}", hops.median / raw.median),
+        "",
+    ));
+    rows.push(cpu_row(
+        "NATS: worker CPU per event, subscriber with the header",
+        &hops,
+        &raw,
     ));
 
     let mut core_per_event = 0.0;
@@ -180,10 +198,10 @@ pub async fn one(
     let url = server.as_ref().map(|s| s.url.clone());
     let memory = wasmev::broker::memory::MemoryBroker::new();
     let (route, running, base) = match (mode, &url) {
-        ("baseline", Some(url)) => (
+        ("baseline" | "baseline-hops", Some(url)) => (
             nats_route(url).await?,
             None,
-            Some(nats_baseline(url).await?),
+            Some(nats_baseline(url, mode == "baseline-hops").await?),
         ),
         ("baseline", None) => (
             Route::Memory(memory.clone()),
@@ -207,7 +225,10 @@ pub async fn one(
                 self::rate(rate)
             ));
         }
-        _ => bail!("mode is baseline, per-event, reuse or jetstream (NATS only), not {mode:?}"),
+        _ => bail!(
+            "mode is baseline, baseline-hops (NATS only), per-event, reuse or jetstream \
+             (NATS only), not {mode:?}"
+        ),
     };
     let broker = if embedded {
         "the embedded broker"

@@ -273,7 +273,10 @@ impl Baseline {
 }
 
 /// The baseline: a plain async-nats subscriber on `bench.in` republishing on `bench.out`.
-pub(super) async fn nats_baseline(url: &str) -> anyhow::Result<Baseline> {
+/// With `hop_header`, each republish also carries the header wasmev stamps on every guest
+/// publish (`Wasmev-Hops: 1`), built per message as the host builds it: what that header
+/// alone costs async-nats.
+pub(super) async fn nats_baseline(url: &str, hop_header: bool) -> anyhow::Result<Baseline> {
     let client = async_nats::connect(url).await?;
     let mut sub = client.subscribe("bench.in").await?;
     client.flush().await?;
@@ -284,7 +287,14 @@ pub(super) async fn nats_baseline(url: &str) -> anyhow::Result<Baseline> {
                 _ = &mut stopped => break,
                 m = sub.next() => match m {
                     Some(m) => {
-                        if client.publish("bench.out", m.payload).await.is_err() {
+                        let sent = if hop_header {
+                            let mut headers = async_nats::HeaderMap::new();
+                            headers.insert(wasmev::publish::HOPS, "1");
+                            client.publish_with_headers("bench.out", headers, m.payload).await
+                        } else {
+                            client.publish("bench.out", m.payload).await
+                        };
+                        if sent.is_err() {
                             return;
                         }
                     }
