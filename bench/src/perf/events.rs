@@ -10,8 +10,9 @@ use futures::StreamExt as _;
 use wasmev::broker::Broker;
 
 use super::load::{
-    LATENCY_RUNS, RUNS, Route, cpu_row, echo_host, latency, latency_median, latency_row, measure,
-    memory_baseline, nats_baseline, nats_route, throughput, wait_until, worker_cpu,
+    LATENCY_RUNS, RUNS, Route, baseline_row, cpu_row, echo_host, latency, latency_median,
+    latency_row, measure, memory_baseline, nats_baseline, nats_route, rate_row, throughput,
+    wait_until, worker_cpu,
 };
 use super::{
     ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, metric, rate,
@@ -31,12 +32,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let raw = measure(&nats, events, RUNS, Duration::ZERO).await?;
     let raw_latency = latency_median(&nats, latency_secs).await?;
     base.stop().await;
-    rows.push(Row::new(
+    rows.push(baseline_row(
         "NATS: plain async-nats subscriber (baseline)",
-        rate(raw.median),
-        "—".into(),
-        "1.00".into(),
-        "",
+        &raw,
     ));
 
     // Not a target's denominator: how much of the gap is the hop header wasmev stamps on
@@ -44,11 +42,10 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let base = nats_baseline(&server.url, true).await?;
     let hops = measure(&nats, events, RUNS, Duration::ZERO).await?;
     base.stop().await;
-    rows.push(Row::new(
+    rows.push(rate_row(
         "NATS: the same subscriber adding a `Wasmev-Hops` header to each publish",
-        rate(hops.median),
-        rate(raw.median),
-        format!("{:.2}", hops.median / raw.median),
+        &hops,
+        &raw,
         "",
     ));
     rows.push(cpu_row(
@@ -65,11 +62,10 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         if mode == "per-event" {
             core_per_event = m.median;
         }
-        rows.push(Row::new(
+        rows.push(rate_row(
             &format!("NATS: wasmev, instances = {mode}"),
-            rate(m.median),
-            rate(raw.median),
-            format!("{:.2}", m.median / raw.median),
+            &m,
+            &raw,
             target,
         ));
         rows.push(cpu_row(
@@ -98,11 +94,10 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     .await?;
     let small = measure(&nats, events, RUNS, Duration::ZERO).await?;
     host.shutdown().await?;
-    rows.push(Row::new(
+    rows.push(rate_row(
         "NATS: wasmev, per-event, handler linked with a 64 KiB stack",
-        rate(small.median),
-        rate(raw.median),
-        format!("{:.2}", small.median / raw.median),
+        &small,
+        &raw,
         "",
     ));
     rows.push(cpu_row(
@@ -118,12 +113,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let mem_raw = measure(&mem_path, events, RUNS, Duration::ZERO).await?;
     let mem_latency = latency_median(&mem_path, latency_secs).await?;
     base.stop().await;
-    rows.push(Row::new(
+    rows.push(baseline_row(
         "embedded: plain task republishing (baseline)",
-        rate(mem_raw.median),
-        "—".into(),
-        "1.00".into(),
-        "",
+        &mem_raw,
     ));
     for mode in ["per-event", "reuse"] {
         let (host, broker) = echo_host(dir.path(), ECHO, mode, None, "").await?;
@@ -133,11 +125,10 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         let path = Route::Memory(memory);
         let m = measure(&path, events, RUNS, Duration::ZERO).await?;
         let lat = latency_median(&path, latency_secs).await?;
-        rows.push(Row::new(
+        rows.push(rate_row(
             &format!("embedded: wasmev, {mode}"),
-            rate(m.median),
-            rate(mem_raw.median),
-            format!("{:.2}", m.median / mem_raw.median),
+            &m,
+            &mem_raw,
             "",
         ));
         rows.push(cpu_row(

@@ -14,7 +14,7 @@ use wasmev::cache::ArtifactCache;
 use wasmev::subject::Pattern;
 use wasmev::{Host, Manifest, Options};
 
-use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW};
+use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, rate};
 
 /// The broker events travel through: where they go in and where answers are counted.
 #[derive(Clone)]
@@ -432,6 +432,22 @@ pub(super) async fn measure(
         runs: rates.len(),
         cpu_us: cpu.as_secs_f64() * 1e6 / (n as f64 * rates.len() as f64),
     })
+}
+
+/// The row comparing median throughput with the baseline's.
+pub(super) fn rate_row(what: &str, m: &Measured, base: &Measured, target: &str) -> Row {
+    Row::new(
+        what,
+        rate(m.median),
+        rate(base.median),
+        format!("{:.2}", m.median / base.median),
+        target,
+    )
+}
+
+/// The row of a baseline itself: the denominator of the rows below it.
+pub(super) fn baseline_row(what: &str, base: &Measured) -> Row {
+    Row::new(what, rate(base.median), "—".into(), "1.00".into(), "")
 }
 
 /// The row comparing worker CPU per event with the baseline's.
