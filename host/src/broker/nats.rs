@@ -94,10 +94,12 @@ impl NatsSubscription {
 }
 
 /// An async-nats message as dispatch sees it (the payload is shared, not copied).
+/// `as_str().to_owned()`, not `to_string()`: the latter goes through the formatting
+/// machinery (~0.8 % of a warm event's worker CPU in the profile, for a plain copy).
 pub fn convert(m: &async_nats::Message) -> Message {
     Message {
-        subject: m.subject.to_string(),
-        reply: m.reply.as_ref().map(|r| r.to_string()),
+        subject: m.subject.as_str().to_owned(),
+        reply: m.reply.as_ref().map(|r| r.as_str().to_owned()),
         headers: m.headers.as_ref().map(header_pairs).unwrap_or_default(),
         payload: m.payload.clone(),
     }
@@ -107,7 +109,7 @@ fn header_pairs(h: &HeaderMap) -> Vec<(String, String)> {
     h.iter()
         .flat_map(|(k, vs)| {
             vs.iter()
-                .map(move |v| (k.to_string(), v.as_str().to_string()))
+                .map(move |v| (AsRef::<str>::as_ref(k).to_owned(), v.as_str().to_owned()))
         })
         .collect()
 }
