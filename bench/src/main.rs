@@ -42,7 +42,8 @@ enum Bench {
     /// For profiling: `perf record -p $(pgrep wasmev-bench)` while it runs.
     One {
         /// baseline, baseline-hops (the baseline adding wasmev's hop header to each
-        /// publish), per-event, reuse, or jetstream (consume+ack of stored events).
+        /// publish), per-event, reuse, jetstream (consume+ack of stored events), or
+        /// jetstream-baseline (the same by a plain async-nats pull consumer).
         #[arg(long, default_value = "reuse")]
         mode: String,
         /// Use the embedded broker instead of a nats-server.

@@ -153,6 +153,15 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         format!("{:.2}", js_rate / core_per_event),
         "",
     ));
+    // Not a target's denominator: the JetStream ceiling on this server for the same work.
+    let js_base = jetstream_baseline(&client, events / 2).await?;
+    rows.push(Row::new(
+        "JetStream: the same against a plain async-nats pull consumer (republish, ack)",
+        rate(js_rate),
+        rate(js_base),
+        format!("{:.2}", js_rate / js_base),
+        "",
+    ));
 
     Ok(table(
         &format!(
@@ -216,9 +225,17 @@ pub async fn one(
                 self::rate(rate)
             ));
         }
+        ("jetstream-baseline", Some(url)) => {
+            let client = async_nats::connect(url).await?;
+            let rate = jetstream_baseline(&client, events).await?;
+            return Ok(format!(
+                "jetstream consume+ack, plain pull consumer: {} ({events} events)",
+                self::rate(rate)
+            ));
+        }
         _ => bail!(
-            "mode is baseline, baseline-hops (NATS only), per-event, reuse or jetstream \
-             (NATS only), not {mode:?}"
+            "mode is baseline, baseline-hops (NATS only), per-event, reuse, jetstream or \
+             jetstream-baseline (NATS only), not {mode:?}"
         ),
     };
     let broker = if embedded {
@@ -261,14 +278,8 @@ pub async fn one(
     Ok(result)
 }
 
-/// JetStream consume+ack: `n` events stored on a new stream first, then consumed by the
-/// echo handler (per-event) until all are acked; events per second.
-pub(super) async fn jetstream(
-    client: &async_nats::Client,
-    dir: &Path,
-    url: &str,
-    n: u64,
-) -> anyhow::Result<f64> {
+/// `n` events of the bench payload, stored on a new stream `BENCH` capturing `bench.in`.
+async fn store_events(client: &async_nats::Client, n: u64) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client.clone());
     let _ = js.delete_stream("BENCH").await;
     js.create_stream(async_nats::jetstream::stream::Config {
@@ -292,6 +303,18 @@ pub(super) async fn jetstream(
     while let Some(a) = acks.next().await {
         a?;
     }
+    Ok(())
+}
+
+/// JetStream consume+ack: `n` events stored on a new stream first, then consumed by the
+/// echo handler (per-event) until all are acked; events per second.
+pub(super) async fn jetstream(
+    client: &async_nats::Client,
+    dir: &Path,
+    url: &str,
+    n: u64,
+) -> anyhow::Result<f64> {
+    store_events(client, n).await?;
     let (host, _) = echo_host(
         dir,
         ECHO,
@@ -315,4 +338,38 @@ pub(super) async fn jetstream(
     let rate = n as f64 / started.elapsed().as_secs_f64();
     host.shutdown().await?;
     Ok(rate)
+}
+
+/// The JetStream ceiling for the same work without Wasm: `n` stored events consumed by a
+/// plain async-nats pull consumer (its own prefetching `messages()` stream), each
+/// republished on `bench.out` and acked, one after another; events per second.
+pub(super) async fn jetstream_baseline(client: &async_nats::Client, n: u64) -> anyhow::Result<f64> {
+    use async_nats::jetstream::consumer::pull;
+    store_events(client, n).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let consumer = js
+        .get_stream("BENCH")
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some("baseline".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 4096,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut messages = consumer.messages().await?;
+    for _ in 0..n {
+        let Some(message) = messages.next().await else {
+            bail!("the consumer's stream ended early");
+        };
+        let message = message?;
+        client.publish("bench.out", message.payload.clone()).await?;
+        message
+            .ack()
+            .await
+            .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+    }
+    client.flush().await?;
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
