@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use futures::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -20,10 +21,6 @@ use crate::limits;
 use crate::live::Live;
 use crate::manifest::JetStreamSpec;
 use crate::publish::{Delivery, MSG_ID};
-
-/// Most messages asked for in one pull. Why 256: a pull is one request/response; larger
-/// batches buy nothing once the handler's permits are the limit.
-const MAX_BATCH: usize = 256;
 
 /// Pause after a failed pull (server restarting, consumer being recreated) before the
 /// next. Why 1 s: quick recovery without spinning on a server that is down.
@@ -41,38 +38,48 @@ pub mod dead_letter_headers {
 
 /// Pull from `consumer` for `handler` until `token` is cancelled.
 ///
-/// Only as many messages are asked for as the handler has free permits, so JetStream
-/// holds the rest: nothing is fetched that cannot run, and nothing is shed.
+/// One continuous pull (async-nats's `messages()` stream: one subscription, the next pull
+/// request sent while half of the last is still unread), and a permit taken before each
+/// message is read from it, so at most `max_in_flight` events run. What JetStream sent
+/// ahead waits in the client, at most 1.5 × [`pull_batch`] messages; JetStream holds the
+/// backlog.
+///
+/// Why not a pull per batch of free permits (the first design): each was a subscription,
+/// a request and an unsubscribe, and the next pull waited for the last to be delivered;
+/// a handler freeing its permits one by one then pulled one message per round trip. On
+/// the bench's stored-events run that was 25 k ev/s, against 160 k for a plain consumer
+/// on the same server.
 pub async fn consume(
     live: Arc<Live>,
     consumer: PullConsumer,
     token: CancellationToken,
     tracker: TaskTracker,
 ) -> anyhow::Result<()> {
-    loop {
-        // Permits come from the version live at pull time; each message runs on the
-        // version live when it is dispatched.
+    'pull: loop {
+        // Sized by the version live when the pull starts: a swap changes how many events
+        // run at once (its permits) right away, and how many are fetched ahead from the
+        // next pull on.
         let handler = live.current();
-        let first = tokio::select! {
-            biased;
-            () = token.cancelled() => return Ok(()),
-            permit = handler.permits.clone().acquire_owned() => permit?,
-        };
-        let mut permits = vec![first];
-        while permits.len() < MAX_BATCH {
-            match handler.permits.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
-        }
-        let batch = consumer
-            .batch()
-            .max_messages(permits.len())
-            .expires(limits::JETSTREAM_PULL_EXPIRES)
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(pull_batch(
+                handler.spec.max_in_flight,
+                handler.spec.deadline,
+                handler
+                    .spec
+                    .jetstream
+                    .as_ref()
+                    .map_or(limits::DEFAULT_ACK_WAIT, |js| js.ack_wait),
+            ))
+            // The client sends a pull of its own when none was sent for `expires` + 5 s,
+            // read or not. No shorter than the deadline: every permit frees within it, so
+            // the reads, not that timer, send the pulls, and what waits stays bounded.
+            .expires(handler.spec.deadline.max(limits::JETSTREAM_PULL_EXPIRES))
+            .heartbeat(limits::JETSTREAM_PULL_EXPIRES / 2)
             .messages()
             .await;
-        let mut batch = match batch {
-            Ok(batch) => batch,
+        let mut messages = match messages {
+            Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!(handler = %handler.spec.name, "jetstream pull failed: {e}; retrying");
                 tokio::select! {
@@ -82,24 +89,21 @@ pub async fn consume(
             }
         };
         loop {
-            // Cancel-safe: a message the client received but we never dispatched is not
-            // acked, so JetStream redelivers it after ack_wait.
+            // Permits come from the version live now; the message runs on the version
+            // live when it is dispatched. Both selects are cancel-safe: a permit not
+            // taken and a message not yet read lose nothing.
+            let permit = tokio::select! {
+                biased;
+                () = token.cancelled() => break 'pull,
+                permit = live.current().permits.clone().acquire_owned() => permit?,
+            };
             let next = tokio::select! {
                 biased;
-                () = token.cancelled() => return Ok(()),
-                next = batch.next() => next,
+                () = token.cancelled() => break 'pull,
+                next = messages.next() => next,
             };
             match next {
-                None => break,
-                Some(Err(e)) => {
-                    tracing::warn!(handler = %handler.spec.name, "jetstream pull ended: {e}");
-                    break;
-                }
                 Some(Ok(message)) => {
-                    let Some(permit) = permits.pop() else {
-                        // More than we asked for: leave it unacked for redelivery.
-                        break;
-                    };
                     let live = live.clone();
                     tracker.spawn(async move {
                         let handler = live.current();
@@ -108,9 +112,41 @@ pub async fn consume(
                         }
                     });
                 }
+                // The client reports a missed heartbeat or a failed pull request and goes
+                // on pulling; what it already holds stays readable. Only a stream that
+                // ended (`None`: consumer deleted, limits exceeded) is started again.
+                Some(Err(e)) => {
+                    tracing::warn!(handler = %live.current().spec.name, "jetstream pull: {e}");
+                    if e.kind() != MessagesErrorKind::MissingHeartbeat {
+                        tokio::select! {
+                            () = token.cancelled() => break 'pull,
+                            () = tokio::time::sleep(PULL_RETRY) => {}
+                        }
+                    }
+                }
+                None => {
+                    tracing::warn!(handler = %live.current().spec.name, "jetstream pull ended; pulling again");
+                    tokio::select! {
+                        () = token.cancelled() => break 'pull,
+                        () = tokio::time::sleep(PULL_RETRY) => continue 'pull,
+                    }
+                }
             }
         }
     }
+    Ok(())
+}
+
+/// Messages asked for per pull. A message that waits in the client has its `ack_wait`
+/// running. At most 1.5 × batch wait, and at the slowest `max_in_flight` events end per
+/// deadline, so the last waits about 1.5 × batch / max_in_flight deadlines; the batch is
+/// `max_in_flight` unless that wait would pass half of `ack_wait`, then smaller (never 0).
+/// With the defaults (30 s ack_wait, 5 s deadline) it is `max_in_flight`.
+fn pull_batch(max_in_flight: u32, deadline: Duration, ack_wait: Duration) -> usize {
+    let in_flight = u128::from(max_in_flight.max(1));
+    // batch ≤ max_in_flight × ack_wait / (3 × deadline)
+    let fits = in_flight * ack_wait.as_millis() / (3 * deadline.as_millis().max(1));
+    usize::try_from(fits.clamp(1, in_flight)).unwrap_or(1)
 }
 
 /// Run one message and settle it; how the guest's run ended, if it ran.
@@ -153,6 +189,8 @@ async fn handle(
     progress.tick().await; // the first tick is immediate
     let (outcome, _) = loop {
         tokio::select! {
+            // The run first: one that ends on its first poll never starts the timer.
+            biased;
             finished = &mut run => break finished,
             _ = progress.tick() => {
                 if let Err(e) = message.ack_with(AckKind::Progress).await {
@@ -275,4 +313,35 @@ async fn dead_letter(
         "event dead-lettered: {error}"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::pull_batch;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn a_pull_asks_for_max_in_flight_when_the_wait_fits_in_half_the_ack_wait() {
+        // The defaults: 30 s ack_wait, 5 s deadline.
+        assert_eq!(pull_batch(16, S(5), S(30)), 16);
+        assert_eq!(pull_batch(64, S(10), S(30)), 64);
+    }
+
+    #[test]
+    fn a_pull_asks_for_fewer_when_the_deadline_is_long_against_the_ack_wait() {
+        // A batch of 32 could wait 1.5 × 32 / 32 × 60 s = 90 s, past half the ack_wait
+        // (15 s); 32 × 30 / 180 = 5 waits at most 1.5 × 5 / 32 × 60 s ≈ 14 s.
+        assert_eq!(pull_batch(32, S(60), S(30)), 5);
+        assert_eq!(pull_batch(16, S(30), S(30)), 5);
+    }
+
+    #[test]
+    fn a_pull_always_asks_for_at_least_one() {
+        assert_eq!(pull_batch(1, S(300), S(1)), 1);
+        assert_eq!(pull_batch(0, S(5), S(30)), 1);
+        assert_eq!(pull_batch(4, Duration::ZERO, S(30)), 4);
+    }
 }

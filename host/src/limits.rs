@@ -118,12 +118,14 @@ pub const DEFAULT_BACKOFF: [Duration; 3] = [
 ];
 
 /// JetStream messages a consumer may have unacknowledged, when the manifest does not say.
-/// Why 1000: nats-server's default. The host fetches no more than `max_in_flight` at once
-/// anyway; this bounds what several hosts on one durable may hold together.
+/// Why 1000: nats-server's default. One host holds at most 2.5 × `max_in_flight` (running,
+/// plus fetched ahead) anyway; this bounds what several hosts on one durable may hold
+/// together.
 pub const DEFAULT_MAX_ACK_PENDING: u32 = 1000;
 
-/// How long one JetStream pull waits for messages before asking again. Why 5 s: long
-/// enough to keep idle consumers cheap, short enough to notice a lost server quickly.
+/// How long one JetStream pull waits for messages before asking again (at least; a
+/// handler's deadline, when longer), and twice its idle heartbeat. Why 5 s: long enough to
+/// keep idle consumers cheap, short enough to notice a lost server quickly.
 pub const JETSTREAM_PULL_EXPIRES: Duration = Duration::from_secs(5);
 
 /// Longest time a guest `request` may wait for a reply. Why 30 s: a request is a

@@ -146,6 +146,57 @@ async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
 }
 
+/// A handler with a backlog takes what it runs plus what one pull and a half fetch ahead
+/// (one pull asks for max_in_flight), not the backlog: the rest stays in JetStream, for
+/// this host later or another host now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_handler_holds_what_it_runs_and_one_and_a_half_pulls_not_the_backlog() {
+    let (server, _client, js) = js_env(&[EVENTS]).await;
+    const N: usize = 40;
+    publish_ops(
+        &js,
+        (0..N).map(|i| (format!("b{i}"), json!({"op": "busy", "ms": 100}))),
+    )
+    .await;
+    let (_dir, m) = manifest(
+        &(format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+            + &handler_block(
+                "chaos",
+                "chaos",
+                "subscribe = [\"js.in\"]\npublish = [\"chaos.>\"]\nmax_in_flight = 4\n\
+                 [handler.jetstream]\nstream = \"EVENTS\"",
+            )),
+    );
+    let host = TestHost::start(&m).await;
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("EVENTS")
+        .await
+        .unwrap()
+        .get_consumer("chaos")
+        .await
+        .unwrap();
+    // Delivered and not yet acked, sampled while most of the backlog is still waiting.
+    let mut most = 0;
+    while host.ok("chaos") < (N / 2) as u64 {
+        most = most.max(consumer.info().await.unwrap().num_ack_pending);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        most >= 4,
+        "never ran max_in_flight (4) at once: {most} unacked at most"
+    );
+    // 4 running + 1.5 pulls of 4; two more for acks sent but not yet counted by the server.
+    assert!(
+        most <= 4 + 6 + 2,
+        "held {most} of the {N} waiting, more than it runs plus a pull and a half"
+    );
+    wait_for("every event to be acked", WAIT, || async {
+        (host.ok("chaos") == N as u64).then_some(())
+    })
+    .await;
+    host.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
     let (server, client, js) = js_env(&[EVENTS, DLQ]).await;
