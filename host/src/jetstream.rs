@@ -9,11 +9,12 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::MessagesErrorKind;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::Broker;
 use crate::broker::nats::convert;
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
@@ -94,12 +95,12 @@ pub async fn consume(
             // taken and a message not yet read lose nothing.
             let permit = tokio::select! {
                 biased;
-                () = token.cancelled() => break 'pull,
+                () = token.cancelled() => break,
                 permit = live.current().permits.clone().acquire_owned() => permit?,
             };
             let next = tokio::select! {
                 biased;
-                () = token.cancelled() => break 'pull,
+                () = token.cancelled() => break,
                 next = messages.next() => next,
             };
             match next {
@@ -119,7 +120,7 @@ pub async fn consume(
                     tracing::warn!(handler = %live.current().spec.name, "jetstream pull: {e}");
                     if e.kind() != MessagesErrorKind::MissingHeartbeat {
                         tokio::select! {
-                            () = token.cancelled() => break 'pull,
+                            () = token.cancelled() => break,
                             () = tokio::time::sleep(PULL_RETRY) => {}
                         }
                     }
@@ -127,14 +128,52 @@ pub async fn consume(
                 None => {
                     tracing::warn!(handler = %live.current().spec.name, "jetstream pull ended; pulling again");
                     tokio::select! {
-                        () = token.cancelled() => break 'pull,
+                        () = token.cancelled() => break,
                         () = tokio::time::sleep(PULL_RETRY) => continue 'pull,
                     }
                 }
             }
         }
+        // Stopped (shutdown, or a reload that no longer wants this intake).
+        hand_back(&live.current(), messages).await;
+        return Ok(());
     }
-    Ok(())
+}
+
+/// Longest wait for the round trip before handing back. Why 1 s: a healthy server answers
+/// in milliseconds; a stop must not hang on a broken connection (what is not handed back
+/// comes back after its `ack_wait`).
+const HAND_BACK_WAIT: Duration = Duration::from_secs(1);
+
+/// Nak, without delay, what JetStream sent ahead that never ran, so it is redelivered now
+/// (to the next version's intake, or another host) instead of after its `ack_wait`.
+///
+/// First a round trip to the server: what it sent before answering is then read off the
+/// socket (the connection task may not have got to it yet while guests kept the workers
+/// busy). What a pull still has on the server's side comes back after its `ack_wait`.
+/// Then the stream is dropped (its subscription ends) before the naks go out, on the
+/// same connection and so in that order: a nak'd message is redelivered at once, and the
+/// server must not hand it to this pull again, whose inbox nobody reads any more.
+async fn hand_back(handler: &Handler, mut messages: async_nats::jetstream::consumer::pull::Stream) {
+    let name = &handler.spec.name;
+    if let Broker::Nats(nats) = &handler.broker
+        && let Ok(Err(e)) = tokio::time::timeout(HAND_BACK_WAIT, nats.flush()).await
+    {
+        tracing::debug!(handler = %name, "before handing back: {e:#}");
+    }
+    let mut held = Vec::new();
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        held.push(message);
+    }
+    drop(messages);
+    for message in &held {
+        if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(handler = %name, "could not hand back a message fetched ahead: {e}");
+        }
+    }
+    if !held.is_empty() {
+        tracing::debug!(handler = %name, handed_back = held.len(), "handed back messages fetched ahead");
+    }
 }
 
 /// Messages asked for per pull. A message that waits in the client has its `ack_wait`

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use common::*;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -146,6 +147,29 @@ async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
 }
 
+/// A handler running 4 events at once (max_in_flight = 4) from the EVENTS stream; `extra`
+/// ends up in `[handler.jetstream]`, after `deadline`.
+fn busy_manifest(server: &NatsServer, deadline: &str, extra: &str) -> String {
+    format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+        + &handler_block(
+            "chaos",
+            "chaos",
+            &format!(
+                "subscribe = [\"js.in\"]\npublish = [\"chaos.>\"]\nmax_in_flight = 4\n\
+                 deadline = {deadline:?}\n[handler.jetstream]\nstream = \"EVENTS\"\n{extra}"
+            ),
+        )
+}
+
+/// `n` events that each compute for `ms` milliseconds: a backlog that drains for a while.
+async fn publish_busy(js: &jetstream::Context, n: usize, ms: u64) {
+    publish_ops(
+        js,
+        (0..n).map(|i| (format!("b{i}"), json!({"op": "busy", "ms": ms}))),
+    )
+    .await;
+}
+
 /// A handler with a backlog takes what it runs plus what one pull and a half fetch ahead
 /// (one pull asks for max_in_flight), not the backlog: the rest stays in JetStream, for
 /// this host later or another host now.
@@ -153,20 +177,8 @@ async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
 async fn a_busy_handler_holds_what_it_runs_and_one_and_a_half_pulls_not_the_backlog() {
     let (server, _client, js) = js_env(&[EVENTS]).await;
     const N: usize = 40;
-    publish_ops(
-        &js,
-        (0..N).map(|i| (format!("b{i}"), json!({"op": "busy", "ms": 100}))),
-    )
-    .await;
-    let (_dir, m) = manifest(
-        &(format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
-            + &handler_block(
-                "chaos",
-                "chaos",
-                "subscribe = [\"js.in\"]\npublish = [\"chaos.>\"]\nmax_in_flight = 4\n\
-                 [handler.jetstream]\nstream = \"EVENTS\"",
-            )),
-    );
+    publish_busy(&js, N, 100).await;
+    let (_dir, m) = manifest(&busy_manifest(&server, "5s", ""));
     let host = TestHost::start(&m).await;
     let mut consumer: jetstream::consumer::PullConsumer = js
         .get_stream("EVENTS")
@@ -195,6 +207,94 @@ async fn a_busy_handler_holds_what_it_runs_and_one_and_a_half_pulls_not_the_back
     })
     .await;
     host.stop().await.unwrap();
+}
+
+/// A host that stops hands back, at once, what it fetched ahead and never ran: the next
+/// host gets those now, not after their ack_wait (120 s here), and nothing runs twice.
+///
+/// The events wait on a request the test answers when it chooses, so the host is
+/// stopped in a known state: 4 events running, the 4 of the pull it sent ahead held, and
+/// no pull on the wire. (What a pull still has in transit when a host stops is not the
+/// client's to hand back; that comes back after its ack_wait.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_host_hands_back_what_it_fetched_ahead() {
+    let (server, client, js) = js_env(&[EVENTS]).await;
+    let mut held_requests = client.subscribe("chaos.hold").await.unwrap();
+    client.flush().await.unwrap();
+    const N: u64 = 8;
+    publish_ops(
+        &js,
+        (0..N).map(|i| {
+            let ask =
+                json!({"op": "ask", "subject": "chaos.hold", "payload": {}, "timeout_ms": 20_000});
+            (format!("h{i}"), ask)
+        }),
+    )
+    .await;
+    let (_dir, m) = manifest(&busy_manifest(&server, "30s", "ack_wait = \"120s\""));
+    let first = TestHost::start(&m).await;
+
+    // 4 events waiting on their requests (max_in_flight = 4)...
+    let mut waiting = Vec::new();
+    while waiting.len() < 4 {
+        let request = next_within(&mut held_requests, WAIT)
+            .await
+            .expect("the first host's events to ask");
+        waiting.push(request);
+    }
+    // ...and the 4 of the pull sent ahead delivered to it: 8 unacked, and nothing more
+    // is read while the 4 wait.
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("EVENTS")
+        .await
+        .unwrap()
+        .get_consumer("chaos")
+        .await
+        .unwrap();
+    wait_for(
+        "the first host to hold the 4 it fetched ahead",
+        WAIT,
+        || async { (consumer.get_info().await.unwrap().num_ack_pending == 8).then_some(()) },
+    )
+    .await;
+
+    // Answer every request from now on: the 4 waiting (so the first host's stop can
+    // finish them) and whatever the second host asks.
+    let answers = client.clone();
+    tokio::spawn(async move {
+        for request in waiting {
+            let reply = request.reply.unwrap();
+            answers.publish(reply, "ok".into()).await.unwrap();
+        }
+        while let Some(request) = held_requests.next().await {
+            if let Some(reply) = request.reply {
+                answers.publish(reply, "ok".into()).await.unwrap();
+            }
+        }
+    });
+    let first_metrics = first.metrics.clone();
+    first.stop().await.unwrap();
+    let done_first = metric_in(
+        &first_metrics,
+        "wasmev_events_ok_total",
+        "handler=\"chaos\"",
+    );
+    assert_eq!(
+        done_first, 4,
+        "the first host ran the 4 it had started, no more"
+    );
+
+    let second = TestHost::start(&m).await;
+    wait_for(
+        "the second host to run the 4 handed back",
+        Duration::from_secs(30),
+        || async { (second.ok("chaos") >= N - done_first).then_some(()) },
+    )
+    .await;
+    // Give a duplicate the chance to show, then count: every event ran exactly once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(done_first + second.ok("chaos"), N);
+    second.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -260,6 +260,16 @@ pub struct TestHost {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// [`TestHost::metric`] from a host's metrics, also after the host is stopped.
+pub fn metric_in(metrics: &wasmev::metrics::Metrics, name: &str, labels: &str) -> u64 {
+    let text = metrics.encode();
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or_else(|| panic!("no metric series {prefix:?} in:\n{text}"))
+}
+
 impl TestHost {
     pub async fn start(m: &wasmev::Manifest) -> Self {
         Self::start_with(m, wasmev::Options::default()).await
@@ -300,12 +310,7 @@ impl TestHost {
     /// The value of a metric line like `wasmev_events_ok_total{handler="x"} 3`. Every
     /// series is registered at zero when a handler loads, so a missing one is a bug.
     pub fn metric(&self, name: &str, labels: &str) -> u64 {
-        let text = self.metrics.encode();
-        let prefix = format!("{name}{{{labels}}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-            .unwrap_or_else(|| panic!("no metric series {prefix:?} in:\n{text}"))
+        metric_in(&self.metrics, name, labels)
     }
 
     /// Reload as `POST /reload` would, and return the report.
