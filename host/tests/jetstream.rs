@@ -72,6 +72,16 @@ async fn count(js: &jetstream::Context, name: &str) -> u64 {
         .messages
 }
 
+/// The durable consumer the host creates for the `chaos` handler on EVENTS.
+async fn chaos_consumer(js: &jetstream::Context) -> jetstream::consumer::PullConsumer {
+    js.get_stream("EVENTS")
+        .await
+        .unwrap()
+        .get_consumer("chaos")
+        .await
+        .unwrap()
+}
+
 /// `(id, attempt)` for every record in the SEEN stream.
 async fn seen(js: &jetstream::Context) -> Vec<(String, u64)> {
     read_all(js, "SEEN")
@@ -136,13 +146,7 @@ async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
     );
     host.stop().await.unwrap();
     // Everything was acked: the consumer has nothing pending.
-    let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_stream("EVENTS")
-        .await
-        .unwrap()
-        .get_consumer("chaos")
-        .await
-        .unwrap();
+    let mut consumer = chaos_consumer(&js).await;
     let info = consumer.info().await.unwrap();
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
 }
@@ -180,13 +184,7 @@ async fn a_busy_handler_holds_what_it_runs_and_one_and_a_half_pulls_not_the_back
     publish_busy(&js, N, 100).await;
     let (_dir, m) = manifest(&busy_manifest(&server, "5s", ""));
     let host = TestHost::start(&m).await;
-    let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_stream("EVENTS")
-        .await
-        .unwrap()
-        .get_consumer("chaos")
-        .await
-        .unwrap();
+    let mut consumer = chaos_consumer(&js).await;
     // Delivered and not yet acked, sampled while most of the backlog is still waiting.
     let mut most = 0;
     while host.ok("chaos") < (N / 2) as u64 {
@@ -244,13 +242,7 @@ async fn a_stopping_host_hands_back_what_it_fetched_ahead() {
     }
     // ...and the 4 of the pull sent ahead delivered to it: 8 unacked, and nothing more
     // is read while the 4 wait.
-    let consumer: jetstream::consumer::PullConsumer = js
-        .get_stream("EVENTS")
-        .await
-        .unwrap()
-        .get_consumer("chaos")
-        .await
-        .unwrap();
+    let consumer = chaos_consumer(&js).await;
     wait_for(
         "the first host to hold the 4 it fetched ahead",
         WAIT,
@@ -518,13 +510,7 @@ async fn nothing_is_lost_when_the_host_is_killed_mid_stream_and_restarted() {
     let (dir, _) = manifest(&js_manifest(&server, "ack_wait = \"1s\""));
     let path = dir.path().join("runtime.toml");
     let unfinished = || async {
-        let mut consumer: jetstream::consumer::PullConsumer = js
-            .get_stream("EVENTS")
-            .await
-            .unwrap()
-            .get_consumer("chaos")
-            .await
-            .unwrap();
+        let mut consumer = chaos_consumer(&js).await;
         let info = consumer.info().await.unwrap();
         info.num_pending + info.num_ack_pending as u64
     };
