@@ -42,8 +42,8 @@ pub mod dead_letter_headers {
 /// One continuous pull (async-nats's `messages()` stream: one subscription, the next pull
 /// request sent while half of the last is still unread), and a permit taken before each
 /// message is read from it, so at most `max_in_flight` events run. What JetStream sent
-/// ahead waits in the client, at most 1.5 × [`pull_batch`] messages; JetStream holds the
-/// backlog.
+/// ahead waits in the client, at most 1.5 × `pull_batch` messages; JetStream holds the
+/// backlog. Stopped, it hands back what it holds (`hand_back`).
 ///
 /// Why not a pull per batch of free permits (the first design): each was a subscription,
 /// a request and an unsubscribe, and the next pull waited for the last to be delivered;
@@ -57,9 +57,9 @@ pub async fn consume(
     tracker: TaskTracker,
 ) -> anyhow::Result<()> {
     'pull: loop {
-        // Sized by the version live when the pull starts: a swap changes how many events
-        // run at once (its permits) right away, and how many are fetched ahead from the
-        // next pull on.
+        // Sized by the version live when the stream starts: a swap changes how many
+        // events run at once (its permits) right away, and how many are fetched ahead
+        // only if the stream ends and is started again.
         let handler = live.current();
         let messages = consumer
             .stream()
