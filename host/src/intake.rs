@@ -78,7 +78,7 @@ async fn resubscribe(
 /// A swap while waiting starts the wait again on the new version: otherwise an intake
 /// whose old version had every permit taken (by slow events) would hold new events back
 /// until one of those ended.
-async fn permit_of_current(
+pub(crate) async fn permit_of_current(
     live: &Live,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<(Arc<Handler>, OwnedSemaphorePermit)>> {

@@ -18,6 +18,7 @@ use crate::broker::Broker;
 use crate::broker::nats::convert;
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
+use crate::intake::permit_of_current;
 use crate::limits;
 use crate::live::Live;
 use crate::manifest::JetStreamSpec;
@@ -57,25 +58,14 @@ pub async fn consume(
     tracker: TaskTracker,
 ) -> anyhow::Result<()> {
     'pull: loop {
-        // Sized by the version live when the stream starts: a swap changes how many
-        // events run at once (its permits) right away, and how many are fetched ahead
-        // only if the stream ends and is started again.
+        // Shaped by the version live when the stream starts; a swap to a version that
+        // pulls differently starts a new one (below).
         let handler = live.current();
+        let shape = PullShape::of(&handler.spec);
         let messages = consumer
             .stream()
-            .max_messages_per_batch(pull_batch(
-                handler.spec.max_in_flight,
-                handler.spec.deadline,
-                handler
-                    .spec
-                    .jetstream
-                    .as_ref()
-                    .map_or(limits::DEFAULT_ACK_WAIT, |js| js.ack_wait),
-            ))
-            // The client sends a pull of its own when none was sent for `expires` + 5 s,
-            // read or not. No shorter than the deadline: every permit frees within it, so
-            // the reads, not that timer, send the pulls, and what waits stays bounded.
-            .expires(handler.spec.deadline.max(limits::JETSTREAM_PULL_EXPIRES))
+            .max_messages_per_batch(shape.batch)
+            .expires(shape.expires)
             .heartbeat(limits::JETSTREAM_PULL_EXPIRES / 2)
             .messages()
             .await;
@@ -90,14 +80,25 @@ pub async fn consume(
             }
         };
         loop {
-            // Permits come from the version live now; the message runs on the version
-            // live when it is dispatched. Both selects are cancel-safe: a permit not
-            // taken and a message not yet read lose nothing.
-            let permit = tokio::select! {
-                biased;
-                () = token.cancelled() => break,
-                permit = live.current().permits.clone().acquire_owned() => permit?,
+            // A permit of the version live now (a swap while waiting waits on the new
+            // version's instead: the old one's may all be held by slow events); the message
+            // runs on the version live when it is dispatched. Both waits are cancel-safe: a
+            // permit not taken and a message not yet read lose nothing.
+            let Some((current, permit)) = permit_of_current(&live, &token).await? else {
+                break;
             };
+            let now = PullShape::of(&current.spec);
+            if now != shape {
+                tracing::info!(
+                    handler = %current.spec.name,
+                    batch = now.batch,
+                    was = shape.batch,
+                    "the live version pulls differently; starting a new pull"
+                );
+                drop(permit);
+                hand_back(&current, messages).await;
+                continue 'pull;
+            }
             let next = tokio::select! {
                 biased;
                 () = token.cancelled() => break,
@@ -173,6 +174,31 @@ async fn hand_back(handler: &Handler, mut messages: async_nats::jetstream::consu
     }
     if !held.is_empty() {
         tracing::debug!(handler = %name, handed_back = held.len(), "handed back messages fetched ahead");
+    }
+}
+
+/// How a version pulls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PullShape {
+    /// Messages asked for per pull: [`pull_batch`].
+    batch: usize,
+    /// How long a pull waits at the server. The client sends a pull of its own when none
+    /// was sent for this + 5 s, read or not; no shorter than the deadline, so every permit
+    /// frees within it and the reads, not that timer, send the pulls (what waits stays
+    /// bounded).
+    expires: Duration,
+}
+
+impl PullShape {
+    fn of(spec: &crate::manifest::HandlerSpec) -> Self {
+        let ack_wait = spec
+            .jetstream
+            .as_ref()
+            .map_or(limits::DEFAULT_ACK_WAIT, |js| js.ack_wait);
+        Self {
+            batch: pull_batch(spec.max_in_flight, spec.deadline, ack_wait),
+            expires: spec.deadline.max(limits::JETSTREAM_PULL_EXPIRES),
+        }
     }
 }
 
