@@ -62,6 +62,7 @@ pub async fn consume(
         // pulls differently starts a new one (below).
         let handler = live.current();
         let shape = PullShape::of(&handler.spec);
+        let mut shaped_by = handler.clone();
         let messages = consumer
             .stream()
             .max_messages_per_batch(shape.batch)
@@ -87,17 +88,21 @@ pub async fn consume(
             let Some((current, permit)) = permit_of_current(&live, &token).await? else {
                 break;
             };
-            let now = PullShape::of(&current.spec);
-            if now != shape {
-                tracing::info!(
-                    handler = %current.spec.name,
-                    batch = now.batch,
-                    was = shape.batch,
-                    "the live version pulls differently; starting a new pull"
-                );
-                drop(permit);
-                hand_back(&current, messages).await;
-                continue 'pull;
+            // The shape is the version's: looked at again only when the version changed.
+            if !Arc::ptr_eq(&current, &shaped_by) {
+                let now = PullShape::of(&current.spec);
+                if now != shape {
+                    tracing::info!(
+                        handler = %current.spec.name,
+                        batch = now.batch,
+                        was = shape.batch,
+                        "the live version pulls differently; starting a new pull"
+                    );
+                    drop(permit);
+                    hand_back(&current, messages).await;
+                    continue 'pull;
+                }
+                shaped_by = current.clone();
             }
             let next = tokio::select! {
                 biased;
@@ -118,7 +123,7 @@ pub async fn consume(
                 // on pulling; what it already holds stays readable. Only a stream that
                 // ended (`None`: consumer deleted, limits exceeded) is started again.
                 Some(Err(e)) => {
-                    tracing::warn!(handler = %live.current().spec.name, "jetstream pull: {e}");
+                    tracing::warn!(handler = %current.spec.name, "jetstream pull: {e}");
                     if e.kind() != MessagesErrorKind::MissingHeartbeat {
                         tokio::select! {
                             () = token.cancelled() => break,
@@ -127,7 +132,7 @@ pub async fn consume(
                     }
                 }
                 None => {
-                    tracing::warn!(handler = %live.current().spec.name, "jetstream pull ended; pulling again");
+                    tracing::warn!(handler = %current.spec.name, "jetstream pull ended; pulling again");
                     tokio::select! {
                         () = token.cancelled() => break,
                         () = tokio::time::sleep(PULL_RETRY) => continue 'pull,
