@@ -95,6 +95,24 @@ pub(crate) async fn permit_of_current(
     }
 }
 
+/// The version an event just taken runs on: the live one, with a permit of it. A swap
+/// while the intake waited for the message leaves it holding the old version's permit;
+/// the event then runs on (and counts against) the new one, which may mean waiting for
+/// one of its permits.
+pub(crate) async fn run_on_current(
+    live: &Live,
+    permit_version: Arc<Handler>,
+    permit: OwnedSemaphorePermit,
+) -> anyhow::Result<(Arc<Handler>, OwnedSemaphorePermit)> {
+    let handler = live.current();
+    if Arc::ptr_eq(&handler, &permit_version) {
+        return Ok((permit_version, permit));
+    }
+    drop(permit);
+    let permit = permit_of(&handler).await?;
+    Ok((handler, permit))
+}
+
 /// One of `handler`'s `max_in_flight` permits, waiting for it. Cancel-safe.
 async fn permit_of(handler: &Handler) -> anyhow::Result<OwnedSemaphorePermit> {
     handler
@@ -155,15 +173,7 @@ pub async fn subscription_loop(
             };
             continue;
         };
-        // A swap while waiting for the message: the permit is the old version's, and the
-        // event runs on (and counts against) the new one.
-        let handler = live.current();
-        let permit = if Arc::ptr_eq(&handler, &permit_version) {
-            permit
-        } else {
-            drop(permit);
-            permit_of(&handler).await?
-        };
+        let (handler, permit) = run_on_current(&live, permit_version, permit).await?;
         // Under load more events are already waiting: take each that has a permit free
         // now into the same task. Nothing waits for this: a missing permit or an empty
         // buffer ends the batch.

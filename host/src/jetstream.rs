@@ -18,7 +18,7 @@ use crate::broker::Broker;
 use crate::broker::nats::convert;
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
-use crate::intake::permit_of_current;
+use crate::intake::{permit_of_current, run_on_current};
 use crate::limits;
 use crate::live::Live;
 use crate::manifest::JetStreamSpec;
@@ -83,8 +83,9 @@ pub async fn consume(
         loop {
             // A permit of the version live now (a swap while waiting waits on the new
             // version's instead: the old one's may all be held by slow events); the message
-            // runs on the version live when it is dispatched. Both waits are cancel-safe: a
-            // permit not taken and a message not yet read lose nothing.
+            // runs on the version live once it is read, holding that version's permit. Both
+            // waits are cancel-safe: a permit not taken and a message not yet read lose
+            // nothing.
             let Some((current, permit)) = permit_of_current(&live, &token).await? else {
                 break;
             };
@@ -111,9 +112,9 @@ pub async fn consume(
             };
             match next {
                 Some(Ok(message)) => {
+                    let (handler, permit) = run_on_current(&live, current, permit).await?;
                     let live = live.clone();
                     tracker.spawn(async move {
-                        let handler = live.current();
                         if let Some(outcome) = handle(&handler, message, permit).await {
                             live.settled(&handler, &outcome);
                         }

@@ -1,0 +1,63 @@
+//! JetStream test helpers: a fresh server with streams, the `chaos` handler's durable
+//! consumer, publishing stored events.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use serde_json::Value;
+
+use super::NatsServer;
+
+/// A file-stored stream `name` on `subjects`.
+pub async fn create_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &[&str],
+) -> stream::Stream {
+    js.create_stream(stream::Config {
+        name: name.to_string(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A fresh nats-server with `streams` (name, subjects) created, and a client on it.
+pub async fn js_env(
+    streams: &[(&str, &[&str])],
+) -> (NatsServer, async_nats::Client, jetstream::Context) {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    for (name, subjects) in streams {
+        create_stream(&js, name, subjects).await;
+    }
+    (server, client, js)
+}
+
+/// The stream the `chaos` handler consumes in these tests.
+pub const EVENTS: (&str, &[&str]) = ("EVENTS", &["js.in"]);
+
+/// The durable consumer the host creates for the `chaos` handler on EVENTS.
+pub async fn chaos_consumer(js: &jetstream::Context) -> jetstream::consumer::PullConsumer {
+    js.get_stream("EVENTS")
+        .await
+        .unwrap()
+        .get_consumer("chaos")
+        .await
+        .unwrap()
+}
+
+/// Publish `(Nats-Msg-Id, op)` pairs to `js.in`, each acknowledged by the stream.
+pub async fn publish_ops(js: &jetstream::Context, ops: impl IntoIterator<Item = (String, Value)>) {
+    for (id, op) in ops {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        js.publish_with_headers("js.in", headers, op.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
