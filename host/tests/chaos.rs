@@ -26,15 +26,18 @@ struct Chaos {
 impl Chaos {
     /// A host with the chaos handler on `chaos.in`, plus `extra` handler settings.
     async fn start(extra: &str) -> Self {
+        Self::start_module(&component("chaos"), extra).await
+    }
+
+    /// The same with the chaos handler's component at `module`.
+    async fn start_module(module: &std::path::Path, extra: &str) -> Self {
         let server = NatsServer::start();
-        let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
-            + &handler_block(
-                "chaos",
-                "chaos",
-                &format!(
-                    "subscribe = [\"chaos.in\"]\npublish = [\"chaos.>\", \"allowed.>\"]\nmax_in_flight = 8\n{extra}"
-                ),
-            );
+        let toml = format!(
+            "version = 1\n[broker]\nurl = {:?}\n[[handler]]\nname = \"chaos\"\nmodule = {:?}\n\
+             subscribe = [\"chaos.in\"]\npublish = [\"chaos.>\", \"allowed.>\"]\nmax_in_flight = 8\n{extra}\n",
+            server.url(),
+            module.display().to_string()
+        );
         let (dir, m) = manifest(&toml);
         let host = TestHost::start(&m).await;
         let client = server.client().await;
@@ -184,6 +187,78 @@ async fn stack_overflow_panic_and_fuel_exhaustion_fail_only_their_event() {
     })
     .await;
     c.host.stop().await.unwrap();
+}
+
+/// A guest linked with a small shadow stack (the README's advice for `per-event`
+/// handlers) that outgrows it: Rust puts that stack at the start of linear memory, so the
+/// overflow runs off address 0 and traps. Only that event fails, in either mode: in
+/// `reuse` the trapped instance (its stack pointer gone astray) is dropped, and the next
+/// event runs on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outgrowing_a_small_shadow_stack_traps_only_that_event() {
+    let module = small_stack_component("chaos");
+    for instances in ["per-event", "reuse"] {
+        let mut c = Chaos::start_module(&module, &format!("instances = {instances:?}")).await;
+        c.echo_latency().await;
+        c.send(json!({"op": "recurse"})).await;
+        c.wait_failed("trap", 1).await;
+        c.echo_latency().await;
+        wait_for(
+            &format!("both echoes counted ok ({instances})"),
+            WAIT,
+            || async { (c.host.ok("chaos") == 2).then_some(()) },
+        )
+        .await;
+        assert_eq!(c.host.failed("chaos", "trap"), 1, "{instances}");
+        c.host.stop().await.unwrap();
+    }
+}
+
+/// What the trap says, through `wasmev test`'s contract runner (it reports the trap
+/// message): what the README tells handler authors, a memory of 2 wasm pages (0x20000
+/// bytes; 17 with Rust's default stack) and "out of bounds memory access".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_shadow_stack_overflow_reports_an_out_of_bounds_access() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        format!(
+            "version = 1\n[[handler]]\nname = \"chaos\"\nmodule = {:?}\nsubscribe = [\"chaos.in\"]\n\
+             publish = [\"chaos.>\"]\n",
+            small_stack_component("chaos").display().to_string()
+        ),
+    )
+    .unwrap();
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(
+        &cases,
+        r#"manifest = "runtime.toml"
+
+[[case]]
+name = "recursing past 64 KiB"
+subject = "chaos.in"
+json = { op = "recurse" }
+expect.result = "trap"
+expect.detail = "linear memory of size 0x20000: wasm trap: out of bounds memory access"
+
+[[case]]
+name = "an echo after it"
+subject = "chaos.in"
+json = { op = "echo" }
+expect.result = "ok"
+"#,
+    )
+    .unwrap();
+    let logs = wasmev::contract::GuestLogs::default();
+    let report = wasmev::contract::run_file(&cases, None, None, &logs)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.passed(), report.failed()),
+        (2, 0),
+        "{}",
+        report.render(true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
