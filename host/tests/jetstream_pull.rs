@@ -159,6 +159,13 @@ async fn holding_four(n: u64) -> HoldingFour {
     }
 }
 
+/// Hot-swap `host` (its manifest in `dir`) to the manifest `toml`.
+async fn swap_to(host: &TestHost, dir: &tempfile::TempDir, toml: String) {
+    std::fs::write(dir.path().join("runtime.toml"), toml).unwrap();
+    let report = host.reload().await;
+    assert_eq!(report.result, "ok", "{report:#?}");
+}
+
 /// A host that stops hands back, at once, what it fetched ahead and never ran: the next
 /// host gets those now, not after their ack_wait (300 s here), and nothing runs twice.
 ///
@@ -221,13 +228,12 @@ async fn a_swap_to_a_smaller_max_in_flight_hands_back_the_old_fetch_ahead() {
         host: first,
     } = holding_four(N).await;
 
-    std::fs::write(
-        dir.path().join("runtime.toml"),
+    swap_to(
+        &first,
+        &dir,
         busy_manifest(&server, 1, "60s", "ack_wait = \"300s\""),
     )
-    .unwrap();
-    let report = first.reload().await;
-    assert_eq!(report.result, "ok", "{report:#?}");
+    .await;
     // The new version runs an event while the old 4 still wait.
     waiting.extend(take_requests(&mut held, 1, WAIT).await);
 
@@ -263,13 +269,12 @@ async fn an_event_read_after_a_swap_counts_against_the_new_versions_max_in_fligh
     let (dir, m) = manifest(&busy_manifest(&server, 1, "60s", "ack_wait = \"300s\""));
     let host = TestHost::start(&m).await;
     // Idle: the intake holds the first version's one permit, waiting for a message.
-    std::fs::write(
-        dir.path().join("runtime.toml"),
+    swap_to(
+        &host,
+        &dir,
         busy_manifest(&server, 1, "59s", "ack_wait = \"300s\""),
     )
-    .unwrap();
-    let report = host.reload().await;
-    assert_eq!(report.result, "ok", "{report:#?}");
+    .await;
 
     publish_asks(&js, 2).await;
     let first = take_requests(&mut held, 1, WAIT).await;
