@@ -403,6 +403,7 @@ pub(super) const RUNS: usize = 5;
 
 /// One throughput figure: the median (and best) of the runs of `n` events after a
 /// warm-up, and the worker threads' CPU per event over all of them.
+#[derive(Clone, Copy)]
 pub(super) struct Measured {
     pub(super) median: f64,
     pub(super) best: f64,
@@ -465,19 +466,25 @@ pub(super) fn cpu_row(what: &str, m: &Measured, base: &Measured) -> Row {
 /// baseline subscriber), not the load generator, which runs on its own named thread.
 /// Zero where /proc is not available.
 pub(super) fn worker_cpu() -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    threads_cpu("/proc/self/task", |name| name == "tokio-rt-worker")
+}
+
+/// CPU time used so far by the threads under `tasks` (a /proc `task` dir) whose name
+/// `counts`: schedstat's first field, nanoseconds on CPU. Zero where /proc is not
+/// available.
+pub(super) fn threads_cpu(tasks: &str, counts: impl Fn(&str) -> bool) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(tasks) else {
         return Duration::ZERO;
     };
     let mut total = Duration::ZERO;
     for task in tasks.flatten() {
         let path = task.path();
-        let is_worker = std::fs::read_to_string(path.join("comm"))
-            .is_ok_and(|name| name.trim() == "tokio-rt-worker");
+        let counted = std::fs::read_to_string(path.join("comm")).is_ok_and(|n| counts(n.trim()));
         // schedstat: nanoseconds on CPU, then waiting, then timeslices.
         let on_cpu = std::fs::read_to_string(path.join("schedstat"))
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
-        if let (true, Some(ns)) = (is_worker, on_cpu) {
+        if let (true, Some(ns)) = (counted, on_cpu) {
             total += Duration::from_nanos(ns);
         }
     }

@@ -78,6 +78,11 @@ impl Server {
         })
     }
 
+    /// CPU time the server's threads have used so far (zero without /proc).
+    pub fn cpu(&self) -> Duration {
+        load::threads_cpu(&format!("/proc/{}/task", self.child.id()), |_| true)
+    }
+
     /// The server's version line, for the table.
     pub fn version() -> String {
         let bin =
@@ -132,12 +137,4 @@ fn table(intro: &str, rows: &[Row]) -> String {
         ));
     }
     out
-}
-
-/// The value of the series `name{labels}` in a Prometheus text exposition.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
