@@ -256,16 +256,23 @@ async fn handle(
     // deadline) handler is not redelivered to another host behind its back.
     let run = dispatch(handler, event, delivery);
     tokio::pin!(run);
-    let mut progress = tokio::time::interval(spec.ack_wait / 3);
-    progress.tick().await; // the first tick is immediate
-    let (outcome, _) = loop {
-        tokio::select! {
-            // The run first: one that ends on its first poll never starts the timer.
-            biased;
-            finished = &mut run => break finished,
-            _ = progress.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    tracing::debug!("in-progress ack failed: {e}");
+    // A run that ends on its first poll (most do) never arms the timer. Arming one wakes
+    // tokio's timer driver; the interval's immediate first tick did that for every event
+    // (95 % of the JetStream path's wake-up syscalls).
+    let (outcome, _) = match futures::poll!(run.as_mut()) {
+        std::task::Poll::Ready(finished) => finished,
+        std::task::Poll::Pending => {
+            let every = spec.ack_wait / 3;
+            let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    biased;
+                    finished = &mut run => break finished,
+                    _ = progress.tick() => {
+                        if let Err(e) = message.ack_with(AckKind::Progress).await {
+                            tracing::debug!("in-progress ack failed: {e}");
+                        }
+                    }
                 }
             }
         }

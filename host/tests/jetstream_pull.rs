@@ -293,3 +293,24 @@ async fn an_event_read_after_a_swap_counts_against_the_new_versions_max_in_fligh
     .await;
     host.stop().await.unwrap();
 }
+
+/// A run longer than `ack_wait` (3 s against 1 s) tells JetStream it is still working,
+/// so the message is not redelivered while it runs: it runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_longer_than_ack_wait_keeps_its_message_and_runs_once() {
+    let (server, _client, js) = js_env(&[EVENTS]).await;
+    publish_busy(&js, 1, 3_000).await;
+    let (_dir, m) = manifest(&busy_manifest(&server, 4, "10s", "ack_wait = \"1s\""));
+    let host = TestHost::start(&m).await;
+    wait_for("the event to be handled", WAIT, || async {
+        (host.ok("chaos") >= 1).then_some(())
+    })
+    .await;
+    let info = chaos_consumer(&js).await.info().await.unwrap().clone();
+    assert_eq!(
+        (info.num_redelivered, info.num_ack_pending, host.ok("chaos")),
+        (0, 0, 1),
+        "redelivered while it ran"
+    );
+    host.stop().await.unwrap();
+}
