@@ -295,13 +295,19 @@ async fn an_event_read_after_a_swap_counts_against_the_new_versions_max_in_fligh
 }
 
 /// A run longer than `ack_wait` (3 s against 1 s) tells JetStream it is still working,
-/// so the message is not redelivered while it runs: it runs once.
+/// so the message is not redelivered while it runs: it runs once. The run waits on a
+/// request rather than computing, so it takes no CPU from the tests beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_longer_than_ack_wait_keeps_its_message_and_runs_once() {
-    let (server, _client, js) = js_env(&[EVENTS]).await;
-    publish_busy(&js, 1, 3_000).await;
+    let (server, client, js) = js_env(&[EVENTS]).await;
+    let mut held = client.subscribe("chaos.hold").await.unwrap();
+    client.flush().await.unwrap();
+    publish_asks(&js, 1).await;
     let (_dir, m) = manifest(&busy_manifest(&server, 4, "10s", "ack_wait = \"1s\""));
     let host = TestHost::start(&m).await;
+    let first = take_requests(&mut held, 1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    answer_requests(client.clone(), first, held);
     wait_for("the event to be handled", WAIT, || async {
         (host.ok("chaos") >= 1).then_some(())
     })
