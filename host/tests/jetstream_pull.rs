@@ -41,6 +41,13 @@ async fn publish_asks(js: &jetstream::Context, n: u64) {
     .await;
 }
 
+/// A subscription to the requests `publish_asks` events make, active on the server.
+async fn hold_requests(client: &async_nats::Client) -> async_nats::Subscriber {
+    let held = client.subscribe("chaos.hold").await.unwrap();
+    client.flush().await.unwrap();
+    held
+}
+
 /// The next `n` requests on `held` (events now waiting on them), each within `wait`.
 async fn take_requests(
     held: &mut async_nats::Subscriber,
@@ -136,8 +143,7 @@ struct HoldingFour {
 
 async fn holding_four(n: u64) -> HoldingFour {
     let (server, client, js) = js_env(&[EVENTS]).await;
-    let mut held = client.subscribe("chaos.hold").await.unwrap();
-    client.flush().await.unwrap();
+    let mut held = hold_requests(&client).await;
     publish_asks(&js, n).await;
     let (dir, manifest) = manifest(&busy_manifest(&server, 4, "60s", "ack_wait = \"300s\""));
     let host = TestHost::start(&manifest).await;
@@ -264,8 +270,7 @@ async fn a_swap_to_a_smaller_max_in_flight_hands_back_the_old_fetch_ahead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_read_after_a_swap_counts_against_the_new_versions_max_in_flight() {
     let (server, client, js) = js_env(&[EVENTS]).await;
-    let mut held = client.subscribe("chaos.hold").await.unwrap();
-    client.flush().await.unwrap();
+    let mut held = hold_requests(&client).await;
     let (dir, m) = manifest(&busy_manifest(&server, 1, "60s", "ack_wait = \"300s\""));
     let host = TestHost::start(&m).await;
     // Idle: the intake holds the first version's one permit, waiting for a message.
@@ -300,8 +305,7 @@ async fn an_event_read_after_a_swap_counts_against_the_new_versions_max_in_fligh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_longer_than_ack_wait_keeps_its_message_and_runs_once() {
     let (server, client, js) = js_env(&[EVENTS]).await;
-    let mut held = client.subscribe("chaos.hold").await.unwrap();
-    client.flush().await.unwrap();
+    let mut held = hold_requests(&client).await;
     publish_asks(&js, 1).await;
     let (_dir, m) = manifest(&busy_manifest(&server, 4, "10s", "ack_wait = \"1s\""));
     let host = TestHost::start(&m).await;
