@@ -43,7 +43,8 @@ enum Bench {
     One {
         /// baseline, baseline-hops (the baseline adding wasmev's hop header to each
         /// publish), per-event, reuse, jetstream (consume+ack of stored events), or
-        /// jetstream-baseline (the same by a plain async-nats pull consumer).
+        /// jetstream-baseline (the same by a plain async-nats pull consumer), or floor (one
+        /// event on one thread without broker I/O: wasmtime alone and wasmev's dispatch).
         #[arg(long, default_value = "reuse")]
         mode: String,
         /// Use the embedded broker instead of a nats-server.

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use wasmev::broker::Broker;
 
+use super::floor::{self, Floor};
 use super::load::{
     LATENCY_RUNS, Measured, RUNS, Route, baseline_row, cpu_row, echo_host, latency, latency_median,
     latency_row, measure, memory_baseline, nats_baseline, nats_route, rate_row, throughput,
@@ -53,13 +54,15 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         &raw,
     ));
 
-    let mut core_per_event = None;
+    let (mut core_per_event, mut core_reuse) = (None, None);
     for (mode, target, lat_target) in [("per-event", "≥ 0.30", 250.0), ("reuse", "≥ 0.90", 50.0)]
     {
         let (host, _) = echo_host(dir.path(), ECHO, mode, Some(&server.url), "").await?;
         let m = measure(&nats, events, RUNS, Duration::ZERO).await?;
         if mode == "per-event" {
             core_per_event = Some(m);
+        } else {
+            core_reuse = Some(m);
         }
         rows.push(rate_row(
             &format!("NATS: wasmev, instances = {mode}"),
@@ -80,6 +83,17 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         ));
         host.shutdown().await?;
     }
+
+    let floor = floor::measure(dir.path(), ECHO)?;
+    floor_rows(
+        &mut rows,
+        &floor,
+        &raw,
+        core_per_event
+            .as_ref()
+            .context("per-event was not measured")?,
+        core_reuse.as_ref().context("reuse was not measured")?,
+    );
 
     // What a fresh instance costs depends on the guest's memory: the same handler with a
     // 64 KiB shadow stack (2 wasm pages to reset after each event instead of 17).
@@ -174,12 +188,79 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              nats-server) over those runs, divided by the events; JetStream: one run of \
              {} stored events, and nats-server's CPU per event beside it. Latency: \
              {LATENCY_RATE} events/s for {latency_secs} s, publish→answer; the median p50 \
-             and the median p99 of {LATENCY_RUNS} such runs. {}.\n",
+             and the median p99 of {LATENCY_RUNS} such runs. One thread, no broker I/O: \
+             the echo handler compiled as the host compiles it, its publish going to an \
+             embedded broker without subscribers; wasmtime alone is the store, instance and \
+             call as dispatch makes them, without dispatch's bookkeeping; the median of 3 \
+             rounds (`bench/src/perf/floor.rs`). {}.\n",
             events / 2,
             Server::version()
         ),
         &rows,
     ))
+}
+
+/// What one event costs without broker I/O, beside what the baseline and wasmev spend per
+/// event on NATS: how much of wasmev's figure is the Wasm call itself.
+fn floor_rows(
+    rows: &mut Vec<Row>,
+    floor: &Floor,
+    baseline: &Measured,
+    per_event: &Measured,
+    reuse: &Measured,
+) {
+    const WHERE: &str = "one thread, no broker I/O";
+    let us = |v: f64| format!("{v:.2} µs");
+    let baseline_cpu = format!("{} (baseline: all its work per event)", us(baseline.cpu_us));
+    rows.push(Row::new(
+        &format!("{WHERE}: wasmtime alone, fresh instance (store + instantiate + call + drop)"),
+        format!(
+            "{} ({:.2} + {:.2} + {:.2} + {:.2})",
+            us(floor.fresh()),
+            floor.store,
+            floor.instantiate,
+            floor.call,
+            floor.drop
+        ),
+        baseline_cpu.clone(),
+        format!("{:.1}×", floor.fresh() / baseline.cpu_us),
+        "",
+    ));
+    rows.push(Row::new(
+        &format!("{WHERE}: wasmev dispatch, per-event"),
+        us(floor.dispatch_fresh),
+        format!("{} (wasmtime alone)", us(floor.fresh())),
+        format!("{:+.2} µs", floor.dispatch_fresh - floor.fresh()),
+        "",
+    ));
+    rows.push(Row::new(
+        &format!("{WHERE}: wasmev dispatch, per-event, against NATS worker CPU per event"),
+        us(floor.dispatch_fresh),
+        format!("{} (NATS, per-event)", us(per_event.cpu_us)),
+        format!("{:.0} %", 100.0 * floor.dispatch_fresh / per_event.cpu_us),
+        "",
+    ));
+    rows.push(Row::new(
+        &format!("{WHERE}: wasmtime alone, a call on a warm instance"),
+        us(floor.warm_call),
+        baseline_cpu,
+        format!("{:.1}×", floor.warm_call / baseline.cpu_us),
+        "",
+    ));
+    rows.push(Row::new(
+        &format!("{WHERE}: wasmev dispatch, reuse"),
+        us(floor.dispatch_warm),
+        format!("{} (wasmtime alone)", us(floor.warm_call)),
+        format!("{:+.2} µs", floor.dispatch_warm - floor.warm_call),
+        "",
+    ));
+    rows.push(Row::new(
+        &format!("{WHERE}: wasmev dispatch, reuse, against NATS worker CPU per event"),
+        us(floor.dispatch_warm),
+        format!("{} (NATS, reuse)", us(reuse.cpu_us)),
+        format!("{:.0} %", 100.0 * floor.dispatch_warm / reuse.cpu_us),
+        "",
+    ));
 }
 
 /// One throughput case on its own, repeated for `secs` seconds (for a profiler to attach
@@ -219,6 +300,22 @@ pub async fn one(
             };
             (route, Some(host), None)
         }
+        ("floor", _) => {
+            let f = floor::measure(dir.path(), ECHO)?;
+            return Ok(format!(
+                "one thread, no broker I/O: wasmtime alone, fresh instance {:.2} µs (store \
+                 {:.2}, instantiate {:.2}, call {:.2}, drop {:.2}), warm call {:.2} µs; wasmev \
+                 dispatch per-event {:.2} µs, reuse {:.2} µs",
+                f.fresh(),
+                f.store,
+                f.instantiate,
+                f.call,
+                f.drop,
+                f.warm_call,
+                f.dispatch_fresh,
+                f.dispatch_warm
+            ));
+        }
         ("jetstream" | "jetstream-baseline", Some(_)) => {
             let server = server.as_ref().context("no nats-server")?;
             let client = async_nats::connect(&server.url).await?;
@@ -243,7 +340,7 @@ pub async fn one(
         }
         _ => bail!(
             "mode is baseline, baseline-hops (NATS only), per-event, reuse, jetstream or \
-             jetstream-baseline (NATS only), not {mode:?}"
+             jetstream-baseline (NATS only), or floor, not {mode:?}"
         ),
     };
     let broker = if embedded {

@@ -342,6 +342,29 @@ pub(super) async fn echo_host(
     broker_url: Option<&str>,
     extra: &str,
 ) -> anyhow::Result<(Running, Broker)> {
+    let manifest = echo_manifest(dir, module, mode, broker_url, extra)?;
+    let host = Host::start(
+        &manifest,
+        Options {
+            watch: false,
+            cache: Some(ArtifactCache::open(dir.join("cache"))?),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let broker = host.broker().clone();
+    Ok((Running::serve(host), broker))
+}
+
+/// The manifest of the echo handler in `mode`, on `broker_url` or the embedded broker,
+/// with `extra` appended to its `[[handler]]` table; written into `dir`.
+pub(super) fn echo_manifest(
+    dir: &Path,
+    module: &str,
+    mode: &str,
+    broker_url: Option<&str>,
+    extra: &str,
+) -> anyhow::Result<Manifest> {
     let module = std::fs::canonicalize(module)
         .with_context(|| format!("{module} is missing; ./scripts/bench builds it"))?;
     let broker = broker_url.map_or(String::new(), |u| format!("[broker]\nurl = {u:?}\n"));
@@ -355,18 +378,7 @@ pub(super) async fn echo_host(
             module.display().to_string()
         ),
     )?;
-    let manifest = Manifest::load(&manifest_path)?;
-    let host = Host::start(
-        &manifest,
-        Options {
-            watch: false,
-            cache: Some(ArtifactCache::open(dir.join("cache"))?),
-            ..Options::default()
-        },
-    )
-    .await?;
-    let broker = host.broker().clone();
-    Ok((Running::serve(host), broker))
+    Ok(Manifest::load(&manifest_path)?)
 }
 
 /// A host serving in the background until `stop`.

@@ -3,10 +3,12 @@
 //! payload) without Wasm.
 //!
 //! `load`: the load generator, the baselines and the host under test; `events`: the
-//! throughput, latency and JetStream figures; `process`: start-up and memory of the host
-//! as a process.
+//! throughput, latency and JetStream figures; `floor`: one event on one thread without
+//! broker I/O, in wasmtime alone and through dispatch; `process`: start-up and memory of
+//! the host as a process.
 
 mod events;
+mod floor;
 mod load;
 mod process;
 

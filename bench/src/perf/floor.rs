@@ -1,0 +1,209 @@
+//! The floor under the event figures: what one event costs on one thread with no broker
+//! I/O, in wasmtime alone and through wasmev's dispatch, in both instance modes.
+//!
+//! The handler is compiled as the host compiles it (same engine settings, linker and
+//! store state), and its publish goes to an embedded broker nobody subscribes to: the
+//! import, the grant check and the hop header are paid, delivery is not. So "wasmtime
+//! alone" is the echo handler's call as wasmev makes it, minus dispatch's bookkeeping
+//! (limits, metrics, logs, the warm pool), and what the NATS rows add on top of dispatch
+//! is intake, the client and the scheduler.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use wasmev::broker::memory::MemoryBroker;
+use wasmev::broker::{Broker, Message};
+use wasmev::dispatch::{Outcome, dispatch, event_for};
+use wasmev::handler::{Compiler, Handler};
+use wasmev::publish::Delivery;
+use wasmev::sandbox::State;
+use wasmev::sandbox::bindings::wasmev::events::types::Event;
+
+use super::PAYLOAD;
+use super::load::echo_manifest;
+
+/// Rounds of each measure; each figure is the median round.
+const ROUNDS: usize = 3;
+/// Events per round with a fresh instance each (~10 µs each).
+const FRESH_EVENTS: u32 = 20_000;
+/// Events per round on a warm instance (~2 µs each).
+const WARM_EVENTS: u32 = 100_000;
+
+/// Mean microseconds per event.
+#[derive(Debug, Clone, Copy)]
+pub struct Floor {
+    /// wasmtime alone, a fresh instance: a store with wasmev's state, instantiation, the
+    /// call, and dropping the store (which resets the instance's memory for its next use).
+    pub store: f64,
+    pub instantiate: f64,
+    pub call: f64,
+    pub drop: f64,
+    /// wasmtime alone: the call on an instance kept from the last event.
+    pub warm_call: f64,
+    /// wasmev's dispatch of the same event, per-event and reuse.
+    pub dispatch_fresh: f64,
+    pub dispatch_warm: f64,
+}
+
+impl Floor {
+    /// The fresh instance's phases together.
+    pub fn fresh(&self) -> f64 {
+        self.store + self.instantiate + self.call + self.drop
+    }
+}
+
+/// Measure `module` (the echo handler) on a thread of its own, with a single-threaded
+/// runtime, so no other task shares it.
+pub fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
+    let per_event = echo_manifest(dir, module, "per-event", None, "")?;
+    let reuse = echo_manifest(dir, module, "reuse", None, "")?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let fresh = handler(&per_event)?;
+                    let warm = handler(&reuse)?;
+                    let [store, instantiate, call, drop] =
+                        median_of(|| wasmtime_fresh(&fresh)).await?;
+                    let [warm_call] = median_of(|| wasmtime_warm(&warm)).await?;
+                    let [dispatch_fresh] = median_of(|| dispatched(&fresh, FRESH_EVENTS)).await?;
+                    let [dispatch_warm] = median_of(|| dispatched(&warm, WARM_EVENTS)).await?;
+                    Ok(Floor {
+                        store,
+                        instantiate,
+                        call,
+                        drop,
+                        warm_call,
+                        dispatch_fresh,
+                        dispatch_warm,
+                    })
+                })
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the floor measurement panicked"))?
+    })
+}
+
+/// The handler in `manifest`, compiled (no artifact cache: compiling is not measured),
+/// on an embedded broker of its own.
+fn handler(manifest: &wasmev::Manifest) -> anyhow::Result<std::sync::Arc<Handler>> {
+    let spec = manifest.handlers.first().context("no handler")?;
+    let compiled = Compiler::new(wasmev::engine::Engines::new(), None).compile(spec)?;
+    let metrics = wasmev::metrics::Metrics::new();
+    Ok(Handler::new(
+        compiled,
+        Broker::Memory(MemoryBroker::new()),
+        metrics.handler(&spec.name),
+    ))
+}
+
+/// For each figure `round` returns, the median over [`ROUNDS`] rounds.
+async fn median_of<const N: usize, F>(mut round: impl FnMut() -> F) -> anyhow::Result<[f64; N]>
+where
+    F: Future<Output = anyhow::Result<[f64; N]>>,
+{
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        rounds.push(round().await?);
+    }
+    Ok(std::array::from_fn(|i| {
+        let mut figure: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+        figure.sort_by(f64::total_cmp);
+        figure[figure.len() / 2]
+    }))
+}
+
+/// The bench's event, as dispatch would build it from a message on `bench.in`.
+fn event() -> Event {
+    let message = Message {
+        subject: "bench.in".into(),
+        reply: None,
+        headers: Vec::new(),
+        payload: bytes::Bytes::from(vec![b'x'; PAYLOAD]),
+    };
+    event_for(message, 1, || "bench".into())
+}
+
+/// A store as dispatch makes one (state, memory limiter), with a deadline that cannot
+/// pass: no epoch ticker runs here.
+fn store(handler: &std::sync::Arc<Handler>) -> wasmtime::Store<State> {
+    let far = Instant::now() + Duration::from_secs(3600);
+    let mut store = wasmtime::Store::new(
+        handler.pre.engine(),
+        State::new(handler.clone(), "bench.in", Delivery::default(), far),
+    );
+    store.limiter(|state| state);
+    store.set_epoch_deadline(1 << 40);
+    store
+}
+
+/// One round of fresh instances: µs per event in each phase.
+async fn wasmtime_fresh(handler: &std::sync::Arc<Handler>) -> anyhow::Result<[f64; 4]> {
+    let mut spent = [Duration::ZERO; 4];
+    for _ in 0..FRESH_EVENTS {
+        let event = event();
+        let t0 = Instant::now();
+        let mut store = store(handler);
+        let t1 = Instant::now();
+        let instance = handler.pre.instantiate_async(&mut store).await?;
+        let t2 = Instant::now();
+        answered(instance.call_handle(&mut store, &event).await?)?;
+        let t3 = Instant::now();
+        drop((instance, store));
+        let t4 = Instant::now();
+        for (phase, (from, to)) in spent
+            .iter_mut()
+            .zip([(t0, t1), (t1, t2), (t2, t3), (t3, t4)])
+        {
+            *phase += to - from;
+        }
+    }
+    Ok(spent.map(|d| per_event(d, FRESH_EVENTS)))
+}
+
+/// One round of calls on one instance: µs per call.
+async fn wasmtime_warm(handler: &std::sync::Arc<Handler>) -> anyhow::Result<[f64; 1]> {
+    let mut store = store(handler);
+    let instance = handler.pre.instantiate_async(&mut store).await?;
+    let mut spent = Duration::ZERO;
+    let far = Instant::now() + Duration::from_secs(3600);
+    for _ in 0..WARM_EVENTS {
+        let event = event();
+        // As dispatch readies a warm store: a fresh publish quota for each event.
+        store
+            .data_mut()
+            .begin(&event.subject, Delivery::default(), far);
+        let started = Instant::now();
+        answered(instance.call_handle(&mut store, &event).await?)?;
+        spent += started.elapsed();
+    }
+    Ok([per_event(spent, WARM_EVENTS)])
+}
+
+/// One round of `events` through wasmev's dispatch: µs per event.
+async fn dispatched(handler: &std::sync::Arc<Handler>, events: u32) -> anyhow::Result<[f64; 1]> {
+    let mut spent = Duration::ZERO;
+    for _ in 0..events {
+        let event = event();
+        let started = Instant::now();
+        let (outcome, _) = dispatch(handler, event, Delivery::default()).await;
+        spent += started.elapsed();
+        if let Outcome::Failed { detail, .. } = outcome {
+            anyhow::bail!("the echo handler failed: {detail}");
+        }
+    }
+    Ok([per_event(spent, events)])
+}
+
+/// The guest's answer must be ok, or the figure measured something else.
+fn answered<E: std::fmt::Debug>(answer: Result<(), E>) -> anyhow::Result<()> {
+    answer.map_err(|e| anyhow::anyhow!("the echo handler answered {e:?}"))
+}
+
+fn per_event(spent: Duration, events: u32) -> f64 {
+    spent.as_secs_f64() * 1e6 / f64::from(events)
+}
