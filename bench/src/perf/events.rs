@@ -191,7 +191,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              and the median p99 of {LATENCY_RUNS} such runs. One thread, no broker I/O: \
              the echo handler compiled as the host compiles it, its publish going to an \
              embedded broker without subscribers; wasmtime alone is the store, instance and \
-             call as dispatch makes them, without dispatch's bookkeeping; the median of 3 \
+             call as dispatch makes them, without dispatch's bookkeeping; the median of 5 \
              rounds (`bench/src/perf/floor.rs`). {}.\n",
             events / 2,
             Server::version()
@@ -209,58 +209,61 @@ fn floor_rows(
     per_event: &Measured,
     reuse: &Measured,
 ) {
-    const WHERE: &str = "one thread, no broker I/O";
     let us = |v: f64| format!("{v:.2} µs");
-    let baseline_cpu = format!("{} (baseline: all its work per event)", us(baseline.cpu_us));
-    rows.push(Row::new(
-        &format!("{WHERE}: wasmtime alone, fresh instance (store + instantiate + call + drop)"),
-        format!(
-            "{} ({:.2} + {:.2} + {:.2} + {:.2})",
-            us(floor.fresh()),
-            floor.store,
-            floor.instantiate,
-            floor.call,
-            floor.drop
+    let fresh = format!(
+        "{} ({:.2} + {:.2} + {:.2} + {:.2})",
+        us(floor.fresh()),
+        floor.store,
+        floor.instantiate,
+        floor.call,
+        floor.drop
+    );
+    for (mode, what, alone, alone_figure, dispatched, nats) in [
+        (
+            "per-event",
+            "fresh instance (store + instantiate + call + drop)",
+            floor.fresh(),
+            fresh,
+            floor.dispatch_fresh,
+            per_event,
         ),
-        baseline_cpu.clone(),
-        format!("{:.1}×", floor.fresh() / baseline.cpu_us),
-        "",
-    ));
-    rows.push(Row::new(
-        &format!("{WHERE}: wasmev dispatch, per-event"),
-        us(floor.dispatch_fresh),
-        format!("{} (wasmtime alone)", us(floor.fresh())),
-        format!("{:+.2} µs", floor.dispatch_fresh - floor.fresh()),
-        "",
-    ));
-    rows.push(Row::new(
-        &format!("{WHERE}: wasmev dispatch, per-event, against NATS worker CPU per event"),
-        us(floor.dispatch_fresh),
-        format!("{} (NATS, per-event)", us(per_event.cpu_us)),
-        format!("{:.0} %", 100.0 * floor.dispatch_fresh / per_event.cpu_us),
-        "",
-    ));
-    rows.push(Row::new(
-        &format!("{WHERE}: wasmtime alone, a call on a warm instance"),
-        us(floor.warm_call),
-        baseline_cpu,
-        format!("{:.1}×", floor.warm_call / baseline.cpu_us),
-        "",
-    ));
-    rows.push(Row::new(
-        &format!("{WHERE}: wasmev dispatch, reuse"),
-        us(floor.dispatch_warm),
-        format!("{} (wasmtime alone)", us(floor.warm_call)),
-        format!("{:+.2} µs", floor.dispatch_warm - floor.warm_call),
-        "",
-    ));
-    rows.push(Row::new(
-        &format!("{WHERE}: wasmev dispatch, reuse, against NATS worker CPU per event"),
-        us(floor.dispatch_warm),
-        format!("{} (NATS, reuse)", us(reuse.cpu_us)),
-        format!("{:.0} %", 100.0 * floor.dispatch_warm / reuse.cpu_us),
-        "",
-    ));
+        (
+            "reuse",
+            "a call on a warm instance",
+            floor.warm_call,
+            us(floor.warm_call),
+            floor.dispatch_warm,
+            reuse,
+        ),
+    ] {
+        let row = |what: String, figure: String, base: String, ratio: String| {
+            Row::new(
+                &format!("one thread, no broker I/O: {what}"),
+                figure,
+                base,
+                ratio,
+                "",
+            )
+        };
+        rows.push(row(
+            format!("wasmtime alone, {what}"),
+            alone_figure,
+            format!("{} (baseline: all its work per event)", us(baseline.cpu_us)),
+            format!("{:.1}×", alone / baseline.cpu_us),
+        ));
+        rows.push(row(
+            format!("wasmev dispatch, {mode}"),
+            us(dispatched),
+            format!("{} (wasmtime alone)", us(alone)),
+            format!("{:+.2} µs", dispatched - alone),
+        ));
+        rows.push(row(
+            format!("wasmev dispatch, {mode}, against NATS worker CPU per event"),
+            us(dispatched),
+            format!("{} (NATS, {mode})", us(nats.cpu_us)),
+            format!("{:.0} %", 100.0 * dispatched / nats.cpu_us),
+        ));
+    }
 }
 
 /// One throughput case on its own, repeated for `secs` seconds (for a profiler to attach

@@ -23,8 +23,8 @@ use wasmev::sandbox::bindings::wasmev::events::types::Event;
 use super::PAYLOAD;
 use super::load::echo_manifest;
 
-/// Rounds of each measure; each figure is the median round.
-const ROUNDS: usize = 3;
+/// Rounds, each measuring every figure once; each figure is its median round.
+const ROUNDS: usize = 5;
 /// Events per round with a fresh instance each (~10 µs each).
 const FRESH_EVENTS: u32 = 20_000;
 /// Events per round on a warm instance (~2 µs each).
@@ -67,11 +67,32 @@ pub fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
                 runtime.block_on(async {
                     let fresh = handler(&per_event)?;
                     let warm = handler(&reuse)?;
-                    let [store, instantiate, call, drop] =
-                        median_of(|| wasmtime_fresh(&fresh)).await?;
-                    let [warm_call] = median_of(|| wasmtime_warm(&warm)).await?;
-                    let [dispatch_fresh] = median_of(|| dispatched(&fresh, FRESH_EVENTS)).await?;
-                    let [dispatch_warm] = median_of(|| dispatched(&warm, WARM_EVENTS)).await?;
+                    // Every round measures all four in turn, so a slow spell on the
+                    // machine falls on all of them rather than on one.
+                    let [
+                        store,
+                        instantiate,
+                        call,
+                        drop,
+                        warm_call,
+                        dispatch_fresh,
+                        dispatch_warm,
+                    ] = median_of(|| async {
+                        let [store, instantiate, call, drop] = wasmtime_fresh(&fresh).await?;
+                        let warm_call = wasmtime_warm(&warm).await?;
+                        let dispatch_fresh = dispatched(&fresh, FRESH_EVENTS).await?;
+                        let dispatch_warm = dispatched(&warm, WARM_EVENTS).await?;
+                        Ok([
+                            store,
+                            instantiate,
+                            call,
+                            drop,
+                            warm_call,
+                            dispatch_fresh,
+                            dispatch_warm,
+                        ])
+                    })
+                    .await?;
                     Ok(Floor {
                         store,
                         instantiate,
@@ -166,7 +187,7 @@ async fn wasmtime_fresh(handler: &std::sync::Arc<Handler>) -> anyhow::Result<[f6
 }
 
 /// One round of calls on one instance: µs per call.
-async fn wasmtime_warm(handler: &std::sync::Arc<Handler>) -> anyhow::Result<[f64; 1]> {
+async fn wasmtime_warm(handler: &std::sync::Arc<Handler>) -> anyhow::Result<f64> {
     let mut store = store(handler);
     let instance = handler.pre.instantiate_async(&mut store).await?;
     let mut spent = Duration::ZERO;
@@ -181,11 +202,11 @@ async fn wasmtime_warm(handler: &std::sync::Arc<Handler>) -> anyhow::Result<[f64
         answered(instance.call_handle(&mut store, &event).await?)?;
         spent += started.elapsed();
     }
-    Ok([per_event(spent, WARM_EVENTS)])
+    Ok(per_event(spent, WARM_EVENTS))
 }
 
 /// One round of `events` through wasmev's dispatch: µs per event.
-async fn dispatched(handler: &std::sync::Arc<Handler>, events: u32) -> anyhow::Result<[f64; 1]> {
+async fn dispatched(handler: &std::sync::Arc<Handler>, events: u32) -> anyhow::Result<f64> {
     let mut spent = Duration::ZERO;
     for _ in 0..events {
         let event = event();
@@ -196,7 +217,7 @@ async fn dispatched(handler: &std::sync::Arc<Handler>, events: u32) -> anyhow::R
             anyhow::bail!("the echo handler failed: {detail}");
         }
     }
-    Ok([per_event(spent, events)])
+    Ok(per_event(spent, events))
 }
 
 /// The guest's answer must be ok, or the figure measured something else.
