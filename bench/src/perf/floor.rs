@@ -9,6 +9,7 @@
 //! is intake, the client and the scheduler.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -67,40 +68,23 @@ pub fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
                 runtime.block_on(async {
                     let fresh = handler(&per_event)?;
                     let warm = handler(&reuse)?;
-                    // Every round measures all four in turn, so a slow spell on the
-                    // machine falls on all of them rather than on one.
-                    let [
-                        store,
-                        instantiate,
-                        call,
-                        drop,
-                        warm_call,
-                        dispatch_fresh,
-                        dispatch_warm,
-                    ] = median_of(|| async {
-                        let [store, instantiate, call, drop] = wasmtime_fresh(&fresh).await?;
-                        let warm_call = wasmtime_warm(&warm).await?;
-                        let dispatch_fresh = dispatched(&fresh, FRESH_EVENTS).await?;
-                        let dispatch_warm = dispatched(&warm, WARM_EVENTS).await?;
-                        Ok([
-                            store,
-                            instantiate,
-                            call,
-                            drop,
-                            warm_call,
-                            dispatch_fresh,
-                            dispatch_warm,
-                        ])
-                    })
-                    .await?;
+                    let mut rounds = Vec::with_capacity(ROUNDS);
+                    for _ in 0..ROUNDS {
+                        rounds.push(round(&fresh, &warm).await?);
+                    }
+                    let median = |figure: fn(&Floor) -> f64| {
+                        let mut all: Vec<f64> = rounds.iter().map(figure).collect();
+                        all.sort_by(f64::total_cmp);
+                        all[all.len() / 2]
+                    };
                     Ok(Floor {
-                        store,
-                        instantiate,
-                        call,
-                        drop,
-                        warm_call,
-                        dispatch_fresh,
-                        dispatch_warm,
+                        store: median(|f| f.store),
+                        instantiate: median(|f| f.instantiate),
+                        call: median(|f| f.call),
+                        drop: median(|f| f.drop),
+                        warm_call: median(|f| f.warm_call),
+                        dispatch_fresh: median(|f| f.dispatch_fresh),
+                        dispatch_warm: median(|f| f.dispatch_warm),
                     })
                 })
             })
@@ -111,7 +95,7 @@ pub fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
 
 /// The handler in `manifest`, compiled (no artifact cache: compiling is not measured),
 /// on an embedded broker of its own.
-fn handler(manifest: &wasmev::Manifest) -> anyhow::Result<std::sync::Arc<Handler>> {
+fn handler(manifest: &wasmev::Manifest) -> anyhow::Result<Arc<Handler>> {
     let spec = manifest.handlers.first().context("no handler")?;
     let compiled = Compiler::new(wasmev::engine::Engines::new(), None).compile(spec)?;
     let metrics = wasmev::metrics::Metrics::new();
@@ -122,20 +106,19 @@ fn handler(manifest: &wasmev::Manifest) -> anyhow::Result<std::sync::Arc<Handler
     ))
 }
 
-/// For each figure `round` returns, the median over [`ROUNDS`] rounds.
-async fn median_of<const N: usize, F>(mut round: impl FnMut() -> F) -> anyhow::Result<[f64; N]>
-where
-    F: Future<Output = anyhow::Result<[f64; N]>>,
-{
-    let mut rounds = Vec::with_capacity(ROUNDS);
-    for _ in 0..ROUNDS {
-        rounds.push(round().await?);
-    }
-    Ok(std::array::from_fn(|i| {
-        let mut figure: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
-        figure.sort_by(f64::total_cmp);
-        figure[figure.len() / 2]
-    }))
+/// One round: every figure once, in turn, so a slow spell on the machine falls on all of
+/// them rather than on one figure's rounds.
+async fn round(fresh: &Arc<Handler>, warm: &Arc<Handler>) -> anyhow::Result<Floor> {
+    let [store, instantiate, call, drop] = wasmtime_fresh(fresh).await?;
+    Ok(Floor {
+        store,
+        instantiate,
+        call,
+        drop,
+        warm_call: wasmtime_warm(warm).await?,
+        dispatch_fresh: dispatched(fresh, FRESH_EVENTS).await?,
+        dispatch_warm: dispatched(warm, WARM_EVENTS).await?,
+    })
 }
 
 /// The bench's event, as dispatch would build it from a message on `bench.in`.
@@ -151,7 +134,7 @@ fn event() -> Event {
 
 /// A store as dispatch makes one (state, memory limiter), with a deadline that cannot
 /// pass: no epoch ticker runs here.
-fn store(handler: &std::sync::Arc<Handler>) -> wasmtime::Store<State> {
+fn store(handler: &Arc<Handler>) -> wasmtime::Store<State> {
     let far = Instant::now() + Duration::from_secs(3600);
     let mut store = wasmtime::Store::new(
         handler.pre.engine(),
@@ -163,7 +146,7 @@ fn store(handler: &std::sync::Arc<Handler>) -> wasmtime::Store<State> {
 }
 
 /// One round of fresh instances: µs per event in each phase.
-async fn wasmtime_fresh(handler: &std::sync::Arc<Handler>) -> anyhow::Result<[f64; 4]> {
+async fn wasmtime_fresh(handler: &Arc<Handler>) -> anyhow::Result<[f64; 4]> {
     let mut spent = [Duration::ZERO; 4];
     for _ in 0..FRESH_EVENTS {
         let event = event();
@@ -187,7 +170,7 @@ async fn wasmtime_fresh(handler: &std::sync::Arc<Handler>) -> anyhow::Result<[f6
 }
 
 /// One round of calls on one instance: µs per call.
-async fn wasmtime_warm(handler: &std::sync::Arc<Handler>) -> anyhow::Result<f64> {
+async fn wasmtime_warm(handler: &Arc<Handler>) -> anyhow::Result<f64> {
     let mut store = store(handler);
     let instance = handler.pre.instantiate_async(&mut store).await?;
     let mut spent = Duration::ZERO;
@@ -206,7 +189,7 @@ async fn wasmtime_warm(handler: &std::sync::Arc<Handler>) -> anyhow::Result<f64>
 }
 
 /// One round of `events` through wasmev's dispatch: µs per event.
-async fn dispatched(handler: &std::sync::Arc<Handler>, events: u32) -> anyhow::Result<f64> {
+async fn dispatched(handler: &Arc<Handler>, events: u32) -> anyhow::Result<f64> {
     let mut spent = Duration::ZERO;
     for _ in 0..events {
         let event = event();
