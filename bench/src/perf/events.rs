@@ -1,22 +1,21 @@
-//! The events table: throughput and latency on NATS and the embedded broker, JetStream,
-//! and `one` case on its own for a profiler.
+//! The events table: throughput and latency on NATS and the embedded broker, the floor
+//! and JetStream rows, and `one` case on its own for a profiler.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bytes::Bytes;
-use futures::StreamExt as _;
 use wasmev::broker::Broker;
 
 use super::floor::{self, Floor};
+use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows};
 use super::load::{
     LATENCY_RUNS, Measured, RUNS, Route, baseline_row, cpu_row, echo_host, latency, latency_median,
     latency_row, measure, memory_baseline, nats_baseline, nats_route, rate_row, throughput,
-    wait_until, worker_cpu,
+    worker_cpu,
 };
 use super::{
     ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, rate, table,
+    us_per_event,
 };
 
 /// Throughput and latency on NATS and the embedded broker, and JetStream.
@@ -84,7 +83,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         host.shutdown().await?;
     }
 
-    let floor = floor::measure(dir.path(), ECHO)?;
+    let floor = floor::measure(dir.path(), ECHO).await?;
     floor_rows(
         &mut rows,
         &floor,
@@ -210,20 +209,12 @@ fn floor_rows(
     reuse: &Measured,
 ) {
     let us = |v: f64| format!("{v:.2} µs");
-    let fresh = format!(
-        "{} ({:.2} + {:.2} + {:.2} + {:.2})",
-        us(floor.fresh()),
-        floor.store,
-        floor.instantiate,
-        floor.call,
-        floor.drop
-    );
     for (mode, what, alone, alone_figure, dispatched, nats) in [
         (
             "per-event",
             "fresh instance (store + instantiate + call + drop)",
             floor.fresh(),
-            fresh,
+            floor.fresh_phases(),
             floor.dispatch_fresh,
             per_event,
         ),
@@ -276,6 +267,17 @@ pub async fn one(
     latency_secs: Option<u64>,
 ) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
+    if mode == "floor" {
+        let f = floor::measure(dir.path(), ECHO).await?;
+        return Ok(format!(
+            "one thread, no broker I/O: wasmtime alone, fresh instance {}, warm call {:.2} µs; \
+             wasmev dispatch per-event {:.2} µs, reuse {:.2} µs",
+            f.fresh_phases(),
+            f.warm_call,
+            f.dispatch_fresh,
+            f.dispatch_warm
+        ));
+    }
     let server = if embedded {
         None
     } else {
@@ -302,22 +304,6 @@ pub async fn one(
                 _ => bail!("unexpected broker"),
             };
             (route, Some(host), None)
-        }
-        ("floor", _) => {
-            let f = floor::measure(dir.path(), ECHO)?;
-            return Ok(format!(
-                "one thread, no broker I/O: wasmtime alone, fresh instance {:.2} µs (store \
-                 {:.2}, instantiate {:.2}, call {:.2}, drop {:.2}), warm call {:.2} µs; wasmev \
-                 dispatch per-event {:.2} µs, reuse {:.2} µs",
-                f.fresh(),
-                f.store,
-                f.instantiate,
-                f.call,
-                f.drop,
-                f.warm_call,
-                f.dispatch_fresh,
-                f.dispatch_warm
-            ));
         }
         ("jetstream" | "jetstream-baseline", Some(_)) => {
             let server = server.as_ref().context("no nats-server")?;
@@ -356,8 +342,10 @@ pub async fn one(
             throughput(&route, events / 10).await?; // warm-up
             let before = worker_cpu();
             let (p50, p99) = latency(&route, latency_secs).await?;
-            let cpu = worker_cpu().saturating_sub(before).as_secs_f64() * 1e6
-                / (LATENCY_RATE * latency_secs) as f64;
+            let cpu = us_per_event(
+                worker_cpu().saturating_sub(before),
+                (LATENCY_RATE * latency_secs) as f64,
+            );
             format!(
                 "{mode} on {broker}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s; \
                  {cpu:.2} µs worker CPU per event"
@@ -384,156 +372,4 @@ pub async fn one(
         base.stop().await;
     }
     Ok(result)
-}
-
-/// `n` events of the bench payload, stored on a new stream `BENCH` capturing `bench.in`.
-async fn store_events(client: &async_nats::Client, n: u64) -> anyhow::Result<()> {
-    let js = async_nats::jetstream::new(client.clone());
-    let _ = js.delete_stream("BENCH").await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "BENCH".into(),
-        subjects: vec!["bench.in".into()],
-        ..Default::default()
-    })
-    .await?;
-    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
-    let mut acks = futures::stream::FuturesUnordered::new();
-    for _ in 0..n {
-        acks.push(std::future::IntoFuture::into_future(
-            js.publish("bench.in", payload.clone()).await?,
-        ));
-        if acks.len() >= 1024 {
-            while let Some(a) = acks.next().await {
-                a?;
-            }
-        }
-    }
-    while let Some(a) = acks.next().await {
-        a?;
-    }
-    Ok(())
-}
-
-/// One JetStream consume+ack run: its rate, the CPU per event of this process's worker
-/// threads (the host, or the plain consumer), and of nats-server, which does the stream's
-/// work: the two figures tell the host's share from the server's.
-struct JetStreamRun {
-    measured: Measured,
-    server_us: f64,
-}
-
-impl JetStreamRun {
-    /// Measure `consume` of `n` stored events, from its start to its end.
-    async fn of(
-        server: &Server,
-        n: u64,
-        consume: impl std::future::Future<Output = anyhow::Result<()>>,
-    ) -> anyhow::Result<Self> {
-        let (worker, on_server, started) = (worker_cpu(), server.cpu(), Instant::now());
-        consume.await?;
-        let rate = n as f64 / started.elapsed().as_secs_f64();
-        let per_event = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-        Ok(Self {
-            measured: Measured {
-                median: rate,
-                best: rate,
-                runs: 1,
-                cpu_us: per_event(worker_cpu().saturating_sub(worker)),
-            },
-            server_us: per_event(server.cpu().saturating_sub(on_server)),
-        })
-    }
-}
-
-/// The rows comparing the host's JetStream run with the plain consumer's.
-fn plain_consumer_rows(rows: &mut Vec<Row>, js: &JetStreamRun, base: &JetStreamRun) {
-    rows.push(rate_row(
-        "JetStream: the same against a plain async-nats pull consumer (republish, ack)",
-        &js.measured,
-        &base.measured,
-        "",
-    ));
-    rows.push(cpu_row(
-        "JetStream: worker CPU per event, against the plain consumer",
-        &js.measured,
-        &base.measured,
-    ));
-    rows.push(Row::new(
-        "JetStream: nats-server CPU per event, against the plain consumer",
-        format!("{:.2} µs", js.server_us),
-        format!("{:.2} µs", base.server_us),
-        format!("{:.1}×", js.server_us / base.server_us),
-        "",
-    ));
-}
-
-/// JetStream consume+ack: `n` events stored on a new stream first, then consumed by the
-/// echo handler (per-event) until all are acked.
-async fn jetstream(
-    server: &Server,
-    client: &async_nats::Client,
-    dir: &Path,
-    n: u64,
-) -> anyhow::Result<JetStreamRun> {
-    store_events(client, n).await?;
-    let (host, _) = echo_host(
-        dir,
-        ECHO,
-        "per-event",
-        Some(&server.url),
-        "[handler.jetstream]\nstream = \"BENCH\"\nmax_ack_pending = 4096\n",
-    )
-    .await?;
-    // The handler's own counter, one atomic load per poll: the poll runs on the worker
-    // threads this measures. (Encoding the whole registry instead made no difference
-    // to the figures, 36 k ev/s and 30 µs either way, but need not be measured at all.)
-    let ok = host.metrics.handler("echo").ok;
-    let run = JetStreamRun::of(
-        server,
-        n,
-        wait_until(|| ok.get() >= n, Duration::from_secs(300)),
-    )
-    .await?;
-    host.shutdown().await?;
-    Ok(run)
-}
-
-/// The JetStream ceiling for the same work without Wasm: `n` stored events consumed by a
-/// plain async-nats pull consumer (its own prefetching `messages()` stream), each
-/// republished on `bench.out` and acked, one after another.
-async fn jetstream_baseline(
-    server: &Server,
-    client: &async_nats::Client,
-    n: u64,
-) -> anyhow::Result<JetStreamRun> {
-    use async_nats::jetstream::consumer::pull;
-    store_events(client, n).await?;
-    let js = async_nats::jetstream::new(client.clone());
-    let consumer = js
-        .get_stream("BENCH")
-        .await?
-        .create_consumer(pull::Config {
-            durable_name: Some("baseline".into()),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-            max_ack_pending: 4096,
-            ..Default::default()
-        })
-        .await?;
-    JetStreamRun::of(server, n, async {
-        let mut messages = consumer.messages().await?;
-        for _ in 0..n {
-            let Some(message) = messages.next().await else {
-                bail!("the consumer's stream ended early");
-            };
-            let message = message?;
-            client.publish("bench.out", message.payload.clone()).await?;
-            message
-                .ack()
-                .await
-                .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
-        }
-        client.flush().await?;
-        Ok(())
-    })
-    .await
 }

@@ -21,8 +21,8 @@ use wasmev::publish::Delivery;
 use wasmev::sandbox::State;
 use wasmev::sandbox::bindings::wasmev::events::types::Event;
 
-use super::PAYLOAD;
 use super::load::echo_manifest;
+use super::{PAYLOAD, us_per_event};
 
 /// Rounds, each measuring every figure once; each figure is its median round.
 const ROUNDS: usize = 5;
@@ -52,45 +52,53 @@ impl Floor {
     pub fn fresh(&self) -> f64 {
         self.store + self.instantiate + self.call + self.drop
     }
+
+    /// The fresh instance's total and phases, for the table and `one --mode floor`.
+    pub fn fresh_phases(&self) -> String {
+        format!(
+            "{:.2} µs ({:.2} + {:.2} + {:.2} + {:.2})",
+            self.fresh(),
+            self.store,
+            self.instantiate,
+            self.call,
+            self.drop
+        )
+    }
 }
 
-/// Measure `module` (the echo handler) on a thread of its own, with a single-threaded
-/// runtime, so no other task shares it.
-pub fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
+/// Measure `module` (the echo handler) on a blocking thread with a single-threaded
+/// runtime of its own, so no other task shares it (and none of the caller's workers waits).
+pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
     let per_event = echo_manifest(dir, module, "per-event", None, "")?;
     let reuse = echo_manifest(dir, module, "reuse", None, "")?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async {
-                    let fresh = handler(&per_event)?;
-                    let warm = handler(&reuse)?;
-                    let mut rounds = Vec::with_capacity(ROUNDS);
-                    for _ in 0..ROUNDS {
-                        rounds.push(round(&fresh, &warm).await?);
-                    }
-                    let median = |figure: fn(&Floor) -> f64| {
-                        let mut all: Vec<f64> = rounds.iter().map(figure).collect();
-                        all.sort_by(f64::total_cmp);
-                        all[all.len() / 2]
-                    };
-                    Ok(Floor {
-                        store: median(|f| f.store),
-                        instantiate: median(|f| f.instantiate),
-                        call: median(|f| f.call),
-                        drop: median(|f| f.drop),
-                        warm_call: median(|f| f.warm_call),
-                        dispatch_fresh: median(|f| f.dispatch_fresh),
-                        dispatch_warm: median(|f| f.dispatch_warm),
-                    })
-                })
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let fresh = handler(&per_event)?;
+            let warm = handler(&reuse)?;
+            let mut rounds = Vec::with_capacity(ROUNDS);
+            for _ in 0..ROUNDS {
+                rounds.push(round(&fresh, &warm).await?);
+            }
+            let median = |figure: fn(&Floor) -> f64| {
+                let mut all: Vec<f64> = rounds.iter().map(figure).collect();
+                all.sort_by(f64::total_cmp);
+                all[all.len() / 2]
+            };
+            Ok(Floor {
+                store: median(|f| f.store),
+                instantiate: median(|f| f.instantiate),
+                call: median(|f| f.call),
+                drop: median(|f| f.drop),
+                warm_call: median(|f| f.warm_call),
+                dispatch_fresh: median(|f| f.dispatch_fresh),
+                dispatch_warm: median(|f| f.dispatch_warm),
             })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the floor measurement panicked"))?
+        })
     })
+    .await?
 }
 
 /// The handler in `manifest`, compiled (no artifact cache: compiling is not measured),
@@ -209,5 +217,5 @@ fn answered<E: std::fmt::Debug>(answer: Result<(), E>) -> anyhow::Result<()> {
 }
 
 fn per_event(spent: Duration, events: u32) -> f64 {
-    spent.as_secs_f64() * 1e6 / f64::from(events)
+    us_per_event(spent, f64::from(events))
 }

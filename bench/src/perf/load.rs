@@ -14,7 +14,7 @@ use wasmev::cache::ArtifactCache;
 use wasmev::subject::Pattern;
 use wasmev::{Host, Manifest, Options};
 
-use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, rate};
+use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, rate, us_per_event};
 
 /// The broker events travel through: where they go in and where answers are counted.
 #[derive(Clone)]
@@ -443,7 +443,7 @@ pub(super) async fn measure(
         median: rates[rates.len() / 2],
         best: rates[rates.len() - 1],
         runs: rates.len(),
-        cpu_us: cpu.as_secs_f64() * 1e6 / (n as f64 * rates.len() as f64),
+        cpu_us: us_per_event(cpu, n as f64 * rates.len() as f64),
     })
 }
 

@@ -3,12 +3,13 @@
 //! payload) without Wasm.
 //!
 //! `load`: the load generator, the baselines and the host under test; `events`: the
-//! throughput, latency and JetStream figures; `floor`: one event on one thread without
+//! throughput and latency figures; `jetstream`: JetStream consume+ack; `floor`: one event on one thread without
 //! broker I/O, in wasmtime alone and through dispatch; `process`: start-up and memory of
 //! the host as a process.
 
 mod events;
 mod floor;
+mod jetstream;
 mod load;
 mod process;
 
@@ -122,6 +123,11 @@ impl Row {
             target: target.into(),
         }
     }
+}
+
+/// Microseconds per event when `events` took `spent` in all.
+fn us_per_event(spent: Duration, events: f64) -> f64 {
+    spent.as_secs_f64() * 1e6 / events
 }
 
 fn rate(r: f64) -> String {

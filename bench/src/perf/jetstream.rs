@@ -1,0 +1,165 @@
+//! JetStream consume+ack: stored events consumed by the echo handler, and by a plain
+//! async-nats pull consumer doing the same work, each with its own and nats-server's CPU
+//! per event.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use bytes::Bytes;
+use futures::StreamExt as _;
+
+use super::load::{Measured, cpu_row, echo_host, rate_row, wait_until, worker_cpu};
+use super::{ECHO, PAYLOAD, Row, Server, us_per_event};
+
+/// `n` events of the bench payload, stored on a new stream `BENCH` capturing `bench.in`.
+async fn store_events(client: &async_nats::Client, n: u64) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let _ = js.delete_stream("BENCH").await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH".into(),
+        subjects: vec!["bench.in".into()],
+        ..Default::default()
+    })
+    .await?;
+    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        acks.push(std::future::IntoFuture::into_future(
+            js.publish("bench.in", payload.clone()).await?,
+        ));
+        if acks.len() >= 1024 {
+            while let Some(a) = acks.next().await {
+                a?;
+            }
+        }
+    }
+    while let Some(a) = acks.next().await {
+        a?;
+    }
+    Ok(())
+}
+
+/// One JetStream consume+ack run: its rate, the CPU per event of this process's worker
+/// threads (the host, or the plain consumer), and of nats-server, which does the stream's
+/// work: the two figures tell the host's share from the server's.
+pub(super) struct JetStreamRun {
+    pub(super) measured: Measured,
+    pub(super) server_us: f64,
+}
+
+impl JetStreamRun {
+    /// Measure `consume` of `n` stored events, from its start to its end.
+    async fn of(
+        server: &Server,
+        n: u64,
+        consume: impl std::future::Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<Self> {
+        let (worker, on_server, started) = (worker_cpu(), server.cpu(), Instant::now());
+        consume.await?;
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        let per_event = |d: Duration| us_per_event(d, n as f64);
+        Ok(Self {
+            measured: Measured {
+                median: rate,
+                best: rate,
+                runs: 1,
+                cpu_us: per_event(worker_cpu().saturating_sub(worker)),
+            },
+            server_us: per_event(server.cpu().saturating_sub(on_server)),
+        })
+    }
+}
+
+/// The rows comparing the host's JetStream run with the plain consumer's.
+pub(super) fn plain_consumer_rows(rows: &mut Vec<Row>, js: &JetStreamRun, base: &JetStreamRun) {
+    rows.push(rate_row(
+        "JetStream: the same against a plain async-nats pull consumer (republish, ack)",
+        &js.measured,
+        &base.measured,
+        "",
+    ));
+    rows.push(cpu_row(
+        "JetStream: worker CPU per event, against the plain consumer",
+        &js.measured,
+        &base.measured,
+    ));
+    rows.push(Row::new(
+        "JetStream: nats-server CPU per event, against the plain consumer",
+        format!("{:.2} µs", js.server_us),
+        format!("{:.2} µs", base.server_us),
+        format!("{:.1}×", js.server_us / base.server_us),
+        "",
+    ));
+}
+
+/// JetStream consume+ack: `n` events stored on a new stream first, then consumed by the
+/// echo handler (per-event) until all are acked.
+pub(super) async fn jetstream(
+    server: &Server,
+    client: &async_nats::Client,
+    dir: &Path,
+    n: u64,
+) -> anyhow::Result<JetStreamRun> {
+    store_events(client, n).await?;
+    let (host, _) = echo_host(
+        dir,
+        ECHO,
+        "per-event",
+        Some(&server.url),
+        "[handler.jetstream]\nstream = \"BENCH\"\nmax_ack_pending = 4096\n",
+    )
+    .await?;
+    // The handler's own counter, one atomic load per poll: the poll runs on the worker
+    // threads this measures. (Encoding the whole registry instead made no difference
+    // to the figures, 36 k ev/s and 30 µs either way, but need not be measured at all.)
+    let ok = host.metrics.handler("echo").ok;
+    let run = JetStreamRun::of(
+        server,
+        n,
+        wait_until(|| ok.get() >= n, Duration::from_secs(300)),
+    )
+    .await?;
+    host.shutdown().await?;
+    Ok(run)
+}
+
+/// The JetStream ceiling for the same work without Wasm: `n` stored events consumed by a
+/// plain async-nats pull consumer (its own prefetching `messages()` stream), each
+/// republished on `bench.out` and acked, one after another.
+pub(super) async fn jetstream_baseline(
+    server: &Server,
+    client: &async_nats::Client,
+    n: u64,
+) -> anyhow::Result<JetStreamRun> {
+    use async_nats::jetstream::consumer::pull;
+    store_events(client, n).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let consumer = js
+        .get_stream("BENCH")
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some("baseline".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 4096,
+            ..Default::default()
+        })
+        .await?;
+    JetStreamRun::of(server, n, async {
+        let mut messages = consumer.messages().await?;
+        for _ in 0..n {
+            let Some(message) = messages.next().await else {
+                bail!("the consumer's stream ended early");
+            };
+            let message = message?;
+            client.publish("bench.out", message.payload.clone()).await?;
+            message
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+        }
+        client.flush().await?;
+        Ok(())
+    })
+    .await
+}
