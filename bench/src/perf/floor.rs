@@ -42,6 +42,10 @@ pub struct Floor {
     pub drop: f64,
     /// wasmtime alone: the call on an instance kept from the last event.
     pub warm_call: f64,
+    /// The same call for an event the echo handler answers without publishing: the rest
+    /// of `warm_call` is the publish import (the guest's call out, wasmtime's lifting and
+    /// lowering, wasmev's checks and the embedded broker).
+    pub warm_quiet: f64,
     /// wasmev's dispatch of the same event, per-event and reuse.
     pub dispatch_fresh: f64,
     pub dispatch_warm: f64,
@@ -62,6 +66,16 @@ impl Floor {
             self.instantiate,
             self.call,
             self.drop
+        )
+    }
+
+    /// The warm call and its two parts, for the table and `one --mode floor`.
+    pub fn warm_phases(&self) -> String {
+        format!(
+            "{:.2} µs ({:.2} the call + {:.2} its publish)",
+            self.warm_call,
+            self.warm_quiet,
+            self.warm_call - self.warm_quiet
         )
     }
 }
@@ -93,6 +107,7 @@ pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
                 call: median(|f| f.call),
                 drop: median(|f| f.drop),
                 warm_call: median(|f| f.warm_call),
+                warm_quiet: median(|f| f.warm_quiet),
                 dispatch_fresh: median(|f| f.dispatch_fresh),
                 dispatch_warm: median(|f| f.dispatch_warm),
             })
@@ -123,16 +138,22 @@ async fn round(fresh: &Arc<Handler>, warm: &Arc<Handler>) -> anyhow::Result<Floo
         instantiate,
         call,
         drop,
-        warm_call: wasmtime_warm(warm).await?,
+        warm_call: wasmtime_warm(warm, IN).await?,
+        warm_quiet: wasmtime_warm(warm, QUIET).await?,
         dispatch_fresh: dispatched(fresh, FRESH_EVENTS).await?,
         dispatch_warm: dispatched(warm, WARM_EVENTS).await?,
     })
 }
 
-/// The bench's event, as dispatch would build it from a message on `bench.in`.
-fn event() -> Event {
+/// The subject the echo handler republishes from.
+const IN: &str = "bench.in";
+/// The subject it answers without publishing (`bench/echo`).
+const QUIET: &str = "bench.quiet";
+
+/// The bench's event, as dispatch would build it from a message on `subject`.
+fn event(subject: &str) -> Event {
     let message = Message {
-        subject: "bench.in".into(),
+        subject: subject.into(),
         reply: None,
         headers: Vec::new(),
         payload: bytes::Bytes::from(vec![b'x'; PAYLOAD]),
@@ -146,7 +167,7 @@ fn store(handler: &Arc<Handler>) -> wasmtime::Store<State> {
     let far = Instant::now() + Duration::from_secs(3600);
     let mut store = wasmtime::Store::new(
         handler.pre.engine(),
-        State::new(handler.clone(), "bench.in", Delivery::default(), far),
+        State::new(handler.clone(), IN, Delivery::default(), far),
     );
     store.limiter(|state| state);
     store.set_epoch_deadline(1 << 40);
@@ -157,7 +178,7 @@ fn store(handler: &Arc<Handler>) -> wasmtime::Store<State> {
 async fn wasmtime_fresh(handler: &Arc<Handler>) -> anyhow::Result<[f64; 4]> {
     let mut spent = [Duration::ZERO; 4];
     for _ in 0..FRESH_EVENTS {
-        let event = event();
+        let event = event(IN);
         let t0 = Instant::now();
         let mut store = store(handler);
         let t1 = Instant::now();
@@ -177,14 +198,14 @@ async fn wasmtime_fresh(handler: &Arc<Handler>) -> anyhow::Result<[f64; 4]> {
     Ok(spent.map(|d| per_event(d, FRESH_EVENTS)))
 }
 
-/// One round of calls on one instance: µs per call.
-async fn wasmtime_warm(handler: &Arc<Handler>) -> anyhow::Result<f64> {
+/// One round of calls on one instance, for events on `subject`: µs per call.
+async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<f64> {
     let mut store = store(handler);
     let instance = handler.pre.instantiate_async(&mut store).await?;
     let mut spent = Duration::ZERO;
     let far = Instant::now() + Duration::from_secs(3600);
     for _ in 0..WARM_EVENTS {
-        let event = event();
+        let event = event(subject);
         // As dispatch readies a warm store: a fresh publish quota for each event.
         store
             .data_mut()
@@ -200,7 +221,7 @@ async fn wasmtime_warm(handler: &Arc<Handler>) -> anyhow::Result<f64> {
 async fn dispatched(handler: &Arc<Handler>, events: u32) -> anyhow::Result<f64> {
     let mut spent = Duration::ZERO;
     for _ in 0..events {
-        let event = event();
+        let event = event(IN);
         let started = Instant::now();
         let (outcome, _) = dispatch(handler, event, Delivery::default()).await;
         spent += started.elapsed();
