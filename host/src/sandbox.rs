@@ -4,6 +4,7 @@
 //! A guest that breaks a policy (publishes outside its grant, logs too much) gets an
 //! error value or a truncated line, never a trap; only resource limits trap.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -284,7 +285,15 @@ pub fn sanitize(bytes: &[u8], max: usize) -> String {
 /// lose output, not its event, so this one accepts every write.
 #[derive(Clone)]
 pub struct CappedOutput {
-    inner: Arc<Mutex<CappedBuf>>,
+    inner: Arc<Captured>,
+}
+
+struct Captured {
+    /// Set by every write, cleared by `take`: most guests print nothing, and dispatch
+    /// looks at both streams after every event, so that look is one atomic operation
+    /// instead of two mutex round trips per event.
+    written: AtomicBool,
+    buf: Mutex<CappedBuf>,
 }
 
 struct CappedBuf {
@@ -296,27 +305,38 @@ struct CappedBuf {
 impl CappedOutput {
     fn new(cap: usize) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(CappedBuf {
-                buf: BytesMut::new(),
-                cap,
-                dropped: 0,
-            })),
+            inner: Arc::new(Captured {
+                written: AtomicBool::new(false),
+                buf: Mutex::new(CappedBuf {
+                    buf: BytesMut::new(),
+                    cap,
+                    dropped: 0,
+                }),
+            }),
         }
     }
 
     /// Take what was captured and how many bytes were dropped.
     pub fn take(&self) -> (BytesMut, u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // A write racing this one sets the flag again after its bytes are in, so they
+        // are taken next time, never lost.
+        if !self.inner.written.swap(false, Ordering::Acquire) {
+            return (BytesMut::new(), 0);
+        }
+        let mut inner = self.inner.buf.lock().unwrap_or_else(|e| e.into_inner());
         let dropped = std::mem::take(&mut inner.dropped);
         (std::mem::take(&mut inner.buf), dropped)
     }
 
     fn write(&self, bytes: &[u8]) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let room = inner.cap.saturating_sub(inner.buf.len());
-        let keep = bytes.len().min(room);
-        inner.buf.extend_from_slice(&bytes[..keep]);
-        inner.dropped += (bytes.len() - keep) as u64;
+        {
+            let mut inner = self.inner.buf.lock().unwrap_or_else(|e| e.into_inner());
+            let room = inner.cap.saturating_sub(inner.buf.len());
+            let keep = bytes.len().min(room);
+            inner.buf.extend_from_slice(&bytes[..keep]);
+            inner.dropped += (bytes.len() - keep) as u64;
+        }
+        self.inner.written.store(true, Ordering::Release);
     }
 }
 
@@ -402,5 +422,13 @@ mod tests {
         let (buf, dropped) = out.take();
         assert_eq!(&buf[..], b"abcd");
         assert_eq!(dropped, 3);
+        // Taken: nothing is left, and the next write is kept again.
+        let (buf, dropped) = out.take();
+        assert!(buf.is_empty());
+        assert_eq!(dropped, 0);
+        out.write(b"xy");
+        let (buf, dropped) = out.take();
+        assert_eq!(&buf[..], b"xy");
+        assert_eq!(dropped, 0);
     }
 }
