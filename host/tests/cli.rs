@@ -100,29 +100,35 @@ fn component_of_another_world_is_refused_at_load() {
     );
 }
 
-#[test]
-fn sigterm_stops_intake_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+/// A `wasmev run` process, killed if a test fails before stopping it.
+struct Running(Option<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `wasmev run` in `dir` on a manifest of `handlers` with its admin endpoint on `port`,
+/// once `/healthz` answers 200.
+fn run_until_healthy(dir: &Path, port: u16, handlers: &str) -> Running {
     std::fs::write(
-        dir.path().join("runtime.toml"),
-        format!(
-            "version = 1\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{}",
-            handler_block(
-                "audit-log",
-                "audit-log",
-                "subscribe = [\"user.>\"]\npublish = [\"audit.recorded\"]"
-            )
-        ),
+        dir.join("runtime.toml"),
+        format!("version = 1\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{handlers}"),
     )
     .unwrap();
-    let mut child = wasmev_command()
-        .args(["run", "runtime.toml"])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let running = Running(Some(
+        wasmev_command()
+            .args(["run", "runtime.toml"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     let start = Instant::now();
     loop {
         let healthy = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
@@ -133,7 +139,7 @@ fn sigterm_stops_intake_and_exits_zero() {
             response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
         });
         if healthy {
-            break;
+            return running;
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
@@ -141,6 +147,12 @@ fn sigterm_stops_intake_and_exits_zero() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// SIGTERM the host and wait for it: its exit code and everything it logged.
+fn terminate(mut running: Running) -> (Option<i32>, String) {
+    // Left in `running`: should the host not exit, the panic below still kills it.
+    let child = running.0.as_mut().unwrap();
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -159,6 +171,79 @@ fn sigterm_stops_intake_and_exits_zero() {
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (code, stderr)
+}
+
+#[test]
+fn sigterm_stops_intake_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = run_until_healthy(
+        dir.path(),
+        free_port(),
+        &handler_block(
+            "audit-log",
+            "audit-log",
+            "subscribe = [\"user.>\"]\npublish = [\"audit.recorded\"]",
+        ),
+    );
+    let (code, stderr) = terminate(child);
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
     assert!(stderr.contains("shutting down"), "{stderr}");
+}
+
+#[test]
+fn what_a_guest_prints_reaches_the_log_once_per_event() {
+    // A warm instance: its output buffers outlive each event, so a line printed in one
+    // event must be logged after that event, and not again after the next.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = run_until_healthy(
+        dir.path(),
+        port,
+        &handler_block(
+            "chaos",
+            "chaos",
+            "subscribe = [\"chaos.in\"]\ninstances = \"reuse\"",
+        ),
+    );
+    let admin = format!("http://127.0.0.1:{port}");
+    for op in [
+        r#"{"op":"print","bytes":80}"#,
+        r#"{"op":"print","bytes":0}"#,
+    ] {
+        let out = wasmev(&["publish", "--admin", &admin, "chaos.in", op], dir.path());
+        assert!(out.status.success(), "{out:?}");
+    }
+    // The second event prints nothing; wait until both are counted.
+    let start = Instant::now();
+    while !metrics(port).contains("wasmev_events_ok_total{handler=\"chaos\"} 2") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            metrics(port)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, stderr) = terminate(child);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
+    let printed: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(&"p".repeat(79)))
+        .collect();
+    assert_eq!(printed.len(), 1, "{stderr}");
+    assert!(
+        printed[0].contains("handler=chaos") && printed[0].contains("stream=\"stdout\""),
+        "{}",
+        printed[0]
+    );
+}
+
+/// The admin endpoint's metrics text.
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response
 }
