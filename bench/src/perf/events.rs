@@ -6,12 +6,12 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use wasmev::broker::Broker;
 
+use super::cpu;
 use super::floor::{self, Floor};
 use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows};
 use super::load::{
     LATENCY_RUNS, Measured, RUNS, Route, baseline_row, cpu_row, echo_host, latency, latency_median,
     latency_row, measure, memory_baseline, nats_baseline, nats_route, rate_row, throughput,
-    worker_cpu,
 };
 use super::{
     ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, rate, table,
@@ -341,10 +341,10 @@ pub async fn one(
     let result = match latency_secs {
         Some(latency_secs) => {
             throughput(&route, events / 10).await?; // warm-up
-            let before = worker_cpu();
+            let before = cpu::workers();
             let (p50, p99) = latency(&route, latency_secs).await?;
             let cpu = us_per_event(
-                worker_cpu().saturating_sub(before),
+                cpu::workers().since(&before),
                 (LATENCY_RATE * latency_secs) as f64,
             );
             format!(

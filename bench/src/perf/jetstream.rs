@@ -9,7 +9,8 @@ use anyhow::bail;
 use bytes::Bytes;
 use futures::StreamExt as _;
 
-use super::load::{Measured, cpu_row, echo_host, rate_row, wait_until, worker_cpu};
+use super::cpu;
+use super::load::{Measured, cpu_row, echo_host, rate_row, wait_until};
 use super::{ECHO, PAYLOAD, Row, Server, us_per_event};
 
 /// `n` events of the bench payload, stored on a new stream `BENCH` capturing `bench.in`.
@@ -55,7 +56,7 @@ impl JetStreamRun {
         n: u64,
         consume: impl std::future::Future<Output = anyhow::Result<()>>,
     ) -> anyhow::Result<Self> {
-        let (worker, on_server, started) = (worker_cpu(), server.cpu(), Instant::now());
+        let (worker, on_server, started) = (cpu::workers(), server.cpu(), Instant::now());
         consume.await?;
         let rate = n as f64 / started.elapsed().as_secs_f64();
         let per_event = |d: Duration| us_per_event(d, n as f64);
@@ -64,9 +65,9 @@ impl JetStreamRun {
                 median: rate,
                 best: rate,
                 runs: 1,
-                cpu_us: per_event(worker_cpu().saturating_sub(worker)),
+                cpu_us: per_event(cpu::workers().since(&worker)),
             },
-            server_us: per_event(server.cpu().saturating_sub(on_server)),
+            server_us: per_event(server.cpu().since(&on_server)),
         })
     }
 }

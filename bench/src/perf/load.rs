@@ -14,6 +14,7 @@ use wasmev::cache::ArtifactCache;
 use wasmev::subject::Pattern;
 use wasmev::{Host, Manifest, Options};
 
+use super::cpu;
 use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, rate, us_per_event};
 
 /// The broker events travel through: where they go in and where answers are counted.
@@ -432,12 +433,12 @@ pub(super) async fn measure(
 ) -> anyhow::Result<Measured> {
     throughput(path, n / 10).await?; // warm-up
     let started = Instant::now();
-    let before = worker_cpu();
+    let before = cpu::workers();
     let mut rates = Vec::with_capacity(runs);
     while rates.len() < runs.max(1) || started.elapsed() < min_time {
         rates.push(throughput(path, n).await?);
     }
-    let cpu = worker_cpu().saturating_sub(before);
+    let cpu = cpu::workers().since(&before);
     rates.sort_by(f64::total_cmp);
     Ok(Measured {
         median: rates[rates.len() / 2],
@@ -472,33 +473,4 @@ pub(super) fn cpu_row(what: &str, m: &Measured, base: &Measured) -> Row {
         format!("{:.1}×", m.cpu_us / base.cpu_us),
         "",
     )
-}
-
-/// CPU time used so far by this process's tokio worker threads: the host (or the
-/// baseline subscriber), not the load generator, which runs on its own named thread.
-/// Zero where /proc is not available.
-pub(super) fn worker_cpu() -> Duration {
-    threads_cpu("/proc/self/task", |name| name == "tokio-rt-worker")
-}
-
-/// CPU time used so far by the threads under `tasks` (a /proc `task` dir) whose name
-/// `counts`: schedstat's first field, nanoseconds on CPU. Zero where /proc is not
-/// available.
-pub(super) fn threads_cpu(tasks: &str, counts: impl Fn(&str) -> bool) -> Duration {
-    let Ok(tasks) = std::fs::read_dir(tasks) else {
-        return Duration::ZERO;
-    };
-    let mut total = Duration::ZERO;
-    for task in tasks.flatten() {
-        let path = task.path();
-        let counted = std::fs::read_to_string(path.join("comm")).is_ok_and(|n| counts(n.trim()));
-        // schedstat: nanoseconds on CPU, then waiting, then timeslices.
-        let on_cpu = std::fs::read_to_string(path.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
-        if let (true, Some(ns)) = (counted, on_cpu) {
-            total += Duration::from_nanos(ns);
-        }
-    }
-    total
 }

@@ -7,6 +7,7 @@
 //! broker I/O, in wasmtime alone and through dispatch; `process`: start-up and memory of
 //! the host as a process.
 
+mod cpu;
 mod events;
 mod floor;
 mod jetstream;
@@ -81,9 +82,9 @@ impl Server {
         })
     }
 
-    /// CPU time the server's threads have used so far (zero without /proc).
-    pub fn cpu(&self) -> Duration {
-        load::threads_cpu(&format!("/proc/{}/task", self.child.id()), |_| true)
+    /// CPU time the server's threads have used so far (none without /proc).
+    fn cpu(&self) -> cpu::ThreadsCpu {
+        cpu::threads(&format!("/proc/{}/task", self.child.id()), |_| true)
     }
 
     /// The server's version line, for the table.
