@@ -17,6 +17,7 @@ use wasmev::broker::memory::MemoryBroker;
 use wasmev::broker::{Broker, Message};
 use wasmev::dispatch::{Outcome, dispatch, event_for};
 use wasmev::handler::{Compiler, Handler};
+use wasmev::metrics::PublishResult;
 use wasmev::publish::Delivery;
 use wasmev::sandbox::State;
 use wasmev::sandbox::bindings::wasmev::events::types::Event;
@@ -200,6 +201,8 @@ async fn wasmtime_fresh(handler: &Arc<Handler>) -> anyhow::Result<[f64; 4]> {
 
 /// One round of calls on one instance, for events on `subject`: µs per call.
 async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<f64> {
+    let published = || handler.metrics.publish(PublishResult::ok).get();
+    let published_before = published();
     let mut store = store(handler);
     let instance = handler.pre.instantiate_async(&mut store).await?;
     let mut spent = Duration::ZERO;
@@ -213,6 +216,13 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
         let started = Instant::now();
         answered(instance.call_handle(&mut store, &event).await?)?;
         spent += started.elapsed();
+    }
+    // Each event on `IN` publishes once, none on `QUIET`; otherwise the split between
+    // the call and its publish measured something else (an echo built before `QUIET`).
+    let expected = if subject == QUIET { 0 } else { WARM_EVENTS };
+    let made = published() - published_before;
+    if made != u64::from(expected) {
+        anyhow::bail!("{WARM_EVENTS} events on {subject} published {made} times, not {expected}");
     }
     Ok(per_event(spent, WARM_EVENTS))
 }
