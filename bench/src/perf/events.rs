@@ -320,9 +320,10 @@ pub async fn one(
                     jetstream_baseline(server, &client, events).await?,
                 )
             };
+            let stalled = run.stalled().map(|s| format!("; {s}")).unwrap_or_default();
             return Ok(format!(
                 "{what}: {} ({events} events); {:.2} µs worker CPU, {:.2} µs nats-server CPU \
-                 per event",
+                 per event{stalled}",
                 rate(run.measured.median),
                 run.measured.cpu_us,
                 run.server_us
