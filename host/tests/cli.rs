@@ -131,11 +131,7 @@ fn run_until_healthy(dir: &Path, port: u16, handlers: &str) -> Running {
     ));
     let start = Instant::now();
     loop {
-        let healthy = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
-            let mut response = String::new();
-            let _ = s.read_to_string(&mut response);
+        let healthy = http_get(port, "/healthz").is_some_and(|response| {
             response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
         });
         if healthy {
@@ -240,10 +236,17 @@ fn what_a_guest_prints_reaches_the_log_once_per_event() {
 
 /// The admin endpoint's metrics text.
 fn metrics(port: u16) -> String {
+    http_get(port, "/metrics").expect("the admin endpoint answers")
+}
+
+/// The whole HTTP/1.0 response to `GET path` on the admin endpoint at `port`; `None`
+/// while nothing listens there.
+fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .ok()?;
     let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    response
+    s.read_to_string(&mut response).ok()?;
+    Some(response)
 }

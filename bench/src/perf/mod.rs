@@ -3,9 +3,9 @@
 //! payload) without Wasm.
 //!
 //! `load`: the load generator, the baselines and the host under test; `events`: the
-//! throughput and latency figures; `jetstream`: JetStream consume+ack; `floor`: one event on one thread without
-//! broker I/O, in wasmtime alone and through dispatch; `process`: start-up and memory of
-//! the host as a process.
+//! throughput and latency figures; `jetstream`: JetStream consume+ack; `floor`: one event
+//! on one thread without broker I/O, in wasmtime alone and through dispatch; `cpu`: CPU
+//! time per thread; `process`: start-up and memory of the host as a process.
 
 mod cpu;
 mod events;
