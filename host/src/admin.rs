@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, Broker};
+use crate::broker::{self, Broker, Outgoing};
 use crate::limits;
 use crate::metrics::Metrics;
 use crate::reload::{Cause, Reloader};
@@ -119,7 +119,10 @@ async fn publish(
     }
     let delivered = match &state.broker {
         Broker::Memory(b) => b.publish(&subject, None, &headers, body).await.map(Some),
-        Broker::Nats(b) => b.publish(&subject, &headers, body).await.map(|()| None),
+        Broker::Nats(b) => {
+            let message = Outgoing::new(subject.clone(), body).with_headers(headers);
+            b.publish(message).await.map(|()| None)
+        }
     };
     match delivered {
         Ok(delivered) => (

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Store, Trap, UpdateDeadline};
 
-use crate::broker::Message;
+use crate::broker::{Message, Outgoing};
 use crate::handler::Handler;
 use crate::limits;
 use crate::metrics::FailReason;
@@ -119,11 +119,8 @@ pub async fn answer_request(handler: &Handler, reply_to: &str, outcome: &Outcome
             ),
         ],
     };
-    if let Err(e) = handler
-        .broker
-        .publish(reply_to, &headers, bytes::Bytes::new())
-        .await
-    {
+    let answer = Outgoing::new(reply_to, bytes::Bytes::new()).with_headers(headers);
+    if let Err(e) = handler.broker.publish(answer).await {
         tracing::warn!(handler = %handler.spec.name, "could not answer a request: {e}");
     }
 }

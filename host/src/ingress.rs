@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 
 use crate::broker::nats::NatsBroker;
-use crate::broker::validate_header;
+use crate::broker::{Outgoing, validate_header};
 use crate::manifest::{Auth, BrokerSettings, Manifest};
 use crate::subject::Subject;
 
@@ -72,7 +72,8 @@ pub async fn publish(
     match target {
         Target::Nats(settings) => {
             let broker = NatsBroker::connect(settings, Default::default()).await?;
-            broker.publish(subject, headers, payload).await?;
+            let message = Outgoing::new(subject, payload).with_headers(headers.to_vec());
+            broker.publish(message).await?;
             broker.flush().await?;
             Ok(format!(
                 "published to {subject:?} on nats at {}",

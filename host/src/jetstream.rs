@@ -14,8 +14,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::Broker;
 use crate::broker::nats::convert;
+use crate::broker::{Broker, Outgoing};
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
 use crate::intake::{permit_of_current, run_on_current};
@@ -379,7 +379,9 @@ async fn dead_letter(
     ]);
     handler
         .broker
-        .publish_durable(&spec.dead_letter, &headers, base.payload.clone())
+        .publish_durable(
+            Outgoing::new(spec.dead_letter.clone(), base.payload.clone()).with_headers(headers),
+        )
         .await?;
     handler.metrics.dead_lettered.inc();
     tracing::warn!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::broker::{self, Broker, RequestError};
+use crate::broker::{self, Broker, Outgoing, RequestError};
 use crate::limits;
 use crate::metrics::PublishResult;
 use crate::sandbox::bindings::wasmev::events::types::{
@@ -100,38 +100,36 @@ impl Delivery {
             .unwrap_or(0)
     }
 
-    /// Replace any guest-set hop count with ours: one more than the triggering event's.
-    fn stamp_hops(&self, headers: &mut Vec<(String, String)>) {
+    /// A guest's message, stamped with our hop count (one more than the triggering
+    /// event's) in place of any the guest set.
+    fn outgoing(
+        &self,
+        subject: String,
+        payload: Vec<u8>,
+        mut headers: Vec<(String, String)>,
+    ) -> Outgoing {
         headers.retain(|(k, _)| k != HOPS);
-        headers.push((HOPS.to_string(), self.hops.saturating_add(1).to_string()));
+        Outgoing {
+            subject,
+            headers,
+            hops: Some(self.hops.saturating_add(1)),
+            payload: Bytes::from(payload),
+        }
     }
-}
-
-fn message_bytes(payload: &[u8], headers: &[(String, String)]) -> usize {
-    // NATS counts headers toward max_payload, so do we; 4 bytes for ": " and CRLF.
-    payload.len()
-        + headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 4)
-            .sum::<usize>()
 }
 
 /// Everything but the grant: subject syntax and size against the broker's limit (headers
 /// count, as they do for nats-server's `max_payload`). The quota is taken last, by the
 /// caller, so a refused publish costs nothing.
-fn check(
-    broker: &Broker,
-    subject: &str,
-    payload: &[u8],
-    headers: &[(String, String)],
-) -> Result<usize, Refusal> {
+fn check(broker: &Broker, message: &Outgoing) -> Result<usize, Refusal> {
+    let subject = &message.subject;
     if let Err(e) = check_subject(subject) {
         return Err((
             PublishResult::invalid_subject,
             PublishError::InvalidSubject(format!("{subject:?}: {e}")),
         ));
     }
-    let bytes = message_bytes(payload, headers);
+    let bytes = message.size();
     let max = broker.max_payload();
     if bytes > max {
         return Err((
@@ -165,23 +163,16 @@ fn from_broker(e: broker::PublishError) -> Refusal {
     }
 }
 
-async fn send(
-    broker: &Broker,
-    durable: bool,
-    subject: &str,
-    headers: &[(String, String)],
-    payload: Vec<u8>,
-) -> Result<(), Refusal> {
-    let payload = Bytes::from(payload);
+async fn send(broker: &Broker, durable: bool, message: Outgoing) -> Result<(), Refusal> {
     let mut publish = std::pin::pin!(async {
         if durable {
             // Boxed, in a statement of its own: the stream-acknowledged publish's future is
             // the larger branch; unboxed, every guest publish's future was 1824 bytes
             // instead of 1384, and is moved into the host call on each publish.
-            let durable = Box::pin(broker.publish_durable(subject, headers, payload));
+            let durable = Box::pin(broker.publish_durable(message));
             durable.await
         } else {
-            broker.publish(subject, headers, payload).await
+            broker.publish(message).await
         }
     });
     // A publish almost always completes on its first poll (the client's queue has room);
@@ -210,25 +201,20 @@ pub async fn guest_publish(
     quota: &mut Quota,
     subject: String,
     payload: Vec<u8>,
-    mut headers: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
 ) -> Result<(), Refusal> {
-    delivery.stamp_hops(&mut headers);
-    let bytes = check(broker, &subject, &payload, &headers)?;
-    granted(grants, &subject)?;
+    let mut message = delivery.outgoing(subject, payload, headers);
+    let bytes = check(broker, &message)?;
+    granted(grants, &message.subject)?;
     let index = quota.take(bytes)?;
     if let Some(prefix) = &delivery.dedupe_prefix
-        && !headers.iter().any(|(k, _)| k == MSG_ID)
+        && !message.headers.iter().any(|(k, _)| k == MSG_ID)
     {
-        headers.push((MSG_ID.to_string(), format!("{prefix}:{index}")));
+        message
+            .headers
+            .push((MSG_ID.to_string(), format!("{prefix}:{index}")));
     }
-    send(
-        broker,
-        delivery.dedupe_prefix.is_some(),
-        &subject,
-        &headers,
-        payload,
-    )
-    .await
+    send(broker, delivery.dedupe_prefix.is_some(), message).await
 }
 
 /// Answer the current event's request. Needs no grant: the reply subject was chosen by
@@ -238,7 +224,7 @@ pub async fn guest_reply(
     delivery: &Delivery,
     quota: &mut Quota,
     payload: Vec<u8>,
-    mut headers: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
 ) -> Result<(), Refusal> {
     let Some(reply_to) = &delivery.reply_to else {
         return Err((
@@ -246,10 +232,10 @@ pub async fn guest_reply(
             PublishError::AccessDenied("this event is not a request: it has no reply-to".into()),
         ));
     };
-    delivery.stamp_hops(&mut headers);
-    let bytes = check(broker, reply_to, &payload, &headers)?;
+    let message = delivery.outgoing(reply_to.clone(), payload, headers);
+    let bytes = check(broker, &message)?;
     quota.take(bytes)?;
-    send(broker, false, reply_to, &headers, payload).await
+    send(broker, false, message).await
 }
 
 /// Send a request on a granted subject and wait for the reply, no longer than the event's
@@ -263,21 +249,18 @@ pub async fn guest_request(
     deadline_at: Instant,
     subject: String,
     payload: Vec<u8>,
-    mut headers: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
     timeout_ms: u32,
 ) -> Result<Response, (PublishResult, WitRequestError)> {
     let refused = |(label, e): Refusal| (label, WitRequestError::Refused(e));
-    delivery.stamp_hops(&mut headers);
-    let bytes = check(broker, &subject, &payload, &headers).map_err(refused)?;
-    granted(grants, &subject).map_err(refused)?;
+    let message = delivery.outgoing(subject, payload, headers);
+    let bytes = check(broker, &message).map_err(refused)?;
+    granted(grants, &message.subject).map_err(refused)?;
     quota.take(bytes).map_err(refused)?;
     let timeout = Duration::from_millis(u64::from(timeout_ms))
         .min(limits::MAX_REQUEST_TIMEOUT)
         .min(deadline_at.saturating_duration_since(Instant::now()));
-    match broker
-        .request(&subject, &headers, Bytes::from(payload), timeout)
-        .await
-    {
+    match broker.request(message, timeout).await {
         Ok(reply) => {
             if let Some((_, why)) = reply.headers.iter().find(|(k, _)| k == SERVICE_ERROR) {
                 // The request went out fine (hence `ok`); the responder reported an error.

@@ -12,8 +12,9 @@ use std::sync::{Arc, RwLock, Weak};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Message, PublishError, RequestError, validate_header};
+use super::{Message, Outgoing, PublishError, RequestError, validate_header};
 use crate::limits;
+use crate::publish::HOPS;
 use crate::subject::{Pattern, check_subject};
 
 #[derive(Clone, Default)]
@@ -96,8 +97,7 @@ impl MemoryBroker {
         }
     }
 
-    /// Publish to every matching plain subscriber and to one member of each matching queue
-    /// group. Returns how many subscribers received the message.
+    /// [`MemoryBroker::send`] from borrowed parts.
     pub async fn publish(
         &self,
         subject: &str,
@@ -105,17 +105,38 @@ impl MemoryBroker {
         headers: &[(String, String)],
         payload: Bytes,
     ) -> Result<usize, PublishError> {
-        check_subject(subject).map_err(|e| PublishError::Unavailable(e.to_string()))?;
-        for (k, v) in headers {
+        let message = Outgoing::new(subject, payload).with_headers(headers.to_vec());
+        self.send(message, reply).await
+    }
+
+    /// Publish to every matching plain subscriber and to one member of each matching queue
+    /// group. Returns how many subscribers received the message.
+    pub async fn send(
+        &self,
+        message: Outgoing,
+        reply: Option<&str>,
+    ) -> Result<usize, PublishError> {
+        let Outgoing {
+            subject,
+            mut headers,
+            hops,
+            payload,
+        } = message;
+        check_subject(&subject).map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        for (k, v) in &headers {
             validate_header(k, v)?;
         }
-        let targets = self.targets(subject);
+        if let Some(hops) = hops {
+            headers.push((HOPS.to_string(), hops.to_string()));
+        }
+        let targets = self.targets(&subject);
         let message = Message {
-            subject: subject.to_string(),
+            subject,
             reply: reply.map(str::to_string),
-            headers: headers.to_vec(),
+            headers,
             payload,
         };
+        let subject = &message.subject;
         let mut delivered = 0;
         for (mut tx, queue) in targets {
             // Why wait instead of dropping: nothing is lost while the host is up. Why a
@@ -154,20 +175,17 @@ impl MemoryBroker {
     /// Publish with a fresh inbox as the reply subject and wait for the first reply.
     pub async fn request(
         &self,
-        subject: &str,
-        headers: &[(String, String)],
-        payload: Bytes,
+        message: Outgoing,
         timeout: std::time::Duration,
     ) -> Result<Message, RequestError> {
         let inbox = format!("_INBOX.{}", uuid::Uuid::now_v7().simple());
         let pattern =
             Pattern::new(inbox.clone()).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         let mut replies = self.subscribe(pattern, None);
-        let delivered = self
-            .publish(subject, Some(&inbox), headers, payload)
-            .await?;
+        let subject = message.subject.clone();
+        let delivered = self.send(message, Some(&inbox)).await?;
         if delivered == 0 {
-            return Err(RequestError::NoResponders(subject.to_string()));
+            return Err(RequestError::NoResponders(subject));
         }
         match tokio::time::timeout(timeout, replies.next()).await {
             Ok(Some(reply)) => Ok(reply),
@@ -294,7 +312,10 @@ mod tests {
     async fn requests_get_the_first_reply_or_no_responders() {
         let broker = MemoryBroker::new();
         let err = broker
-            .request("svc", &[], Bytes::new(), Duration::from_millis(100))
+            .request(
+                Outgoing::new("svc", Bytes::new()),
+                Duration::from_millis(100),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, RequestError::NoResponders(_)));
@@ -317,15 +338,31 @@ mod tests {
         };
         let reply = broker
             .request(
-                "svc",
-                &[],
-                Bytes::from_static(b"ping"),
+                Outgoing::new("svc", Bytes::from_static(b"ping")),
                 Duration::from_secs(5),
             )
             .await
             .unwrap();
         assert_eq!(&reply.payload[..], b"pong");
         responder.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_hop_count_arrives_as_a_header_after_the_others() {
+        let broker = MemoryBroker::new();
+        let mut sub = broker.subscribe(pattern("a"), None);
+        let mut message = Outgoing::new("a", Bytes::new())
+            .with_headers(vec![("X-Trace".to_string(), "t1".to_string())]);
+        message.hops = Some(3);
+        assert_eq!(broker.send(message, None).await.unwrap(), 1);
+        let got = sub.next().await.unwrap();
+        assert_eq!(
+            got.headers,
+            [
+                ("X-Trace".to_string(), "t1".to_string()),
+                (HOPS.to_string(), "3".to_string())
+            ]
+        );
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ pub mod nats;
 
 use bytes::Bytes;
 
+use crate::publish::HOPS;
 use crate::subject::Pattern;
 
 /// A message as dispatch sees it, whichever broker it came from.
@@ -18,6 +19,57 @@ pub struct Message {
     pub reply: Option<String>,
     pub headers: Vec<(String, String)>,
     pub payload: Bytes,
+}
+
+/// A message on its way out, owned: the broker takes its subject and headers as they
+/// are, rather than copying them from borrowed slices.
+///
+/// The hop count rides beside the headers, not in them: the NATS broker writes it
+/// straight into the client's header map. Pushed onto the guest's header list as a pair
+/// of strings, as it first was, it cost three allocations per guest publish (the list's
+/// growth, the name, the number's text), and the subject's copy was a fourth.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub subject: String,
+    /// Headers, not including the hop count.
+    pub headers: Vec<(String, String)>,
+    /// The `Wasmev-Hops` value to send; `None` sends none.
+    pub hops: Option<u32>,
+    pub payload: Bytes,
+}
+
+impl Outgoing {
+    /// A message without headers.
+    pub fn new(subject: impl Into<String>, payload: Bytes) -> Self {
+        Self {
+            subject: subject.into(),
+            headers: Vec::new(),
+            hops: None,
+            payload,
+        }
+    }
+
+    pub fn with_headers(mut self, headers: Vec<(String, String)>) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Bytes NATS counts toward `max_payload`: the payload and every header, the hop count
+    /// included, 4 bytes each for ": " and CRLF.
+    pub fn size(&self) -> usize {
+        let hops = self.hops.map_or(0, |n| HOPS.len() + decimal_digits(n) + 4);
+        self.payload.len()
+            + hops
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+    }
+}
+
+fn decimal_digits(n: u32) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 /// Why a publish could not be handed to the broker.
@@ -105,45 +157,33 @@ impl Broker {
     }
 
     /// Publish a message. Returns once the broker has taken it (not once it is handled).
-    pub async fn publish(
-        &self,
-        subject: &str,
-        headers: &[(String, String)],
-        payload: Bytes,
-    ) -> Result<(), PublishError> {
+    pub async fn publish(&self, message: Outgoing) -> Result<(), PublishError> {
         match self {
-            Broker::Memory(b) => b.publish(subject, None, headers, payload).await.map(|_| ()),
-            Broker::Nats(b) => b.publish(subject, headers, payload).await,
+            Broker::Memory(b) => b.send(message, None).await.map(|_| ()),
+            Broker::Nats(b) => b.publish(message).await,
         }
     }
 
     /// Publish where losing the message would break at-least-once delivery: on NATS, when
     /// a stream captures `subject`, wait for the stream's acknowledgement (and let its
     /// duplicate window drop a `Nats-Msg-Id` it has seen); otherwise a plain publish.
-    pub async fn publish_durable(
-        &self,
-        subject: &str,
-        headers: &[(String, String)],
-        payload: Bytes,
-    ) -> Result<(), PublishError> {
+    pub async fn publish_durable(&self, message: Outgoing) -> Result<(), PublishError> {
         match self {
-            Broker::Nats(b) => b.publish_durable(subject, headers, payload).await,
+            Broker::Nats(b) => b.publish_durable(message).await,
             // In-process delivery has no stream to acknowledge: a plain publish.
-            Broker::Memory(_) => self.publish(subject, headers, payload).await,
+            Broker::Memory(_) => self.publish(message).await,
         }
     }
 
     /// Send a request and wait up to `timeout` for the first reply.
     pub async fn request(
         &self,
-        subject: &str,
-        headers: &[(String, String)],
-        payload: Bytes,
+        message: Outgoing,
         timeout: std::time::Duration,
     ) -> Result<Message, RequestError> {
         match self {
-            Broker::Memory(b) => b.request(subject, headers, payload, timeout).await,
-            Broker::Nats(b) => b.request(subject, headers, payload, timeout).await,
+            Broker::Memory(b) => b.request(message, timeout).await,
+            Broker::Nats(b) => b.request(message, timeout).await,
         }
     }
 
@@ -181,5 +221,27 @@ pub fn validate_header(name: &str, value: &str) -> Result<(), PublishError> {
         Ok(())
     } else {
         Err(PublishError::InvalidHeader(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_counts_every_header_and_the_hop_count_as_nats_does() {
+        let mut message = Outgoing::new("a", Bytes::from_static(b"12345"))
+            .with_headers(vec![("K".to_string(), "vv".to_string())]);
+        // payload 5 + "K: vv\r\n" 7
+        assert_eq!(message.size(), 12);
+        for (hops, digits) in [(0, 1), (9, 1), (10, 2), (255, 3), (u32::MAX, 10)] {
+            message.hops = Some(hops);
+            // + "Wasmev-Hops: <digits>\r\n"
+            assert_eq!(
+                message.size(),
+                12 + HOPS.len() + digits + 4,
+                "hops = {hops}"
+            );
+        }
     }
 }

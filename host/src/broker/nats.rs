@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 
-use super::{Message, PublishError, RequestError, validate_header};
+use super::{Message, Outgoing, PublishError, RequestError, validate_header};
 use crate::limits;
 use crate::manifest::{Auth, BrokerSettings, Deliver, JetStreamSpec};
 use crate::publish::HOPS;
@@ -114,25 +114,28 @@ fn header_pairs(h: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The hop header, on every guest publish: built once, not parsed and copied each time.
+/// The hop header's name, on every guest publish: built once, not parsed each time.
 const HOPS_NAME: HeaderName = HeaderName::from_static(HOPS);
 
-/// Build a header map, refusing (never panicking on) what NATS would reject.
-fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, PublishError> {
+/// The client's header map for `message`, refusing (never panicking on) what NATS would
+/// reject; `None` when it has no headers at all (a plain PUB is sent).
+fn header_map(message: &Outgoing) -> Result<Option<HeaderMap>, PublishError> {
+    if message.headers.is_empty() && message.hops.is_none() {
+        return Ok(None);
+    }
     let mut map = HeaderMap::new();
-    for (k, v) in headers {
+    for (k, v) in &message.headers {
         validate_header(k, v)?;
         // Both parses re-check what validate_header checked; they cannot fail here, but a
         // failure must still be an error value and never a panic.
-        let name = if k == HOPS {
-            HOPS_NAME
-        } else {
-            HeaderName::from_str(k).map_err(|_| PublishError::InvalidHeader(k.clone()))?
-        };
+        let name = HeaderName::from_str(k).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
         let value = HeaderValue::from_str(v).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
         map.append(name, value);
     }
-    Ok(map)
+    if let Some(hops) = message.hops {
+        map.insert(HOPS_NAME, HeaderValue::from(hops));
+    }
+    Ok(Some(map))
 }
 
 impl NatsBroker {
@@ -246,19 +249,14 @@ impl NatsBroker {
         Ok(())
     }
 
-    pub async fn publish(
-        &self,
-        subject: &str,
-        headers: &[(String, String)],
-        payload: Bytes,
-    ) -> Result<(), PublishError> {
-        let result = if headers.is_empty() {
-            self.client.publish(subject.to_string(), payload).await
-        } else {
-            let map = header_map(headers)?;
-            self.client
-                .publish_with_headers(subject.to_string(), map, payload)
-                .await
+    pub async fn publish(&self, message: Outgoing) -> Result<(), PublishError> {
+        let result = match header_map(&message)? {
+            None => self.client.publish(message.subject, message.payload).await,
+            Some(map) => {
+                self.client
+                    .publish_with_headers(message.subject, map, message.payload)
+                    .await
+            }
         };
         result.map_err(|e| PublishError::Unavailable(e.to_string()))
     }
@@ -285,48 +283,46 @@ impl NatsBroker {
     /// Publish and, when a stream captures the subject, wait for its acknowledgement.
     /// A subject no stream captures is published plainly: there is nothing to wait for
     /// (and waiting would only time out when core subscribers listen there).
-    pub async fn publish_durable(
-        &self,
-        subject: &str,
-        headers: &[(String, String)],
-        payload: Bytes,
-    ) -> Result<(), PublishError> {
+    pub async fn publish_durable(&self, message: Outgoing) -> Result<(), PublishError> {
         use async_nats::jetstream::context::PublishErrorKind;
-        if !self.is_captured(subject).await? {
-            return self.publish(subject, headers, payload).await;
+        if !self.is_captured(&message.subject).await? {
+            return self.publish(message).await;
         }
-        let map = header_map(headers)?;
+        let map = header_map(&message)?.unwrap_or_default();
         let ack = self
             .jetstream
-            .publish_with_headers(subject.to_string(), map, payload.clone())
+            .publish_with_headers(message.subject.clone(), map, message.payload.clone())
             .await
             .map_err(|e| PublishError::Unavailable(e.to_string()))?
             .await;
         match ack {
             Ok(_) => Ok(()),
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
-                self.publish(subject, headers, payload).await
-            }
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => self.publish(message).await,
             Err(e) => Err(PublishError::Unavailable(e.to_string())),
         }
     }
 
     pub async fn request(
         &self,
-        subject: &str,
-        headers: &[(String, String)],
-        payload: Bytes,
+        message: Outgoing,
         timeout: Duration,
     ) -> Result<Message, RequestError> {
         use async_nats::RequestErrorKind;
-        let request = async_nats::Request::new()
-            .payload(payload)
-            .headers(header_map(headers)?)
+        let map = header_map(&message)?;
+        let mut request = async_nats::Request::new()
+            .payload(message.payload)
             .timeout(Some(timeout));
-        match self.client.send_request(subject.to_string(), request).await {
+        if let Some(map) = map {
+            request = request.headers(map);
+        }
+        match self
+            .client
+            .send_request(message.subject.clone(), request)
+            .await
+        {
             Ok(m) => Ok(convert(&m)),
             Err(e) => Err(match e.kind() {
-                RequestErrorKind::NoResponders => RequestError::NoResponders(subject.to_string()),
+                RequestErrorKind::NoResponders => RequestError::NoResponders(message.subject),
                 RequestErrorKind::TimedOut => RequestError::TimedOut(timeout),
                 _ => RequestError::Publish(PublishError::Unavailable(e.to_string())),
             }),
