@@ -100,7 +100,7 @@ pub async fn consume(
                         "the live version pulls differently; starting a new pull"
                     );
                     drop(permit);
-                    hand_back(&current, messages).await;
+                    hand_back(&current, messages, None).await;
                     continue 'pull;
                 }
                 shaped_by = current.clone();
@@ -112,7 +112,18 @@ pub async fn consume(
             };
             match next {
                 Some(Ok(message)) => {
-                    let (handler, permit) = run_on_current(&live, current, permit).await?;
+                    // Read under one version, to run on another that has no permit free:
+                    // that wait ends with one of the new version's events, and a stop
+                    // must not wait for it. The message goes back with the rest.
+                    let on = tokio::select! {
+                        biased;
+                        () = token.cancelled() => None,
+                        on = run_on_current(&live, current, permit) => Some(on?),
+                    };
+                    let Some((handler, permit)) = on else {
+                        hand_back(&live.current(), messages, Some(message)).await;
+                        return Ok(());
+                    };
                     let live = live.clone();
                     tracker.spawn(async move {
                         if let Some(outcome) = handle(&handler, message, permit).await {
@@ -142,7 +153,7 @@ pub async fn consume(
             }
         }
         // Stopped (shutdown, or a reload that no longer wants this intake).
-        hand_back(&live.current(), messages).await;
+        hand_back(&live.current(), messages, None).await;
         return Ok(());
     }
 }
@@ -152,8 +163,9 @@ pub async fn consume(
 /// comes back after its `ack_wait`).
 const HAND_BACK_WAIT: Duration = Duration::from_secs(1);
 
-/// Nak, without delay, what JetStream sent ahead that never ran, so it is redelivered now
-/// (to the next version's intake, or another host) instead of after its `ack_wait`.
+/// Nak, without delay, what JetStream sent ahead that never ran (and `read`, a message
+/// already read that did not run), so it is redelivered now (to the next version's
+/// intake, or another host) instead of after its `ack_wait`.
 ///
 /// First a round trip to the server: what it sent before answering is then read off the
 /// socket (the connection task may not have got to it yet while guests kept the workers
@@ -161,14 +173,18 @@ const HAND_BACK_WAIT: Duration = Duration::from_secs(1);
 /// Then the stream is dropped (its subscription ends) before the naks go out, on the
 /// same connection and so in that order: a nak'd message is redelivered at once, and the
 /// server must not hand it to this pull again, whose inbox nobody reads any more.
-async fn hand_back(handler: &Handler, mut messages: async_nats::jetstream::consumer::pull::Stream) {
+async fn hand_back(
+    handler: &Handler,
+    mut messages: async_nats::jetstream::consumer::pull::Stream,
+    read: Option<async_nats::jetstream::Message>,
+) {
     let name = &handler.spec.name;
     if let Broker::Nats(nats) = &handler.broker
         && let Ok(Err(e)) = tokio::time::timeout(HAND_BACK_WAIT, nats.flush()).await
     {
         tracing::debug!(handler = %name, "before handing back: {e:#}");
     }
-    let mut held = Vec::new();
+    let mut held = Vec::from_iter(read);
     while let Some(Some(Ok(message))) = messages.next().now_or_never() {
         held.push(message);
     }
