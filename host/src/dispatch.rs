@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use crate::broker::{Message, Outgoing};
@@ -11,7 +12,7 @@ use crate::handler::Handler;
 use crate::limits;
 use crate::metrics::FailReason;
 use crate::publish::{Delivery, SERVICE_ERROR, SERVICE_ERROR_CODE};
-use crate::sandbox::bindings::wasmev::events::types::{Event, HandleError};
+use crate::sandbox::bindings::wasmev::events::types::{self as wit, HandleError};
 use crate::sandbox::{State, sanitize};
 use crate::warm::{Warm, WarmPool};
 
@@ -40,6 +41,34 @@ impl Outcome {
     }
 }
 
+/// One event as the host holds it: the `event` record of the WIT, owned, its payload
+/// shared with the message it came in. The guest's call borrows it ([`Event::record`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: String,
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: Vec<(String, String)>,
+    pub reply_to: Option<String>,
+    pub attempt: u32,
+}
+
+impl Event {
+    /// The record `handle` is called with, borrowing from this event. `pairs` holds the
+    /// header pairs as the record borrows them; it allocates only when there are headers.
+    pub fn record<'a>(&'a self, pairs: &'a mut Vec<(&'a str, &'a str)>) -> wit::Event<'a> {
+        pairs.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        wit::Event {
+            id: &self.id,
+            subject: &self.subject,
+            payload: &self.payload,
+            headers: pairs,
+            reply_to: self.reply_to.as_deref(),
+            attempt: self.attempt,
+        }
+    }
+}
+
 /// The id the publisher chose for its event, if any (headers in [`ID_HEADERS`] order).
 pub fn publisher_id(headers: &[(String, String)]) -> Option<String> {
     ID_HEADERS
@@ -48,15 +77,15 @@ pub fn publisher_id(headers: &[(String, String)]) -> Option<String> {
         .map(|(_, v)| v.clone())
 }
 
-/// The event record a guest sees for `msg`; `fallback_id` names it when the publisher
-/// did not. Takes the message: its strings move into the event rather than being copied
-/// (the core intake owns each message, and this is on every event's path).
+/// The event a guest sees for `msg`; `fallback_id` names it when the publisher did not.
+/// Takes the message: its strings and payload move into the event rather than being
+/// copied (the core intake owns each message, and this is on every event's path).
 pub fn event_for(msg: Message, attempt: u32, fallback_id: impl FnOnce() -> String) -> Event {
     let id = publisher_id(&msg.headers).unwrap_or_else(fallback_id);
     Event {
         id,
         subject: msg.subject,
-        payload: msg.payload.to_vec(),
+        payload: msg.payload,
         headers: msg.headers,
         reply_to: msg.reply,
         attempt,
@@ -215,7 +244,10 @@ async fn run(
                 instantiating.await?
             }
         };
-        let answer = ready.call_handle(&mut store, event).await?;
+        let mut pairs = Vec::new();
+        let answer = ready
+            .call_handle(&mut store, event.record(&mut pairs))
+            .await?;
         Ok::<_, wasmtime::Error>((answer, ready))
     };
     // The epoch interrupt stops a guest that is computing; this timeout also stops one that
@@ -332,5 +364,52 @@ fn log_guest_output(handler: &Handler, state: &State) {
                 limits::GUEST_OUTPUT_CAP
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(headers: Vec<(String, String)>) -> Message {
+        Message {
+            subject: "user.created".into(),
+            reply: Some("_INBOX.1".into()),
+            headers,
+            payload: Bytes::from_static(b"{\"id\":\"u1\"}"),
+        }
+    }
+
+    #[test]
+    fn the_guest_record_borrows_the_payload_the_message_brought() {
+        let msg = message(Vec::new());
+        let payload = msg.payload.as_ptr();
+        let event = event_for(msg, 2, || "fallback".into());
+        let mut pairs = Vec::new();
+        let record = event.record(&mut pairs);
+        assert_eq!(record.payload.as_ptr(), payload, "the payload was copied");
+        assert_eq!(record.payload, b"{\"id\":\"u1\"}");
+        assert_eq!(record.id, "fallback");
+        assert_eq!(record.subject, "user.created");
+        assert_eq!(record.reply_to, Some("_INBOX.1"));
+        assert_eq!(record.attempt, 2);
+        assert!(record.headers.is_empty());
+    }
+
+    #[test]
+    fn the_guest_record_has_every_header_in_order_and_the_publisher_id() {
+        let headers = vec![
+            ("b".to_string(), "2".to_string()),
+            ("Nats-Msg-Id".to_string(), "order-7".to_string()),
+            ("b".to_string(), "1".to_string()),
+        ];
+        let event = event_for(message(headers), 1, || "fallback".into());
+        let mut pairs = Vec::new();
+        let record = event.record(&mut pairs);
+        assert_eq!(record.id, "order-7");
+        assert_eq!(
+            record.headers,
+            [("b", "2"), ("Nats-Msg-Id", "order-7"), ("b", "1")]
+        );
     }
 }

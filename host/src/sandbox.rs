@@ -28,6 +28,9 @@ pub mod bindings {
         // Only the publisher interface waits on the broker; log and config answer at once.
         imports: { "wasmev:events/publisher": async },
         exports: { default: async },
+        // The event record is lowered straight from the host's own event (`&str`,
+        // `&[u8]`): owned, it cost a copy and an allocation of each payload per event.
+        ownership: Borrowing { duplicate_if_necessary: false },
     });
 }
 

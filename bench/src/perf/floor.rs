@@ -15,12 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use wasmev::broker::memory::MemoryBroker;
 use wasmev::broker::{Broker, Message};
-use wasmev::dispatch::{Outcome, dispatch, event_for};
+use wasmev::dispatch::{Event, Outcome, dispatch, event_for};
 use wasmev::handler::{Compiler, Handler};
 use wasmev::metrics::PublishResult;
 use wasmev::publish::Delivery;
 use wasmev::sandbox::State;
-use wasmev::sandbox::bindings::wasmev::events::types::Event;
 
 use super::load::echo_manifest;
 use super::{PAYLOAD, us_per_event};
@@ -185,7 +184,11 @@ async fn wasmtime_fresh(handler: &Arc<Handler>) -> anyhow::Result<[f64; 4]> {
         let t1 = Instant::now();
         let instance = handler.pre.instantiate_async(&mut store).await?;
         let t2 = Instant::now();
-        answered(instance.call_handle(&mut store, &event).await?)?;
+        answered(
+            instance
+                .call_handle(&mut store, event.record(&mut Vec::new()))
+                .await?,
+        )?;
         let t3 = Instant::now();
         drop((instance, store));
         let t4 = Instant::now();
@@ -214,7 +217,11 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
             .data_mut()
             .begin(&event.subject, Delivery::default(), far);
         let started = Instant::now();
-        answered(instance.call_handle(&mut store, &event).await?)?;
+        answered(
+            instance
+                .call_handle(&mut store, event.record(&mut Vec::new()))
+                .await?,
+        )?;
         spent += started.elapsed();
     }
     // Each event on `IN` publishes once, none on `QUIET`; otherwise the split between
