@@ -43,7 +43,7 @@ impl Outcome {
 
 /// One event as the host holds it: the `event` record of the WIT, owned, its payload
 /// shared with the message it came in. The guest's call borrows it ([`Event::record`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Event {
     pub id: String,
     pub subject: String,
