@@ -209,7 +209,7 @@ pub async fn subscription_loop(
 /// that, and with the default max_in_flight (64) still leaves work for every worker thread
 /// of a small machine. The events of a batch run concurrently, not one after another, so
 /// a handler that waits (a request, a slow broker) loses nothing to batching.
-const MAX_BATCH: usize = 16;
+pub(crate) const MAX_BATCH: usize = 16;
 
 /// Run core events on `handler` (the version live when they were taken), concurrently,
 /// in one task; each permit is released when its own event ends.
