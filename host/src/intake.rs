@@ -174,20 +174,13 @@ pub async fn subscription_loop(
             continue;
         };
         let (handler, permit) = run_on_current(&live, permit_version, permit).await?;
-        // Under load more events are already waiting: take each that has a permit free
-        // now into the same task. Nothing waits for this: a missing permit or an empty
-        // buffer ends the batch.
+        // Under load more events are already waiting: take them into the same task.
         let mut batch = vec![(message, permit)];
-        while batch.len() < MAX_BATCH {
-            let Ok(permit) = handler.permits.clone().try_acquire_owned() else {
-                break;
-            };
-            match sub.next().now_or_never() {
-                Some(Some(message)) => batch.push((message, permit)),
-                // An ended subscription is noticed (and renewed) by the next `next`.
-                _ => break,
-            }
-        }
+        fill_batch(&handler, &mut batch, || match sub.next().now_or_never() {
+            Some(Some(message)) => Some(message),
+            // An ended subscription is noticed (and renewed) by the next `next`.
+            _ => None,
+        });
         spawn_events(&live, handler, batch, &tracker);
     }
     let drained = sub.drain().await;
@@ -209,7 +202,27 @@ pub async fn subscription_loop(
 /// that, and with the default max_in_flight (64) still leaves work for every worker thread
 /// of a small machine. The events of a batch run concurrently, not one after another, so
 /// a handler that waits (a request, a slow broker) loses nothing to batching.
-pub(crate) const MAX_BATCH: usize = 16;
+const MAX_BATCH: usize = 16;
+
+/// Add to `batch`, up to [`MAX_BATCH`], each message `ready` has now, while a permit of
+/// `handler` is free for it. Nothing waits: a missing permit, or `ready` having nothing
+/// (`None`), ends the batch. A permit is taken before the message is read, so a message is
+/// never read without one.
+pub(crate) fn fill_batch<M>(
+    handler: &Handler,
+    batch: &mut Vec<(M, OwnedSemaphorePermit)>,
+    mut ready: impl FnMut() -> Option<M>,
+) {
+    while batch.len() < MAX_BATCH {
+        let Ok(permit) = handler.permits.clone().try_acquire_owned() else {
+            break;
+        };
+        let Some(message) = ready() else {
+            break;
+        };
+        batch.push((message, permit));
+    }
+}
 
 /// Run core events on `handler` (the version live when they were taken), concurrently,
 /// in one task; each permit is released when its own event ends.

@@ -19,7 +19,7 @@ use crate::broker::nats::convert;
 use crate::broker::{Broker, Outgoing};
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
-use crate::intake::{MAX_BATCH, permit_of_current, run_on_current};
+use crate::intake::{fill_batch, permit_of_current, run_on_current};
 use crate::limits;
 use crate::live::Live;
 use crate::manifest::JetStreamSpec;
@@ -132,24 +132,19 @@ pub async fn consume(
                         return Ok(());
                     };
                     // Under load JetStream has sent more ahead: as the core intake does, take
-                    // each that has a permit free now into the same task. Nothing waits for
-                    // this. A task per message meant a spawn, a wake-up and a socket write
-                    // of its own for each; a batch's acks and publishes leave together
-                    // (bench/RESULTS.md: 0.29 → 0.13 socket writes per event).
+                    // it into the same task. A task per message meant a spawn, a wake-up and
+                    // a socket write of its own for each; a batch's acks and publishes leave
+                    // together (bench/RESULTS.md: 0.29 → 0.13 socket writes per event).
                     let mut batch = vec![(message, permit)];
-                    while batch.len() < MAX_BATCH {
-                        let Ok(permit) = handler.permits.clone().try_acquire_owned() else {
-                            break;
-                        };
-                        match messages.next().now_or_never() {
-                            Some(Some(Ok(message))) => batch.push((message, permit)),
-                            Some(next) => {
+                    fill_batch(&handler, &mut batch, || {
+                        match messages.next().now_or_never()? {
+                            Some(Ok(message)) => Some(message),
+                            next => {
                                 read_ahead = Some(next);
-                                break;
+                                None
                             }
-                            None => break,
                         }
-                    }
+                    });
                     let live = live.clone();
                     // join_all keeps the batch's futures in one allocation, polled in place.
                     tracker.spawn(async move {
