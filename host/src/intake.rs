@@ -181,7 +181,7 @@ pub async fn subscription_loop(
             // An ended subscription is noticed (and renewed) by the next `next`.
             _ => None,
         });
-        spawn_events(&live, handler, batch, &tracker);
+        spawn_events::<Core>(&live, handler, batch, &tracker);
     }
     let drained = sub.drain().await;
     // The broker routes nothing new here now; what it already did is run below.
@@ -192,7 +192,7 @@ pub async fn subscription_loop(
     while let Ok(Some(message)) = tokio::time::timeout(DRAIN_WAIT, sub.next()).await {
         let handler = live.current();
         let permit = permit_of(&handler).await?;
-        spawn_events(&live, handler, vec![(message, permit)], &tracker);
+        spawn_events::<Core>(&live, handler, vec![(message, permit)], &tracker);
     }
     Ok(())
 }
@@ -224,12 +224,28 @@ pub(crate) fn fill_batch<M>(
     }
 }
 
-/// Run core events on `handler` (the version live when they were taken), concurrently,
-/// in one task; each permit is released when its own event ends.
-fn spawn_events(
+/// How one intake runs one of its events, start to end, so both intakes share
+/// [`spawn_events`].
+pub(crate) trait RunEvent {
+    /// What the intake reads from its broker.
+    type Message: Send + 'static;
+
+    /// Run `message` on `handler` (the version live when it was taken), releasing
+    /// `permit` when it ends.
+    fn run(
+        live: &Live,
+        handler: &Arc<Handler>,
+        message: Self::Message,
+        permit: OwnedSemaphorePermit,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Run a batch of events on `handler` (the version live when they were taken),
+/// concurrently, in one task; each permit is released when its own event ends.
+pub(crate) fn spawn_events<R: RunEvent>(
     live: &Arc<Live>,
     handler: Arc<Handler>,
-    batch: Vec<(Message, OwnedSemaphorePermit)>,
+    batch: Vec<(R::Message, OwnedSemaphorePermit)>,
     tracker: &TaskTracker,
 ) {
     let live = live.clone();
@@ -239,39 +255,45 @@ fn spawn_events(
         join_all(
             batch
                 .into_iter()
-                .map(|(message, permit)| run_event(&live, &handler, message, permit)),
+                .map(|(message, permit)| R::run(&live, &handler, message, permit)),
         )
         .await;
     });
 }
 
-/// One core event, start to end: dispatch, settle, answer a request.
-async fn run_event(
-    live: &Live,
-    handler: &Arc<Handler>,
-    message: Message,
-    permit: OwnedSemaphorePermit,
-) {
-    let delivery = Delivery {
-        reply_to: message.reply.clone(),
-        dedupe_prefix: None,
-        hops: Delivery::hops_of(&message.headers),
-    };
-    let service_reply = if handler.spec.service {
-        message.reply.clone()
-    } else {
-        None
-    };
-    let event = event_for(message, 1, new_event_id);
-    let (outcome, replied) = dispatch(handler, event, delivery).await;
-    live.settled(handler, &outcome);
-    if let Some(reply_to) = &service_reply {
-        // Its own statement, so the unboxed future is not kept across the await (see
-        // `dispatch`).
-        let answer = Box::pin(answer_request(handler, reply_to, &outcome, replied));
-        answer.await;
+/// The core intake's events: dispatch, settle, answer a request.
+struct Core;
+
+impl RunEvent for Core {
+    type Message = Message;
+
+    async fn run(
+        live: &Live,
+        handler: &Arc<Handler>,
+        message: Message,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let delivery = Delivery {
+            reply_to: message.reply.clone(),
+            dedupe_prefix: None,
+            hops: Delivery::hops_of(&message.headers),
+        };
+        let service_reply = if handler.spec.service {
+            message.reply.clone()
+        } else {
+            None
+        };
+        let event = event_for(message, 1, new_event_id);
+        let (outcome, replied) = dispatch(handler, event, delivery).await;
+        live.settled(handler, &outcome);
+        if let Some(reply_to) = &service_reply {
+            // Its own statement, so the unboxed future is not kept across the await (see
+            // `dispatch`).
+            let answer = Box::pin(answer_request(handler, reply_to, &outcome, replied));
+            answer.await;
+        }
+        drop(permit);
     }
-    drop(permit);
 }
 
 /// An id for an event whose publisher gave none: a UUIDv7, so ids sort by time.

@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::MessagesErrorKind;
-use futures::future::join_all;
 use futures::{FutureExt as _, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +18,7 @@ use crate::broker::nats::convert;
 use crate::broker::{Broker, Outgoing};
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
-use crate::intake::{fill_batch, permit_of_current, run_on_current};
+use crate::intake::{RunEvent, fill_batch, permit_of_current, run_on_current, spawn_events};
 use crate::limits;
 use crate::live::Live;
 use crate::manifest::JetStreamSpec;
@@ -145,19 +144,7 @@ pub async fn consume(
                             }
                         }
                     });
-                    let live = live.clone();
-                    // join_all keeps the batch's futures in one allocation, polled in place.
-                    tracker.spawn(async move {
-                        join_all(batch.into_iter().map(|(message, permit)| {
-                            let (live, handler) = (&live, &handler);
-                            async move {
-                                if let Some(outcome) = handle(handler, message, permit).await {
-                                    live.settled(handler, &outcome);
-                                }
-                            }
-                        }))
-                        .await;
-                    });
+                    spawn_events::<JetStream>(&live, handler, batch, &tracker);
                 }
                 // The client reports a missed heartbeat or a failed pull request and goes
                 // on pulling; what it already holds stays readable. Only a stream that
@@ -262,6 +249,24 @@ fn pull_batch(max_in_flight: u32, deadline: Duration, ack_wait: Duration) -> usi
     // batch ≤ max_in_flight × ack_wait / (3 × deadline)
     let fits = in_flight * ack_wait.as_millis() / (3 * deadline.as_millis().max(1));
     usize::try_from(fits.clamp(1, in_flight)).unwrap_or(1)
+}
+
+/// The JetStream intake's events: run, ack or nak, then count the outcome.
+struct JetStream;
+
+impl RunEvent for JetStream {
+    type Message = async_nats::jetstream::Message;
+
+    async fn run(
+        live: &Live,
+        handler: &Arc<Handler>,
+        message: Self::Message,
+        permit: OwnedSemaphorePermit,
+    ) {
+        if let Some(outcome) = handle(handler, message, permit).await {
+            live.settled(handler, &outcome);
+        }
+    }
 }
 
 /// Run one message and settle it; how the guest's run ended, if it ran.
