@@ -188,6 +188,36 @@ fn sigterm_stops_intake_and_exits_zero() {
 }
 
 #[test]
+fn sigterm_on_nats_stops_without_a_warning() {
+    // An orderly stop closes the NATS connection itself; async-nats reports that as an
+    // event, which the host used to log as a warning after "stopped".
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let child = run_until_healthy(
+        dir.path(),
+        free_port(),
+        &format!(
+            "[broker]\nurl = \"{}\"\n{}",
+            nats.url(),
+            handler_block(
+                "audit-log",
+                "audit-log",
+                "subscribe = [\"user.>\"]\npublish = [\"audit.recorded\"]",
+            )
+        ),
+    );
+    let (code, stderr) = terminate(child);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
+    assert!(stderr.contains("connected to nats"), "{stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
+#[test]
 fn what_a_guest_prints_reaches_the_log_once_per_event() {
     // A warm instance: its output buffers outlive each event, so a line printed in one
     // event must be logged after that event, and not again after the next.

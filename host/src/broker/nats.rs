@@ -186,6 +186,11 @@ impl NatsBroker {
                                 );
                             }
                         }
+                        // Only this host closes its connection (a drain, or the last
+                        // client dropped at shutdown): nothing to warn about.
+                        async_nats::Event::Closed => {
+                            tracing::debug!(%url, "nats connection closed")
+                        }
                         other => tracing::warn!(%url, "nats: {other}"),
                     }
                 }
