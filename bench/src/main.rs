@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 use wasmev::cache::ArtifactCache;
 use wasmev::reload::Cause;
 use wasmev::{Host, Manifest, Options};
@@ -96,6 +97,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The hosts the benchmarks start run in this process: their warnings (a missed
+    // JetStream heartbeat, a shed event) belong beside the figures they may explain.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = tokio::runtime::Runtime::new()?;
     let sections = match cli.command {
         Bench::All => vec![
