@@ -166,6 +166,7 @@ pub struct Metrics {
     publishes: Family<PublishLabels, Counter>,
     output_dropped: Family<HandlerLabel, Counter>,
     dead_lettered: Family<HandlerLabel, Counter>,
+    pulls_restarted: Family<HandlerLabel, Counter>,
     /// 1 once every subscription is confirmed.
     pub ready: Gauge,
     reloads: Family<ReloadLabels, Counter>,
@@ -187,6 +188,8 @@ pub struct HandlerMetrics {
     publishes: [Counter; PublishResult::ALL.len()],
     pub output_dropped: Counter,
     pub dead_lettered: Counter,
+    /// JetStream pulls started again after a stall or an end (see `jetstream::consume`).
+    pub pulls_restarted: Counter,
 }
 
 impl HandlerMetrics {
@@ -216,6 +219,7 @@ impl Metrics {
         let publishes = Family::<PublishLabels, Counter>::default();
         let output_dropped = Family::<HandlerLabel, Counter>::default();
         let dead_lettered = Family::<HandlerLabel, Counter>::default();
+        let pulls_restarted = Family::<HandlerLabel, Counter>::default();
         let ready = Gauge::default();
         registry.register(
             "events_received",
@@ -247,6 +251,12 @@ impl Metrics {
             "dead_letters",
             "JetStream events sent to the dead-letter subject",
             dead_lettered.clone(),
+        );
+        registry.register(
+            "jetstream_pulls_restarted",
+            "JetStream pulls started again because the last one stalled (missed heartbeats) \
+             or ended",
+            pulls_restarted.clone(),
         );
         registry.register(
             "ready",
@@ -301,6 +311,7 @@ impl Metrics {
             publishes,
             output_dropped,
             dead_lettered,
+            pulls_restarted,
             ready,
         })
     }
@@ -332,6 +343,7 @@ impl Metrics {
             }),
             output_dropped: self.output_dropped.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+            pulls_restarted: self.pulls_restarted.get_or_create(&label).clone(),
         }
     }
 

@@ -241,6 +241,56 @@ async fn nothing_is_lost_when_nats_restarts_mid_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_without_heartbeats_is_started_again_and_nothing_is_lost() {
+    // A server that stops answering (paused here) sends no idle heartbeats. Past two
+    // missed heartbeats (5 s) the host starts a new pull rather than wait for the client's
+    // own timer; the events published before and after must all be handled.
+    let (server, _client, js) = js_env(&[EVENTS, SEEN]).await;
+    let (_dir, m) = manifest(&js_manifest(
+        &server,
+        "ack_wait = \"2s\"\nbackoff = [\"100ms\"]\nmax_deliver = 20",
+    ));
+    let host = TestHost::start(&m).await;
+    const N: usize = 100;
+    publish_ops(
+        &js,
+        (0..N).map(|i| (format!("before{i}"), json!({"op": "record"}))),
+    )
+    .await;
+    wait_for("the first events", WAIT, || async {
+        (host.ok("chaos") >= N as u64).then_some(())
+    })
+    .await;
+    let restarts = || {
+        host.metric(
+            "wasmev_jetstream_pulls_restarted_total",
+            "handler=\"chaos\"",
+        )
+    };
+    assert_eq!(restarts(), 0, "a healthy pull is not restarted");
+
+    server.pause();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    server.resume();
+    wait_for("a new pull after the missed heartbeats", WAIT, || async {
+        (restarts() >= 1).then_some(())
+    })
+    .await;
+
+    publish_ops(
+        &js,
+        (0..N).map(|i| (format!("after{i}"), json!({"op": "record"}))),
+    )
+    .await;
+    wait_for("every event, before and after the stall", WAIT, || async {
+        let ids: HashSet<String> = seen(&js).await.into_iter().map(|(id, _)| id).collect();
+        (ids.len() == 2 * N).then_some(())
+    })
+    .await;
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_does_not_duplicate_the_guests_downstream_publish() {
     // OUT keeps the default duplicate window: 2 minutes.
     let (server, _client, js) = js_env(&[EVENTS, ("OUT", &["out.>"])]).await;

@@ -227,6 +227,25 @@ impl NatsServer {
         }
     }
 
+    /// Stop the server process (SIGSTOP) without closing its connections: to clients it
+    /// looks alive but answers nothing, as a stalled server does. [`Self::resume`] ends it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("nats-server is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Kill and start again on the same port and store.
     pub fn restart(&mut self) {
         self.stop();
