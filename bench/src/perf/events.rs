@@ -8,7 +8,7 @@ use wasmev::broker::Broker;
 
 use super::cpu;
 use super::floor::{self, Floor};
-use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows};
+use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repeat};
 use super::load::{
     LATENCY_RUNS, Measured, RUNS, Route, baseline_row, cpu_row, echo_host, latency, latency_median,
     latency_row, measure, memory_baseline, nats_baseline, nats_route, rate_row, throughput,
@@ -17,6 +17,10 @@ use super::{
     ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, rate, table,
     us_per_event,
 };
+
+/// JetStream runs per figure (each stores its events again, then consumes them). Why 3:
+/// the median then survives one run that stalled; more would add ~10 s a run.
+const JETSTREAM_RUNS: usize = 3;
 
 /// Throughput and latency on NATS and the embedded broker, and JetStream.
 pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
@@ -157,14 +161,17 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         host.shutdown().await?;
     }
 
-    let js = jetstream(&server, &client, dir.path(), events / 2).await?;
+    let js = repeat("JetStream, wasmev per-event", JETSTREAM_RUNS, || {
+        jetstream(&server, &client, dir.path(), events / 2)
+    })
+    .await?;
     let core = core_per_event.context("per-event was not measured")?;
     rows.push(Row::new(
         "JetStream: consume + ack, per-event (stored events)",
         rate(js.measured.median),
         format!("{} (core, per-event)", rate(core.median)),
         format!("{:.2}", js.measured.median / core.median),
-        "",
+        &js.stalled().unwrap_or_default(),
     ));
     rows.push(Row::new(
         "JetStream: worker CPU per event, per-event",
@@ -174,7 +181,10 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         "",
     ));
     // Not a target's denominator: the JetStream ceiling on this server for the same work.
-    let js_base = jetstream_baseline(&server, &client, events / 2).await?;
+    let js_base = repeat("JetStream, plain consumer", JETSTREAM_RUNS, || {
+        jetstream_baseline(&server, &client, events / 2)
+    })
+    .await?;
     plain_consumer_rows(&mut rows, &js, &js_base);
     Ok(table(
         &format!(
@@ -184,7 +194,8 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              events each, at most {WINDOW} unanswered, max_in_flight = {IN_FLIGHT}, \
              publish→answer. Worker CPU per event: CPU time of the tokio worker threads \
              (the host, or the baseline subscriber; not the load generator, not \
-             nats-server) over those runs, divided by the events; JetStream: one run of \
+             nats-server) over those runs, divided by the events; JetStream: the median of \
+             {JETSTREAM_RUNS} runs of \
              {} stored events, and nats-server's CPU per event beside it. Latency: \
              {LATENCY_RATE} events/s for {latency_secs} s, publish→answer; the median p50 \
              and the median p99 of {LATENCY_RUNS} such runs. One thread, no broker I/O: \
