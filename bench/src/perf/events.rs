@@ -202,7 +202,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              the echo handler compiled as the host compiles it, its publish going to an \
              embedded broker without subscribers; wasmtime alone is the store, instance and \
              call as dispatch makes them, without dispatch's bookkeeping, and the warm \
-             call is split by timing an event the handler answers without publishing; the \
+             call is split by timing an event the handler answers without publishing, \
+             and that quiet call is timed again made synchronously, without the fiber an \
+             async call runs on (through a linker whose imports are all synchronous); the \
              median of 5 rounds (`bench/src/perf/floor.rs`). {}.\n",
             events / 2,
             Server::version()

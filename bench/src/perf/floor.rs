@@ -46,6 +46,11 @@ pub struct Floor {
     /// of `warm_call` is the publish import (the guest's call out, wasmtime's lifting and
     /// lowering, wasmev's checks and the embedded broker).
     pub warm_quiet: f64,
+    /// `warm_quiet` made synchronously, on the thread itself rather than on a fiber: the
+    /// same component, engine and store state, instantiated through a linker whose
+    /// imports are all synchronous (wasmtime 48 allows `call` only then). The difference
+    /// is what the async call itself costs; see [`sync`].
+    pub warm_quiet_sync: f64,
     /// wasmev's dispatch of the same event, per-event and reuse.
     pub dispatch_fresh: f64,
     pub dispatch_warm: f64,
@@ -72,10 +77,11 @@ impl Floor {
     /// The warm call and its two parts, for the table and `one --mode floor`.
     pub fn warm_phases(&self) -> String {
         format!(
-            "{:.2} µs ({:.2} the call + {:.2} its publish)",
+            "{:.2} µs ({:.2} the call + {:.2} its publish; the call without a fiber {:.2})",
             self.warm_call,
             self.warm_quiet,
-            self.warm_call - self.warm_quiet
+            self.warm_call - self.warm_quiet,
+            self.warm_quiet_sync
         )
     }
 }
@@ -92,9 +98,10 @@ pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
         runtime.block_on(async {
             let fresh = handler(&per_event)?;
             let warm = handler(&reuse)?;
+            let warm_sync = sync::pre(&warm)?;
             let mut rounds = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
-                rounds.push(round(&fresh, &warm).await?);
+                rounds.push(round(&fresh, &warm, &warm_sync).await?);
             }
             let median = |figure: fn(&Floor) -> f64| {
                 let mut all: Vec<f64> = rounds.iter().map(figure).collect();
@@ -108,6 +115,7 @@ pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
                 drop: median(|f| f.drop),
                 warm_call: median(|f| f.warm_call),
                 warm_quiet: median(|f| f.warm_quiet),
+                warm_quiet_sync: median(|f| f.warm_quiet_sync),
                 dispatch_fresh: median(|f| f.dispatch_fresh),
                 dispatch_warm: median(|f| f.dispatch_warm),
             })
@@ -131,7 +139,11 @@ fn handler(manifest: &wasmev::Manifest) -> anyhow::Result<Arc<Handler>> {
 
 /// One round: every figure once, in turn, so a slow spell on the machine falls on all of
 /// them rather than on one figure's rounds.
-async fn round(fresh: &Arc<Handler>, warm: &Arc<Handler>) -> anyhow::Result<Floor> {
+async fn round(
+    fresh: &Arc<Handler>,
+    warm: &Arc<Handler>,
+    warm_sync: &sync::HandlerPre<State>,
+) -> anyhow::Result<Floor> {
     let [store, instantiate, call, drop] = wasmtime_fresh(fresh).await?;
     Ok(Floor {
         store,
@@ -140,6 +152,7 @@ async fn round(fresh: &Arc<Handler>, warm: &Arc<Handler>) -> anyhow::Result<Floo
         drop,
         warm_call: wasmtime_warm(warm, IN).await?,
         warm_quiet: wasmtime_warm(warm, QUIET).await?,
+        warm_quiet_sync: sync::quiet(warm, warm_sync)?,
         dispatch_fresh: dispatched(fresh, FRESH_EVENTS).await?,
         dispatch_warm: dispatched(warm, WARM_EVENTS).await?,
     })
@@ -232,6 +245,116 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
         anyhow::bail!("{WARM_EVENTS} events on {subject} published {made} times, not {expected}");
     }
     Ok(per_event(spent, WARM_EVENTS))
+}
+
+/// The quiet call without a fiber. wasmtime 48 makes every call on a store async (a
+/// fiber per call) as soon as one import is async, and wasmev's publisher imports are:
+/// a publish can wait for the broker's buffer, a request for its reply. This linker's
+/// imports are synchronous and trap if called, so a quiet event, which calls none,
+/// is the only one it can run; a call that did reach an import fails the round.
+mod sync {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use ::wasmev::handler::Handler as Loaded;
+    use ::wasmev::publish::Delivery;
+    use ::wasmev::sandbox::State;
+    use wasmtime::component::{HasSelf, Linker};
+
+    use super::{QUIET, WARM_EVENTS, answered, event, per_event, store};
+
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "handler",
+        imports: { default: trappable },
+        ownership: Borrowing { duplicate_if_necessary: false },
+    });
+
+    use self::wasmev::events::{config, log, publisher, types};
+
+    fn refused<T>() -> wasmtime::Result<T> {
+        Err(wasmtime::format_err!(
+            "the floor's synchronous linker serves no imports; only a quiet event runs on it"
+        ))
+    }
+
+    /// The handler's component behind the synchronous linker.
+    pub fn pre(handler: &Arc<Loaded>) -> anyhow::Result<HandlerPre<State>> {
+        let component = handler.pre.instance_pre().component();
+        let mut linker = Linker::<State>::new(handler.pre.engine());
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        Ok(HandlerPre::new(linker.instantiate_pre(component)?)?)
+    }
+
+    /// One round of quiet events on one instance, called synchronously: µs per call.
+    pub fn quiet(handler: &Arc<Loaded>, pre: &HandlerPre<State>) -> anyhow::Result<f64> {
+        let mut store = store(handler);
+        let instance = pre.instantiate(&mut store)?;
+        let mut spent = Duration::ZERO;
+        let far = Instant::now() + Duration::from_secs(3600);
+        for _ in 0..WARM_EVENTS {
+            let event = event(QUIET);
+            store
+                .data_mut()
+                .begin(&event.subject, Delivery::default(), far);
+            let record = types::Event {
+                id: &event.id,
+                subject: &event.subject,
+                payload: &event.payload,
+                headers: &[],
+                reply_to: None,
+                attempt: event.attempt,
+            };
+            let started = Instant::now();
+            answered(instance.call_handle(&mut store, record)?)?;
+            spent += started.elapsed();
+        }
+        Ok(per_event(spent, WARM_EVENTS))
+    }
+
+    impl types::Host for State {}
+
+    impl log::Host for State {
+        fn log(&mut self, _: types::Level, _: String) -> wasmtime::Result<()> {
+            refused()
+        }
+    }
+
+    impl config::Host for State {
+        fn get(&mut self, _: String) -> wasmtime::Result<Option<String>> {
+            refused()
+        }
+    }
+
+    impl publisher::Host for State {
+        fn publish(
+            &mut self,
+            _: String,
+            _: Vec<u8>,
+            _: Vec<(String, String)>,
+        ) -> wasmtime::Result<Result<(), types::PublishError>> {
+            refused()
+        }
+
+        fn reply(
+            &mut self,
+            _: Vec<u8>,
+            _: Vec<(String, String)>,
+        ) -> wasmtime::Result<Result<(), types::PublishError>> {
+            refused()
+        }
+
+        fn request(
+            &mut self,
+            _: String,
+            _: Vec<u8>,
+            _: Vec<(String, String)>,
+            _: u32,
+        ) -> wasmtime::Result<Result<types::Response, types::RequestError>> {
+            refused()
+        }
+    }
 }
 
 /// One round of `events` through wasmev's dispatch: µs per event.
