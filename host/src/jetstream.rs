@@ -200,9 +200,10 @@ const HAND_BACK_WAIT: Duration = Duration::from_secs(1);
 /// already read that did not run), so it is redelivered now (to the next version's
 /// intake, or another host) instead of after its `ack_wait`.
 ///
-/// First a round trip to the server: what it sent before answering is then read off the
-/// socket (the connection task may not have got to it yet while guests kept the workers
-/// busy). What a pull still has on the server's side comes back after its `ack_wait`.
+/// First a round trip through the server ([`crate::broker::nats::NatsBroker::round_trip`]): what it sent
+/// before answering is then read off the socket (the connection task may not have got to
+/// it yet while guests kept the workers busy; a stop under load found nothing to hand
+/// back when this was a flush, which reads nothing). What a pull still has on the server's side comes back after its `ack_wait`.
 /// Then the stream is dropped (its subscription ends) before the naks go out, on the
 /// same connection and so in that order: a nak'd message is redelivered at once, and the
 /// server must not hand it to this pull again, whose inbox nobody reads any more.
@@ -212,10 +213,15 @@ async fn hand_back(
     read: Option<async_nats::jetstream::Message>,
 ) {
     let name = &handler.spec.name;
-    if let Broker::Nats(nats) = &handler.broker
-        && let Ok(Err(e)) = tokio::time::timeout(HAND_BACK_WAIT, nats.flush()).await
-    {
-        tracing::debug!(handler = %name, "before handing back: {e:#}");
+    if let Broker::Nats(nats) = &handler.broker {
+        match tokio::time::timeout(HAND_BACK_WAIT, nats.round_trip()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(handler = %name, "before handing back: {e:#}"),
+            Err(_) => tracing::debug!(
+                handler = %name,
+                "before handing back: no round trip within {HAND_BACK_WAIT:?}; handing back what was read"
+            ),
+        }
     }
     let mut held = Vec::from_iter(read);
     while let Some(Some(Ok(message))) = messages.next().now_or_never() {

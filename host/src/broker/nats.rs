@@ -409,6 +409,29 @@ impl NatsBroker {
         self.client.flush().await.context("failed to flush nats")
     }
 
+    /// A round trip through the server: returns once a message sent now has come back,
+    /// so whatever the server sent this connection before it has been read off the socket
+    /// and handed to its subscriptions. `flush` is not one: async-nats's flush only writes
+    /// out what the client holds and reads nothing (nats.go's Flush is a PING/PONG).
+    pub async fn round_trip(&self) -> anyhow::Result<()> {
+        let inbox = self.client.new_inbox();
+        // Subscribed before the publish, on the same connection: the server routes the
+        // publish to this subscription, after everything it queued for us before.
+        let mut echo = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .context("round trip: failed to subscribe")?;
+        self.client
+            .publish(inbox, Bytes::new())
+            .await
+            .context("round trip: failed to publish")?;
+        echo.next()
+            .await
+            .map(drop)
+            .context("round trip: the connection closed before the answer")
+    }
+
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }
