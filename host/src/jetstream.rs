@@ -200,10 +200,12 @@ const HAND_BACK_WAIT: Duration = Duration::from_secs(1);
 /// already read that did not run), so it is redelivered now (to the next version's
 /// intake, or another host) instead of after its `ack_wait`.
 ///
-/// First a round trip through the server ([`crate::broker::nats::NatsBroker::round_trip`]): what it sent
-/// before answering is then read off the socket (the connection task may not have got to
-/// it yet while guests kept the workers busy; a stop under load found nothing to hand
-/// back when this was a flush, which reads nothing). What a pull still has on the server's side comes back after its `ack_wait`.
+/// First a round trip through the server
+/// ([`crate::broker::nats::NatsBroker::round_trip`]): what it sent before answering is
+/// then read off the socket (the connection task may not have got to it yet while guests
+/// kept the workers busy; a stop under load found nothing to hand back when this was a
+/// flush, which reads nothing). What a pull still has on the server's side comes back
+/// after its `ack_wait`.
 /// Then the stream is dropped (its subscription ends) before the naks go out, on the
 /// same connection and so in that order: a nak'd message is redelivered at once, and the
 /// server must not hand it to this pull again, whose inbox nobody reads any more.
