@@ -69,7 +69,8 @@ impl Event {
     }
 }
 
-/// The id the publisher chose for its event, if any (headers in [`ID_HEADERS`] order).
+/// The id the publisher chose for its event, if any: its `Nats-Msg-Id` header, else its
+/// `Wasmev-Event-Id`.
 pub fn publisher_id(headers: &[(String, String)]) -> Option<String> {
     ID_HEADERS
         .iter()
