@@ -225,23 +225,10 @@ impl NatsBroker {
         Ok(NatsSubscription { inner })
     }
 
-    /// Prove with a server round-trip that every earlier subscribe is active.
-    ///
-    /// async-nats's `flush()` only flushes the socket; it does not wait for the server.
-    /// nats-server processes one connection's protocol in order, so once a message we
-    /// publish to a fresh inbox comes back to us, every SUB sent before it is registered.
+    /// Prove with a server round trip ([`Self::round_trip`]) that every earlier subscribe
+    /// is active.
     pub async fn confirm(&self) -> anyhow::Result<()> {
-        let inbox = self.client.new_inbox();
-        let mut probe = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .context("failed to subscribe the confirmation inbox")?;
-        self.client
-            .publish(inbox, Bytes::new())
-            .await
-            .context("failed to publish the confirmation probe")?;
-        tokio::time::timeout(CONFIRM_TIMEOUT, probe.next())
+        tokio::time::timeout(CONFIRM_TIMEOUT, self.round_trip())
             .await
             .with_context(|| {
                 format!(
@@ -250,8 +237,7 @@ impl NatsBroker {
                     CONFIRM_TIMEOUT.as_secs()
                 )
             })?
-            .context("nats connection closed while confirming subscriptions")?;
-        Ok(())
+            .context("failed to confirm subscriptions")
     }
 
     pub async fn publish(&self, message: Outgoing) -> Result<(), PublishError> {
@@ -409,27 +395,28 @@ impl NatsBroker {
         self.client.flush().await.context("failed to flush nats")
     }
 
-    /// A round trip through the server: returns once a message sent now has come back,
-    /// so whatever the server sent this connection before it has been read off the socket
-    /// and handed to its subscriptions. `flush` is not one: async-nats's flush only writes
-    /// out what the client holds and reads nothing (nats.go's Flush is a PING/PONG).
+    /// A round trip through the server: returns once a message published now to a fresh
+    /// inbox of ours has come back. nats-server handles one connection's protocol in
+    /// order and queues what it sends it in order, so by then every SUB sent before is
+    /// registered, and whatever the server sent this connection before has been read off
+    /// the socket and handed to its subscriptions. `flush` is not one: async-nats's flush
+    /// only writes out what the client holds and reads nothing (nats.go's is a PING/PONG).
     pub async fn round_trip(&self) -> anyhow::Result<()> {
         let inbox = self.client.new_inbox();
-        // Subscribed before the publish, on the same connection: the server routes the
-        // publish to this subscription, after everything it queued for us before.
-        let mut echo = self
+        let mut probe = self
             .client
             .subscribe(inbox.clone())
             .await
-            .context("round trip: failed to subscribe")?;
+            .context("failed to subscribe a round-trip inbox")?;
         self.client
             .publish(inbox, Bytes::new())
             .await
-            .context("round trip: failed to publish")?;
-        echo.next()
+            .context("failed to publish a round-trip probe")?;
+        probe
+            .next()
             .await
             .map(drop)
-            .context("round trip: the connection closed before the answer")
+            .context("the nats connection closed during a round trip")
     }
 
     pub fn client(&self) -> &async_nats::Client {
