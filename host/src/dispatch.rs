@@ -346,7 +346,7 @@ fn trap_text(err: &wasmtime::Error) -> String {
 
 /// Forward what the guest printed to the log, line by line, tagged with the handler.
 fn log_guest_output(handler: &Handler, state: &State) {
-    for (stream, output) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+    for (stream, output) in state.output() {
         let (bytes, dropped) = output.take();
         for line in bytes[..]
             .split(|b: &u8| *b == b'\n')

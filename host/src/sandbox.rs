@@ -44,14 +44,42 @@ pub struct State {
     deadline_at: Instant,
     /// Whether the guest answered the event's request itself.
     pub replied: bool,
-    wasi: WasiCtx,
+    /// Built on the guest's first WASI call, not with the store: most handlers make none
+    /// while handling an event, and building one (wasmtime-wasi seeds two random
+    /// generators and boxes clocks and streams, twice, as its builder replaces itself)
+    /// was ~0.37 µs of every fresh instance.
+    wasi: Option<Wasi>,
     table: ResourceTable,
     quota: Quota,
     /// Set when the guest tried to grow memory past its limit, so a following trap is
     /// reported as a memory overrun rather than a generic trap.
     pub memory_denied: bool,
-    pub stdout: CappedOutput,
-    pub stderr: CappedOutput,
+}
+
+/// The guest's WASI context and the output it captures.
+struct Wasi {
+    ctx: WasiCtx,
+    stdout: CappedOutput,
+    stderr: CappedOutput,
+}
+
+impl Wasi {
+    fn locked_down() -> Self {
+        let stdout = CappedOutput::new(limits::GUEST_OUTPUT_CAP);
+        let stderr = CappedOutput::new(limits::GUEST_OUTPUT_CAP);
+        // Locked down: no preopened directories, no environment, no arguments, no
+        // network (WasiCtx denies TCP, UDP and name lookup unless allowed), stdin closed.
+        // Clocks and random stay: guests need them for ordinary code (hash maps, time).
+        let ctx = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .build();
+        Self {
+            ctx,
+            stdout,
+            stderr,
+        }
+    }
 }
 
 impl State {
@@ -62,27 +90,16 @@ impl State {
         deadline_at: Instant,
     ) -> Self {
         let quota = Quota::new(&handler.spec.guards);
-        let stdout = CappedOutput::new(limits::GUEST_OUTPUT_CAP);
-        let stderr = CappedOutput::new(limits::GUEST_OUTPUT_CAP);
-        // Locked down: no preopened directories, no environment, no arguments, no
-        // network (WasiCtx denies TCP, UDP and name lookup unless allowed), stdin closed.
-        // Clocks and random stay: guests need them for ordinary code (hash maps, time).
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .build();
         Self {
             handler,
             subject: subject.to_string(),
             delivery,
             deadline_at,
             replied: false,
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             quota,
             memory_denied: false,
-            stdout,
-            stderr,
         }
     }
 }
@@ -91,6 +108,13 @@ impl State {
     /// When the current event's deadline passes.
     pub fn deadline_at(&self) -> Instant {
         self.deadline_at
+    }
+
+    /// The guest's output streams by name; none if it has not used WASI in this store.
+    pub fn output(&self) -> impl Iterator<Item = (&'static str, &CappedOutput)> {
+        self.wasi
+            .iter()
+            .flat_map(|wasi| [("stdout", &wasi.stdout), ("stderr", &wasi.stderr)])
     }
 
     /// Make a warm instance's state ready for its next event: the per-event fields as
@@ -108,8 +132,9 @@ impl State {
 
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let wasi = self.wasi.get_or_insert_with(Wasi::locked_down);
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: &mut wasi.ctx,
             table: &mut self.table,
         }
     }
