@@ -1,8 +1,8 @@
 //! Warm instances for handlers with `instances = "reuse"`.
 //!
-//! A fresh instance per event costs a few microseconds (a store, WASI context and
-//! instantiation, even with the pooling allocator and copy-on-write images); a warm one
-//! costs nothing but resetting the per-event state. The pool holds at most
+//! A fresh instance per event costs a few microseconds (a store and instantiation, even
+//! with the pooling allocator and copy-on-write images); a warm one costs nothing but
+//! resetting the per-event state. The pool holds at most
 //! `max_in_flight` instances, each used by one event at a time, and drops an instance
 //! after `recycle_after` events, after any trap or limit hit, and when its version is
 //! swapped out, so state a guest keeps between events is bounded and never crosses
