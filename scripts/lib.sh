@@ -80,16 +80,37 @@ need_c_tools() {
     fi
 }
 
+# Whether component $1 exists and is newer than every file in the rest (files or folders).
+# componentize-py and componentize-js write a different component on every build, even
+# from the same source, so building again for nothing made the host compile both anew
+# (~15 s together) on every start instead of loading them from its artifact cache.
+up_to_date() {
+    local out=$1
+    shift
+    [ -f "$out" ] && [ -z "$(find "$@" -newer "$out" -print -quit)" ]
+}
+
 # Every example handler, in its language, from source.
 build_handlers() {
     say "building the Rust example handlers (wasm32-wasip2 components)"
     cargo build --release --target wasm32-wasip2 -p email-sender -p audit-log
     need_python_tools
-    say "building the Python example handler (componentize-py; ~15 s)"
-    handlers/signup-scorer/build.sh
+    local py=handlers/signup-scorer js=handlers/welcome-renderer
+    # lib.sh is an input too: it pins the componentize-py version.
+    if up_to_date "$py/signup_scorer.wasm" "$py/app.py" "$py/build.sh" wit scripts/lib.sh; then
+        say "the Python example handler is up to date ($py/signup_scorer.wasm)"
+    else
+        say "building the Python example handler (componentize-py; ~15 s)"
+        "$py/build.sh"
+    fi
     need_js_tools
-    say "building the JavaScript example handler (componentize-js from npm; ~40 s the first time)"
-    handlers/welcome-renderer/build.sh
+    if up_to_date "$js/welcome_renderer.wasm" "$js/handler.js" "$js/package.json" \
+        "$js/package-lock.json" "$js/build.sh" wit; then
+        say "the JavaScript example handler is up to date ($js/welcome_renderer.wasm)"
+    else
+        say "building the JavaScript example handler (componentize-js from npm; ~40 s the first time)"
+        "$js/build.sh"
+    fi
     need_c_tools
     say "building the C example handler (wit-bindgen c + clang)"
     handlers/audit-checksum/build.sh
