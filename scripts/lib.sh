@@ -80,14 +80,21 @@ need_c_tools() {
     fi
 }
 
-# Whether component $1 exists and is newer than every file in the rest (files or folders).
+# Run the build.sh beside component $2 (the $1 example handler, built by $3) unless the
+# component is newer than its build.sh, wit/ and every other input named after $3.
 # componentize-py and componentize-js write a different component on every build, even
 # from the same source, so building again for nothing made the host compile both anew
 # (~15 s together) on every start instead of loading them from its artifact cache.
-up_to_date() {
-    local out=$1
-    shift
-    [ -f "$out" ] && [ -z "$(find "$@" -newer "$out" -print -quit)" ]
+build_if_changed() {
+    local what=$1 out=$2 how=$3 dir
+    shift 3
+    dir=$(dirname "$out")
+    if [ -f "$out" ] && [ -z "$(find "$dir/build.sh" wit "$@" -newer "$out" -print -quit)" ]; then
+        say "the $what example handler is up to date ($out)"
+    else
+        say "building the $what example handler ($how)"
+        "$dir/build.sh"
+    fi
 }
 
 # Every example handler, in its language, from source.
@@ -95,22 +102,14 @@ build_handlers() {
     say "building the Rust example handlers (wasm32-wasip2 components)"
     cargo build --release --target wasm32-wasip2 -p email-sender -p audit-log
     need_python_tools
-    local py=handlers/signup-scorer js=handlers/welcome-renderer
     # lib.sh is an input too: it pins the componentize-py version.
-    if up_to_date "$py/signup_scorer.wasm" "$py/app.py" "$py/build.sh" wit scripts/lib.sh; then
-        say "the Python example handler is up to date ($py/signup_scorer.wasm)"
-    else
-        say "building the Python example handler (componentize-py; ~15 s)"
-        "$py/build.sh"
-    fi
+    build_if_changed Python handlers/signup-scorer/signup_scorer.wasm "componentize-py; ~15 s" \
+        handlers/signup-scorer/app.py scripts/lib.sh
     need_js_tools
-    if up_to_date "$js/welcome_renderer.wasm" "$js/handler.js" "$js/package.json" \
-        "$js/package-lock.json" "$js/build.sh" wit; then
-        say "the JavaScript example handler is up to date ($js/welcome_renderer.wasm)"
-    else
-        say "building the JavaScript example handler (componentize-js from npm; ~40 s the first time)"
-        "$js/build.sh"
-    fi
+    local js=handlers/welcome-renderer
+    build_if_changed JavaScript "$js/welcome_renderer.wasm" \
+        "componentize-js from npm; ~40 s the first time" \
+        "$js/handler.js" "$js/package.json" "$js/package-lock.json"
     need_c_tools
     say "building the C example handler (wit-bindgen c + clang)"
     handlers/audit-checksum/build.sh
