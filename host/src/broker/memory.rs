@@ -5,11 +5,11 @@
 //! when a subscriber's buffer is full the publisher waits (up to the publish timeout)
 //! instead of the message being dropped.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use super::{Message, Outgoing, PublishError, RequestError, validate_header};
@@ -31,10 +31,15 @@ struct Inner {
     round_robin: AtomicUsize,
 }
 
+/// Where one publish goes: a subscriber's buffer, and its queue group if it has one.
+type Target = (mpsc::Sender<Message>, Option<Arc<str>>);
+type Targets = SmallVec<[Target; 4]>;
+
 struct Sub {
     id: u64,
     pattern: Pattern,
-    queue: Option<String>,
+    /// Shared, so routing to the group copies a pointer, not the name.
+    queue: Option<Arc<str>>,
     tx: mpsc::Sender<Message>,
 }
 
@@ -82,7 +87,7 @@ impl MemoryBroker {
         let sub = Sub {
             id,
             pattern,
-            queue: queue.map(str::to_string),
+            queue: queue.map(Arc::from),
             tx,
         };
         self.inner
@@ -111,6 +116,9 @@ impl MemoryBroker {
 
     /// Publish to every matching plain subscriber and to one member of each matching queue
     /// group. Returns how many subscribers received the message.
+    ///
+    /// The last target gets the message itself and the others a copy: with one subscriber,
+    /// the usual case, nothing is copied.
     pub async fn send(
         &self,
         message: Outgoing,
@@ -129,38 +137,51 @@ impl MemoryBroker {
         if let Some(hops) = hops {
             headers.push((HOPS.to_string(), hops.to_string()));
         }
-        let targets = self.targets(&subject);
+        let mut targets = self.targets(&subject);
         let message = Message {
             subject,
             reply: reply.map(str::to_string),
             headers,
             payload,
         };
-        let subject = &message.subject;
+        let Some(last) = targets.pop() else {
+            return Ok(0);
+        };
         let mut delivered = 0;
-        for (mut tx, queue) in targets {
-            // Why wait instead of dropping: nothing is lost while the host is up. Why a
-            // timeout: a handler publishing into its own full subscription would otherwise
-            // wait on itself forever.
-            let sent = loop {
-                match tokio::time::timeout(limits::PUBLISH_TIMEOUT, tx.send(message.clone())).await
-                {
-                    Ok(Err(_)) => {
-                        // The subscriber went away between matching and sending. A plain
-                        // subscriber that left no longer wants it; a queue group still
-                        // does (one member is being replaced in a hot swap): try another.
-                        match queue.as_deref().and_then(|q| self.member(subject, q)) {
-                            Some(next) => tx = next,
-                            None => break Ok(false),
-                        }
-                    }
-                    Ok(Ok(())) => break Ok(true),
-                    Err(e) => break Err(e),
-                }
-            };
-            match sent {
-                Ok(true) => delivered += 1,
-                Ok(false) => {}
+        for target in targets {
+            if let Some(slot) = self.slot(target, &message.subject).await? {
+                slot.send(message.clone());
+                delivered += 1;
+            }
+        }
+        if let Some(slot) = self.slot(last, &message.subject).await? {
+            slot.send(message);
+            delivered += 1;
+        }
+        Ok(delivered)
+    }
+
+    /// Room for one message in `target`'s buffer, waiting for it; `None` when the
+    /// subscriber went away and no member of its queue group is left to take its place.
+    ///
+    /// Why wait instead of dropping: nothing is lost while the host is up. Why a timeout: a
+    /// handler publishing into its own full subscription would otherwise wait on itself
+    /// forever.
+    async fn slot(
+        &self,
+        (mut tx, queue): Target,
+        subject: &str,
+    ) -> Result<Option<mpsc::OwnedPermit<Message>>, PublishError> {
+        loop {
+            match tokio::time::timeout(limits::PUBLISH_TIMEOUT, tx.reserve_owned()).await {
+                Ok(Ok(slot)) => return Ok(Some(slot)),
+                // The subscriber went away between matching and sending. A plain subscriber
+                // that left no longer wants it; a queue group still does (one member is
+                // being replaced in a hot swap): try another.
+                Ok(Err(_)) => match queue.as_deref().and_then(|q| self.member(subject, q)) {
+                    Some(next) => tx = next,
+                    None => return Ok(None),
+                },
                 Err(_) => {
                     return Err(PublishError::Unavailable(format!(
                         "a subscriber of {subject:?} has not taken messages for {}s",
@@ -169,7 +190,6 @@ impl MemoryBroker {
                 }
             }
         }
-        Ok(delivered)
     }
 
     /// Publish with a fresh inbox as the reply subject and wait for the first reply.
@@ -195,23 +215,36 @@ impl MemoryBroker {
 
     /// Every plain subscriber of `subject`, and one member of each queue group (with the
     /// group's name).
-    fn targets(&self, subject: &str) -> Vec<(mpsc::Sender<Message>, Option<String>)> {
+    ///
+    /// Without a map: a subject has a handful of subscribers, and a linear search for its
+    /// group beats hashing. A publish allocates nothing here for up to four targets.
+    fn targets(&self, subject: &str) -> Targets {
         let subs = self.inner.subs.read().unwrap_or_else(|e| e.into_inner());
-        let mut targets = Vec::new();
-        let mut groups: HashMap<&str, Vec<&mpsc::Sender<Message>>> = HashMap::new();
+        let mut targets = Targets::new();
+        // Each queue group matched, with how many of its members match.
+        let mut groups: SmallVec<[(&Arc<str>, usize); 4]> = SmallVec::new();
         for sub in subs.iter().filter(|s| s.pattern.matches(subject)) {
             match &sub.queue {
                 None => targets.push((sub.tx.clone(), None)),
-                Some(q) => groups.entry(q).or_default().push(&sub.tx),
+                Some(q) => match groups.iter_mut().find(|(name, _)| *name == q) {
+                    Some((_, count)) => *count += 1,
+                    None => groups.push((q, 1)),
+                },
             }
         }
-        if !groups.is_empty() {
-            let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed);
-            for (queue, members) in groups {
-                targets.push((
-                    members[turn % members.len()].clone(),
-                    Some(queue.to_string()),
-                ));
+        if groups.is_empty() {
+            return targets;
+        }
+        let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed);
+        for &(queue, count) in &groups {
+            // The turn-th member (mod the group's size), in subscription order.
+            let pick = turn % count;
+            if let Some(member) = subs
+                .iter()
+                .filter(|s| s.queue.as_ref() == Some(queue) && s.pattern.matches(subject))
+                .nth(pick)
+            {
+                targets.push((member.tx.clone(), Some(Arc::clone(queue))));
             }
         }
         targets
@@ -295,6 +328,63 @@ mod tests {
         assert_eq!(got_a + got_b, 10, "each message goes to exactly one member");
         assert!(got_a > 0 && got_b > 0, "the group shares the load");
         assert_eq!(got_w, 10, "plain subscribers see everything");
+    }
+
+    #[tokio::test]
+    async fn every_target_gets_the_whole_message() {
+        // The last target is sent the message itself, the others copies: all must match.
+        let broker = MemoryBroker::new();
+        let mut subs: Vec<_> = (0..5)
+            .map(|_| broker.subscribe(pattern("a.*"), None))
+            .collect();
+        let mut group = broker.subscribe(pattern("a.b"), Some("g"));
+        let mut message = Outgoing::new("a.b", Bytes::from_static(b"payload"))
+            .with_headers(vec![("X-Trace".to_string(), "t1".to_string())]);
+        message.hops = Some(1);
+        assert_eq!(broker.send(message, Some("reply.here")).await.unwrap(), 6);
+        for sub in subs.iter_mut().chain([&mut group]) {
+            let got = recv(sub).await.unwrap();
+            assert_eq!(got.subject, "a.b");
+            assert_eq!(got.reply.as_deref(), Some("reply.here"));
+            assert_eq!(&got.payload[..], b"payload");
+            assert_eq!(got.headers.len(), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_publish_waiting_on_a_member_that_leaves_goes_to_another() {
+        // One member with a full buffer: the publish waits for it. The member leaves
+        // (a hot swap drains the old version's subscription); the message must go to the
+        // other member, not be lost.
+        let broker = MemoryBroker::new();
+        let mut full = broker.subscribe(pattern("jobs"), Some("w"));
+        for _ in 0..limits::SUBSCRIPTION_BUFFER {
+            assert_eq!(
+                broker
+                    .publish("jobs", None, &[], Bytes::new())
+                    .await
+                    .unwrap(),
+                1
+            );
+        }
+        let mut other = broker.subscribe(pattern("jobs"), Some("w"));
+        // Round-robin turn SUBSCRIPTION_BUFFER (even) picks the first member, the full one.
+        let publish = tokio::spawn({
+            let broker = broker.clone();
+            async move {
+                broker
+                    .publish("jobs", None, &[], Bytes::from_static(b"late"))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !publish.is_finished(),
+            "the publish should wait for the full member"
+        );
+        full.drain();
+        assert_eq!(publish.await.unwrap().unwrap(), 1);
+        assert_eq!(&recv(&mut other).await.unwrap().payload[..], b"late");
     }
 
     #[tokio::test]
