@@ -67,7 +67,7 @@ pub async fn consume(
             .stream()
             .max_messages_per_batch(shape.batch)
             .expires(shape.expires)
-            .heartbeat(limits::JETSTREAM_PULL_EXPIRES / 2)
+            .heartbeat(limits::JETSTREAM_PULL_HEARTBEAT)
             .messages()
             .await;
         let mut messages = match messages {
@@ -148,12 +148,16 @@ pub async fn consume(
                 }
                 // A missed heartbeat: the server has no pull of ours waiting (it sends
                 // heartbeats while one waits) or is not answering, yet the client believes
-                // one is out. Under load on nats-server 2.9 its count of messages still due
-                // drifted from the server's (3 of ~85 runs of the bench's stored-events
-                // case on 2026-12-03), and it asks again only once its own timer fires,
-                // `expires` + 5 s after its last pull: the handler stood still for ~10 s,
-                // with messages in the stream. A new pull now. Should the server still
-                // have the old one after all, what it sends there comes back after
+                // one is out. Under load its count of messages still due drifts above the
+                // server's (3 of ~85 runs of the bench's stored-events case on
+                // 2026-12-03). The cause, seen in async-nats 0.51's trace log: the stream
+                // sends a pull from a task of its own and adds the batch to its count only
+                // when that task reports back; a message of the new batch read before
+                // then is counted off a count already at 0, which saturates, so the count
+                // ends one too high for each. Past half a batch too high, the client asks
+                // again only once its own timer fires, `expires` + 5 s after its last
+                // pull. A new pull now (after two missed heartbeats). Should the server
+                // still have the old one after all, what it sends there comes back after
                 // `ack_wait`, as for any message that was never acked.
                 Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
                     tracing::warn!(

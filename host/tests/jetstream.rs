@@ -243,7 +243,7 @@ async fn nothing_is_lost_when_nats_restarts_mid_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_without_heartbeats_is_started_again_and_nothing_is_lost() {
     // A server that stops answering (paused here) sends no idle heartbeats. Past two
-    // missed heartbeats (5 s) the host starts a new pull, even while the server is still
+    // missed heartbeats (2 s) the host starts a new pull, even while the server is still
     // paused, rather than wait for the client's own timer; the events published before
     // and after must all be handled.
     let (server, _client, js) = js_env(&[EVENTS, SEEN]).await;

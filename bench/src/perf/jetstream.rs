@@ -49,7 +49,7 @@ pub(super) struct JetStreamRun {
     pub(super) server_us: f64,
     /// Stalls inside the measured time: for the plain consumer, the missed idle heartbeats
     /// its client reported (each 30 s without a message); for the host, the pulls it
-    /// started again (after 5 s of missed heartbeats, or a pull that ended).
+    /// started again (after 2 s of missed heartbeats, or a pull that ended).
     pub(super) stalls: u32,
 }
 
