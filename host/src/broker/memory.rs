@@ -383,7 +383,10 @@ mod tests {
             "the publish should wait for the full member"
         );
         full.drain();
-        assert_eq!(publish.await.unwrap().unwrap(), 1);
+        let delivered = tokio::time::timeout(Duration::from_secs(5), publish)
+            .await
+            .expect("the publish should go to the other member at once");
+        assert_eq!(delivered.unwrap().unwrap(), 1);
         assert_eq!(&recv(&mut other).await.unwrap().payload[..], b"late");
     }
 
