@@ -10,8 +10,9 @@ use super::cpu;
 use super::floor::{self, Floor};
 use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repeat};
 use super::load::{
-    LATENCY_RUNS, Measured, RUNS, Route, baseline_row, cpu_row, echo_host, latency, latency_median,
-    latency_row, measure, memory_baseline, nats_baseline, nats_route, rate_row, throughput,
+    LATENCY_RUNS, Measured, RUNS, Route, SLOW_US, baseline_row, cpu_row, echo_host, latency,
+    latency_median, latency_row, measure, memory_baseline, nats_baseline, nats_route, rate_row,
+    throughput,
 };
 use super::{
     ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, rate, table,
@@ -356,14 +357,19 @@ pub async fn one(
         Some(latency_secs) => {
             throughput(&route, events / 10).await?; // warm-up
             let before = cpu::workers();
-            let (p50, p99) = latency(&route, latency_secs).await?;
+            let run = latency(&route, latency_secs).await?;
             let cpu = us_per_event(
                 cpu::workers().since(&before),
                 (LATENCY_RATE * latency_secs) as f64,
             );
             format!(
-                "{mode} on {broker}: p50 {p50:.0} µs, p99 {p99:.0} µs at {LATENCY_RATE} ev/s; \
-                 {cpu:.2} µs worker CPU per event"
+                "{mode} on {broker}: p50 {:.0} µs, p99 {:.0} µs at {LATENCY_RATE} ev/s \
+                 ({:.1} % over {SLOW_US:.0} µs, the slowest {:.0} µs); \
+                 {cpu:.2} µs worker CPU per event",
+                run.p50,
+                run.p99,
+                run.slow * 100.0,
+                run.max
             )
         }
         None => {
