@@ -34,6 +34,8 @@ struct Inner {
 /// Where one publish goes: a subscriber's buffer, and its queue group if it has one.
 type Target = (mpsc::Sender<Message>, Option<Arc<str>>);
 type Targets = SmallVec<[Target; 4]>;
+/// One queue group's matching subscribers, in subscription order.
+type Members<'a> = SmallVec<[&'a Sub; 4]>;
 
 struct Sub {
     id: u64,
@@ -217,18 +219,19 @@ impl MemoryBroker {
     /// group's name).
     ///
     /// Without a map: a subject has a handful of subscribers, and a linear search for its
-    /// group beats hashing. A publish allocates nothing here for up to four targets.
+    /// group beats hashing. Inline vectors: a publish allocates nothing here for up to
+    /// four targets and four members per group.
     fn targets(&self, subject: &str) -> Targets {
         let subs = self.inner.subs.read().unwrap_or_else(|e| e.into_inner());
         let mut targets = Targets::new();
-        // Each queue group matched, with how many of its members match.
-        let mut groups: SmallVec<[(&Arc<str>, usize); 4]> = SmallVec::new();
+        // Each queue group matched, with its matching members.
+        let mut groups: SmallVec<[(&Arc<str>, Members); 4]> = SmallVec::new();
         for sub in subs.iter().filter(|s| s.pattern.matches(subject)) {
             match &sub.queue {
                 None => targets.push((sub.tx.clone(), None)),
                 Some(q) => match groups.iter_mut().find(|(name, _)| *name == q) {
-                    Some((_, count)) => *count += 1,
-                    None => groups.push((q, 1)),
+                    Some((_, members)) => members.push(sub),
+                    None => groups.push((q, smallvec::smallvec![sub])),
                 },
             }
         }
@@ -236,16 +239,10 @@ impl MemoryBroker {
             return targets;
         }
         let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed);
-        for &(queue, count) in &groups {
-            // The turn-th member (mod the group's size), in subscription order.
-            let pick = turn % count;
-            if let Some(member) = subs
-                .iter()
-                .filter(|s| s.queue.as_ref() == Some(queue) && s.pattern.matches(subject))
-                .nth(pick)
-            {
-                targets.push((member.tx.clone(), Some(Arc::clone(queue))));
-            }
+        for (queue, members) in groups {
+            // Never empty: a group is added with its first member.
+            let member = members[turn % members.len()];
+            targets.push((member.tx.clone(), Some(Arc::clone(queue))));
         }
         targets
     }
