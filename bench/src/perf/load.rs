@@ -50,7 +50,7 @@ impl Route {
     /// (the payload starts with the send time in ns since `epoch`).
     pub(super) async fn collect(
         &self,
-        received: Arc<AtomicU64>,
+        received: Arc<Answers>,
         latency: Option<(Instant, Arc<std::sync::Mutex<Vec<u64>>>)>,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let record = move |payload: &[u8]| {
@@ -61,7 +61,7 @@ impl Route {
                 let took = now.saturating_sub(u64::from_le_bytes(sent));
                 samples.lock().unwrap_or_else(|e| e.into_inner()).push(took);
             }
-            received.fetch_add(1, Ordering::Release);
+            received.add();
         };
         Ok(match self {
             Route::Nats(c) => {
@@ -86,8 +86,9 @@ impl Route {
 }
 
 /// The load generator's own runtime, one thread, like a client in another process: the
-/// publisher (which spins between sends at a fixed rate) and the counter never hold up
-/// the host's (or the baseline's) tasks on their worker threads, nor wait behind them.
+/// publisher (waiting for room in its window, or pacing itself) and the counter never
+/// hold up the host's (or the baseline's) tasks on their worker threads, nor wait behind
+/// them.
 pub(super) static DRIVER: std::sync::LazyLock<Option<tokio::runtime::Runtime>> =
     std::sync::LazyLock::new(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -177,34 +178,73 @@ pub(super) fn latency_row(
     )
 }
 
+/// Longest a run waits for its next answer before it fails (events lost, or the path
+/// stuck). Why 30 s: far beyond any stall a healthy host shows (a JetStream pull stall
+/// is ~2 s), short enough that a broken run ends on its own.
+const QUIET: Duration = Duration::from_secs(30);
+
+/// The answers counted on `bench.out`, and a wake-up for the task waiting for them.
+///
+/// Why not a counter to poll: the load generator shares the 2-core machine with the host
+/// and nats-server, and a generator spinning on a full window (as it did, at ~500 000 polls
+/// a second, 0.5-0.8 of a core) takes its CPU from them; the slower the path under test,
+/// the longer it spun, so it cost wasmev more than the baseline.
+#[derive(Default)]
+pub(super) struct Answers {
+    count: AtomicU64,
+    more: tokio::sync::Notify,
+}
+
+impl Answers {
+    fn add(&self) {
+        self.count.fetch_add(1, Ordering::Release);
+        // Without a waiter this stores one wake-up (an atomic operation), taken by the
+        // next wait.
+        self.more.notify_one();
+    }
+
+    fn get(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Wait until `done` holds of the count; an error once [`QUIET`] passes without a new
+    /// answer.
+    async fn until(&self, done: impl Fn(u64) -> bool) -> anyhow::Result<()> {
+        loop {
+            let seen = self.get();
+            if done(seen) {
+                return Ok(());
+            }
+            // An answer counted after `seen` was read left a wake-up, so this cannot miss it.
+            if tokio::time::timeout(QUIET, self.more.notified())
+                .await
+                .is_err()
+                && self.get() == seen
+            {
+                bail!("no answers for {QUIET:?}, {seen} counted (events lost?)");
+            }
+        }
+    }
+}
+
 /// Events per second through `path`: `n` events of `PAYLOAD` bytes on `bench.in`, at
 /// most `WINDOW` unanswered, timed from the first publish to the last answer.
 pub(super) async fn throughput_here(path: &Route, n: u64) -> anyhow::Result<f64> {
-    let received = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(Answers::default());
     let collector = path.collect(received.clone(), None).await?;
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
     let started = Instant::now();
-    let mut progress = (0, Instant::now());
     for sent in 0..n {
-        // Saturating: a late answer from an earlier run can make `received` pass `sent`.
-        while sent.saturating_sub(received.load(Ordering::Acquire)) >= WINDOW {
-            let now = received.load(Ordering::Acquire);
-            if now != progress.0 {
-                progress = (now, Instant::now());
-            } else if progress.1.elapsed() > Duration::from_secs(30) {
-                bail!("no answers for 30 s with {sent} sent and {now} answered (events lost?)");
-            }
-            path.flush().await?;
-            tokio::task::yield_now().await;
-        }
+        // Saturating: a late answer from an earlier run can make the count pass `sent`.
+        // No flush here: the client writes out every publish it is handed.
+        received
+            .until(|got| sent.saturating_sub(got) < WINDOW)
+            .await
+            .with_context(|| format!("{sent} sent"))?;
         path.publish("bench.in", payload.clone()).await?;
     }
     path.flush().await?;
-    wait_until(
-        || received.load(Ordering::Acquire) >= n,
-        Duration::from_secs(120),
-    )
-    .await?;
+    received.until(|got| got >= n).await?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     collector.abort();
     Ok(rate)
@@ -214,7 +254,7 @@ pub(super) async fn throughput_here(path: &Route, n: u64) -> anyhow::Result<f64>
 pub(super) async fn latency_here(path: &Route, secs: u64) -> anyhow::Result<Latency> {
     let epoch = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let received = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(Answers::default());
     let collector = path
         .collect(received.clone(), Some((epoch, samples.clone())))
         .await?;
@@ -250,11 +290,7 @@ pub(super) async fn latency_here(path: &Route, secs: u64) -> anyhow::Result<Late
     tokio::task::spawn_blocking(move || publisher.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the publisher thread panicked"))??;
-    wait_until(
-        || received.load(Ordering::Acquire) >= n,
-        Duration::from_secs(60),
-    )
-    .await?;
+    received.until(|got| got >= n).await?;
     collector.abort();
     let mut s = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
     s.sort_unstable();
