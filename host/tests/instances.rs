@@ -115,6 +115,27 @@ async fn a_swap_starts_the_new_version_on_fresh_instances() {
     host.stop().await.unwrap();
 }
 
+/// A stopped host lets go of its handlers, warm instances and all. A warm instance's
+/// store names its version (its state holds it), so a pool that stayed open at shutdown
+/// kept the version alive, and with it everything the version holds: here the embedded
+/// broker, on NATS the connection. The broker is seen to go by a subscription of the
+/// test's, which ends once nothing holds the broker any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_host_lets_go_of_its_warm_instances() {
+    for (extra, first) in [("", [1, 1]), ("instances = \"reuse\"", [1, 2])] {
+        let (_dir, host, mut results) = start(extra).await;
+        assert_eq!(counts(&host, &mut results, 2).await, first, "{extra}");
+        host.stop().await.unwrap();
+        let after = within(
+            &format!("the broker to be let go ({extra})"),
+            WAIT,
+            results.next(),
+        )
+        .await;
+        assert!(after.is_none(), "a message after shutdown: {after:?}");
+    }
+}
+
 /// Events the intake takes together (a batch, under load) still run at the same time:
 /// eight guests each ask a question that is answered only once all eight are waiting.
 /// Were a batch run one event after another, only one question would ever be waiting
