@@ -1,6 +1,7 @@
 //! The events table: throughput and latency on NATS and the embedded broker, the floor
 //! and JetStream rows, and `one` case on its own for a profiler.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -10,9 +11,9 @@ use super::cpu;
 use super::floor::{self, Floor};
 use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repeat};
 use super::load::{
-    LATENCY_RUNS, Measured, RUNS, Route, SLOW_US, baseline_row, cpu_row, echo_host, latency,
-    latency_median, latency_row, measure, memory_baseline, nats_baseline, nats_route, rate_row,
-    throughput,
+    Baseline, LATENCY_RUNS, Measured, RUNS, Route, Running, SLOW_US, baseline_row, cpu_row,
+    echo_host, latency, latency_median, latency_row, measure, memory_baseline, nats_baseline,
+    nats_route, rate_row, throughput,
 };
 use super::{
     ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, rate, table,
@@ -31,96 +32,86 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let nats = nats_route(&server.url).await?;
     let mut rows = Vec::new();
 
-    // Baseline first, then each mode, each on its own subscription.
-    let base = nats_baseline(&server.url, false).await?;
-    let raw = measure(&nats, events, RUNS, Duration::ZERO).await?;
-    let raw_latency = latency_median(&nats, latency_secs).await?;
-    base.stop().await;
+    // Throughput in rounds: each round starts every contender in turn and gives it one
+    // run, so a slow spell of the VM (single runs here swing by ±20 % within a minute)
+    // falls on all of them alike, and each ratio is the median of the rounds' own ratios.
+    let mut rounds: Vec<Vec<Measured>> = vec![Vec::new(); CONTENDERS.len()];
+    for round in 0..RUNS {
+        for (contender, runs) in CONTENDERS.iter().zip(&mut rounds) {
+            let started = contender.start(dir.path(), &server.url).await?;
+            runs.push(measure(&nats, events, 1, Duration::ZERO).await?);
+            started.stop().await?;
+        }
+        eprintln!("NATS throughput, round {}/{RUNS} done", round + 1);
+    }
+    let [raw, hops, per_event, reuse, small] = rounds.as_slice() else {
+        bail!("expected a list of runs per contender");
+    };
+    let raw_m = summary(raw);
     rows.push(baseline_row(
         "NATS: plain async-nats subscriber (baseline)",
-        &raw,
+        &raw_m,
     ));
-
     // Not a target's denominator: how much of the gap is the hop header wasmev stamps on
     // every guest publish (to cut feedback loops), priced on the plain subscriber.
-    let base = nats_baseline(&server.url, true).await?;
-    let hops = measure(&nats, events, RUNS, Duration::ZERO).await?;
-    base.stop().await;
-    rows.push(rate_row(
+    rows.push(round_row(
         "NATS: the same subscriber adding a `Wasmev-Hops` header to each publish",
-        &hops,
-        &raw,
+        hops,
+        raw,
         "",
     ));
     rows.push(cpu_row(
         "NATS: worker CPU per event, subscriber with the header",
-        &hops,
-        &raw,
+        &summary(hops),
+        &raw_m,
     ));
 
-    let (mut core_per_event, mut core_reuse) = (None, None);
-    for (mode, target, lat_target) in [("per-event", "≥ 0.30", 250.0), ("reuse", "≥ 0.90", 50.0)]
-    {
-        let (host, _) = echo_host(dir.path(), ECHO, mode, Some(&server.url), "").await?;
-        let m = measure(&nats, events, RUNS, Duration::ZERO).await?;
-        if mode == "per-event" {
-            core_per_event = Some(m);
-        } else {
-            core_reuse = Some(m);
-        }
-        rows.push(rate_row(
+    let started = Contender::Plain.start(dir.path(), &server.url).await?;
+    let raw_latency = latency_median(&nats, latency_secs).await?;
+    started.stop().await?;
+    for (mode, runs, target, lat_target) in [
+        ("per-event", per_event, "≥ 0.30", 250.0),
+        ("reuse", reuse, "≥ 0.90", 50.0),
+    ] {
+        rows.push(round_row(
             &format!("NATS: wasmev, instances = {mode}"),
-            &m,
-            &raw,
+            runs,
+            raw,
             target,
         ));
         rows.push(cpu_row(
             &format!("NATS: worker CPU per event, {mode}"),
-            &m,
-            &raw,
+            &summary(runs),
+            &raw_m,
         ));
+        let started = Contender::Host(mode, ECHO)
+            .start(dir.path(), &server.url)
+            .await?;
         rows.push(latency_row(
             &format!("NATS: p50 / p99 latency at {LATENCY_RATE} ev/s, {mode}"),
             latency_median(&nats, latency_secs).await?,
             raw_latency,
             &format!("p99 overhead ≤ {lat_target:.0} µs"),
         ));
-        host.shutdown().await?;
+        started.stop().await?;
     }
 
     let floor = floor::measure(dir.path(), ECHO).await?;
-    floor_rows(
-        &mut rows,
-        &floor,
-        &raw,
-        core_per_event
-            .as_ref()
-            .context("per-event was not measured")?,
-        core_reuse.as_ref().context("reuse was not measured")?,
-    );
+    let core_per_event = summary(per_event);
+    floor_rows(&mut rows, &floor, &raw_m, &core_per_event, &summary(reuse));
 
     // What a fresh instance costs depends on the guest's memory: the same handler with a
     // 64 KiB shadow stack (2 wasm pages to reset after each event instead of 17).
-    let (host, _) = echo_host(
-        dir.path(),
-        ECHO_SMALL_STACK,
-        "per-event",
-        Some(&server.url),
-        "",
-    )
-    .await?;
-    let small = measure(&nats, events, RUNS, Duration::ZERO).await?;
-    host.shutdown().await?;
-    rows.push(rate_row(
+    rows.push(round_row(
         "NATS: wasmev, per-event, handler linked with a 64 KiB stack",
-        &small,
-        &raw,
+        small,
+        raw,
         "",
     ));
     rows.push(cpu_row(
         "NATS: worker CPU per event, per-event, 64 KiB stack",
-        &small,
-        &raw,
+        &summary(small),
+        &raw_m,
     ));
 
     // The embedded broker: its own baseline (a plain task republishing), then each mode.
@@ -166,7 +157,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         jetstream(&server, &client, dir.path(), events / 2)
     })
     .await?;
-    let core = core_per_event.context("per-event was not measured")?;
+    let core = core_per_event;
     rows.push(Row::new(
         "JetStream: consume + ack, per-event (stored events)",
         rate(js.measured.median),
@@ -191,9 +182,12 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         &format!(
             "## Events: throughput and latency\n\nThe echo handler (`bench/echo`: republish \
              the {PAYLOAD}-byte payload) against a baseline doing the same work without \
-             Wasm, in the same run. Throughput: the median of {RUNS} runs of {events} \
-             events each, at most {WINDOW} unanswered, max_in_flight = {IN_FLIGHT}, \
-             publish→answer. Worker CPU per event: CPU time of the tokio worker threads \
+             Wasm, in the same run. Throughput: runs of {events} events each, at most \
+             {WINDOW} unanswered, max_in_flight = {IN_FLIGHT}, publish→answer; a figure is \
+             the median of {RUNS} runs. On NATS the runs are made in {RUNS} rounds, each \
+             starting every subscriber in turn for one run, and a ratio is the median of \
+             the rounds' own ratios, so a slow spell of the machine falls on both sides of \
+             it. Worker CPU per event: CPU time of the tokio worker threads \
              (the host, or the baseline subscriber; not the load generator, not \
              nats-server) over those runs, divided by the events; JetStream: the median of \
              {JETSTREAM_RUNS} runs of \
@@ -212,6 +206,86 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         ),
         &rows,
     ))
+}
+
+/// Who answers `bench.in` on NATS in the throughput rounds, in the order they take turns.
+const CONTENDERS: [Contender; 5] = [
+    Contender::Plain,
+    Contender::PlainWithHops,
+    Contender::Host("per-event", ECHO),
+    Contender::Host("reuse", ECHO),
+    Contender::Host("per-event", ECHO_SMALL_STACK),
+];
+
+/// One subscriber the NATS figures compare.
+#[derive(Clone, Copy)]
+enum Contender {
+    /// The baseline: a plain async-nats subscriber republishing.
+    Plain,
+    /// The same, adding wasmev's hop header to each publish.
+    PlainWithHops,
+    /// A host running the echo handler: its `instances` mode and its module.
+    Host(&'static str, &'static str),
+}
+
+/// A contender answering `bench.in` until stopped.
+enum Started {
+    Plain(Baseline),
+    Host(Running),
+}
+
+impl Contender {
+    async fn start(self, dir: &Path, url: &str) -> anyhow::Result<Started> {
+        Ok(match self {
+            Contender::Plain => Started::Plain(nats_baseline(url, false).await?),
+            Contender::PlainWithHops => Started::Plain(nats_baseline(url, true).await?),
+            Contender::Host(mode, module) => {
+                Started::Host(echo_host(dir, module, mode, Some(url), "").await?.0)
+            }
+        })
+    }
+}
+
+impl Started {
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Started::Plain(base) => base.stop().await,
+            Started::Host(host) => host.shutdown().await?,
+        }
+        Ok(())
+    }
+}
+
+/// One figure from a contender's runs: their median (and best) rate, and the worker CPU
+/// per event over all of them (every run has the same number of events).
+fn summary(runs: &[Measured]) -> Measured {
+    let mut rates: Vec<f64> = runs.iter().map(|m| m.median).collect();
+    rates.sort_by(f64::total_cmp);
+    Measured {
+        median: rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),
+        best: rates.last().copied().unwrap_or(f64::NAN),
+        runs: rates.len(),
+        cpu_us: runs.iter().map(|m| m.cpu_us).sum::<f64>() / runs.len() as f64,
+    }
+}
+
+/// The row comparing a contender's median rate with the baseline's; its ratio is the
+/// median of the rounds' own ratios (each run against the baseline's run of that round).
+fn round_row(what: &str, runs: &[Measured], base: &[Measured], target: &str) -> Row {
+    let mut ratios: Vec<f64> = runs
+        .iter()
+        .zip(base)
+        .map(|(m, b)| m.median / b.median)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let ratio = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+    Row::new(
+        what,
+        rate(summary(runs).median),
+        rate(summary(base).median),
+        format!("{ratio:.2}"),
+        target,
+    )
 }
 
 /// What one event costs without broker I/O, beside what the baseline and wasmev spend per
