@@ -269,8 +269,10 @@ impl Handler {
         })
     }
 
-    /// This version stopped taking events (swapped out or removed): let go of its warm
-    /// instances.
+    /// This version stopped taking events (swapped out, removed, or its host or test
+    /// run is done): let go of its warm instances. Whoever makes a version must call
+    /// this when done with it: a warm instance's store holds its version, so a pool
+    /// never closed keeps the version, its engine and its broker alive for good.
     pub fn retire(&self) {
         if let Some(warm) = &self.warm {
             warm.close();

@@ -127,6 +127,64 @@ expect.publish = [{{ subject = "email.sent", json = {{ to = "bob@example.com", u
     );
 }
 
+/// `wasmev test` over many case files of a handler with warm instances: each file's
+/// versions let go of their instances when its cases are done. They did not: a warm
+/// instance's store holds its version and its engine, whose instance pool reserves
+/// ~8 TiB of address space, and from the 16th file on every engine failed to map
+/// ("mmap failed to reserve").
+#[test]
+fn many_case_files_of_a_reuse_handler_all_run() {
+    let module = component("email-sender");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        format!(
+            r#"version = 1
+[[handler]]
+name = "email-sender"
+module = {:?}
+subscribe = ["user.created"]
+publish = ["email.sent"]
+instances = "reuse"
+config = {{ from = "noreply@example.com", subject = "Welcome, {{name}}!" }}
+"#,
+            module.display().to_string()
+        ),
+    )
+    .unwrap();
+    // Two cases a file: one on the manifest's version, one on a version of its own.
+    let case = r#"manifest = "runtime.toml"
+handler = "email-sender"
+
+[[case]]
+name = "as configured"
+subject = "user.created"
+json = { id = "u1", name = "Ada", email = "ada@example.com" }
+expect.publish = [{ subject = "email.sent", json = { subject = "Welcome, Ada!" } }]
+
+[[case]]
+name = "with its own config"
+subject = "user.created"
+json = { id = "u1", name = "Ada", email = "ada@example.com" }
+config = { subject = "Hi {name}" }
+expect.publish = [{ subject = "email.sent", json = { subject = "Hi Ada" } }]
+"#;
+    let files: Vec<String> = (1..=24).map(|i| format!("cases-{i:02}.toml")).collect();
+    for file in &files {
+        std::fs::write(dir.path().join(file), case).unwrap();
+    }
+    let cache = dir.path().join("cache");
+    let mut args = vec!["test", "--cache-dir", cache.to_str().unwrap()];
+    args.extend(files.iter().map(String::as_str));
+    let output = run(&args, dir.path());
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.ends_with("test result: ok. 48 passed, 0 failed\n"),
+        "{stdout}"
+    );
+}
+
 /// A case file that cannot run says why (exit 2): bad TOML, an unknown key, a handler the
 /// manifest does not have.
 #[test]

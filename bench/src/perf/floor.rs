@@ -103,6 +103,8 @@ pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
             for _ in 0..ROUNDS {
                 rounds.push(round(&fresh, &warm, &warm_sync).await?);
             }
+            // Let go of the warm instances, or the version and its engine outlive this.
+            warm.retire();
             let median = |figure: fn(&Floor) -> f64| {
                 let mut all: Vec<f64> = rounds.iter().map(figure).collect();
                 all.sort_by(f64::total_cmp);
