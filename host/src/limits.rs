@@ -41,6 +41,13 @@ pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
 /// fail for lack of a slot, even during a hot swap.
 pub const INSTANCE_POOL: u32 = 1000;
 
+/// Most wasm engines a manifest may need: one for each distinct pair of `stack` and
+/// fuel-or-not among its handlers. Why 6: each engine's instance pool reserves ~8 TiB of
+/// address space (2 memory slots per instance, 4 GiB each), x86-64 gives a process 128 TiB,
+/// and a hot swap that changes every handler's settings briefly holds old and new engines:
+/// 12 of them, ~95 TiB. Past ~15 engines, creating one fails with a bare mmap error.
+pub const MAX_ENGINES: usize = 6;
+
 /// Largest sum of `max_in_flight` over a manifest's handlers. Why half the pool: while a
 /// handler is swapped, events already running finish on the old version as the new one
 /// takes its full `max_in_flight`, so one handler can briefly hold twice its share.

@@ -72,6 +72,7 @@ impl Validator<'_> {
         let has_broker = broker.is_some();
         let mut seen = HashSet::new();
         let mut total_in_flight: u64 = 0;
+        let mut engines = HashSet::new();
         let mut handlers = Vec::with_capacity(raw.handlers.len());
         for (i, h) in raw.handlers.into_iter().enumerate() {
             if !seen.insert(h.name.get_ref().0.clone()) {
@@ -84,7 +85,30 @@ impl Validator<'_> {
                     ),
                 );
             }
+            // Where to point if this handler needs one engine too many: what sets its
+            // engine apart.
+            let (engine_span, engine_key) = match (&h.stack, &h.fuel) {
+                (Some(stack), _) => (stack.span(), "stack"),
+                (None, Some(fuel)) => (fuel.span(), "fuel"),
+                (None, None) => (h.name.span(), "name"),
+            };
             let spec = self.handler(i, h, has_broker);
+            if engines.insert((spec.guards.stack, spec.guards.fuel.is_some()))
+                && engines.len() == limits::MAX_ENGINES + 1
+            {
+                self.report(
+                    engine_span,
+                    format!("handler[{i}].{engine_key}"),
+                    format!(
+                        "this handler's stack and fuel settings need a wasm engine of their \
+                         own, the {}th; a host runs at most {} (each reserves ~8 TiB of \
+                         address space for its instance pool). Handlers with the same `stack` \
+                         that all have, or all lack, `fuel` share one",
+                        engines.len(),
+                        limits::MAX_ENGINES
+                    ),
+                );
+            }
             total_in_flight += u64::from(spec.max_in_flight);
             handlers.push(spec);
         }
