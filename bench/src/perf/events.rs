@@ -16,8 +16,8 @@ use super::load::{
     nats_route, rate_row, throughput,
 };
 use super::{
-    ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, rate, table,
-    us_per_event,
+    ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, median, rate,
+    table, us_per_event,
 };
 
 /// JetStream runs per figure (each stores its events again, then consumes them). Why 3:
@@ -47,7 +47,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let [raw, hops, per_event, reuse, small] = rounds.as_slice() else {
         bail!("expected a list of runs per contender");
     };
-    let raw_m = summary(raw);
+    let raw_m = Measured::summary(raw);
     rows.push(baseline_row(
         "NATS: plain async-nats subscriber (baseline)",
         &raw_m,
@@ -62,7 +62,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     ));
     rows.push(cpu_row(
         "NATS: worker CPU per event, subscriber with the header",
-        &summary(hops),
+        &Measured::summary(hops),
         &raw_m,
     ));
 
@@ -81,7 +81,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         ));
         rows.push(cpu_row(
             &format!("NATS: worker CPU per event, {mode}"),
-            &summary(runs),
+            &Measured::summary(runs),
             &raw_m,
         ));
         let started = Contender::Host(mode, ECHO)
@@ -97,8 +97,14 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     }
 
     let floor = floor::measure(dir.path(), ECHO).await?;
-    let core_per_event = summary(per_event);
-    floor_rows(&mut rows, &floor, &raw_m, &core_per_event, &summary(reuse));
+    let core_per_event = Measured::summary(per_event);
+    floor_rows(
+        &mut rows,
+        &floor,
+        &raw_m,
+        &core_per_event,
+        &Measured::summary(reuse),
+    );
 
     // What a fresh instance costs depends on the guest's memory: the same handler with a
     // 64 KiB shadow stack (2 wasm pages to reset after each event instead of 17).
@@ -110,7 +116,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     ));
     rows.push(cpu_row(
         "NATS: worker CPU per event, per-event, 64 KiB stack",
-        &summary(small),
+        &Measured::summary(small),
         &raw_m,
     ));
 
@@ -256,33 +262,19 @@ impl Started {
     }
 }
 
-/// One figure from a contender's runs: their median (and best) rate, and the worker CPU
-/// per event over all of them (every run has the same number of events).
-fn summary(runs: &[Measured]) -> Measured {
-    let mut rates: Vec<f64> = runs.iter().map(|m| m.median).collect();
-    rates.sort_by(f64::total_cmp);
-    Measured {
-        median: rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),
-        best: rates.last().copied().unwrap_or(f64::NAN),
-        runs: rates.len(),
-        cpu_us: runs.iter().map(|m| m.cpu_us).sum::<f64>() / runs.len() as f64,
-    }
-}
-
 /// The row comparing a contender's median rate with the baseline's; its ratio is the
 /// median of the rounds' own ratios (each run against the baseline's run of that round).
 fn round_row(what: &str, runs: &[Measured], base: &[Measured], target: &str) -> Row {
-    let mut ratios: Vec<f64> = runs
-        .iter()
-        .zip(base)
-        .map(|(m, b)| m.median / b.median)
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let ratio = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+    let ratio = median(
+        runs.iter()
+            .zip(base)
+            .map(|(m, b)| m.median / b.median)
+            .collect(),
+    );
     Row::new(
         what,
-        rate(summary(runs).median),
-        rate(summary(base).median),
+        rate(Measured::summary(runs).median),
+        rate(Measured::summary(base).median),
         format!("{ratio:.2}"),
         target,
     )

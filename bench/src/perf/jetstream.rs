@@ -105,17 +105,10 @@ where
         );
         all.push(one);
     }
-    let mut rates: Vec<f64> = all.iter().map(|r| r.measured.median).collect();
-    rates.sort_by(f64::total_cmp);
-    let mean = |of: fn(&JetStreamRun) -> f64| all.iter().map(of).sum::<f64>() / all.len() as f64;
+    let measured: Vec<Measured> = all.iter().map(|r| r.measured).collect();
     Ok(JetStreamRun {
-        measured: Measured {
-            median: rates[rates.len() / 2],
-            best: rates[rates.len() - 1],
-            runs: all.len(),
-            cpu_us: mean(|r| r.measured.cpu_us),
-        },
-        server_us: mean(|r| r.server_us),
+        measured: Measured::summary(&measured),
+        server_us: all.iter().map(|r| r.server_us).sum::<f64>() / all.len() as f64,
         stalls: all.iter().map(|r| r.stalls).sum(),
     })
 }

@@ -15,7 +15,7 @@ use wasmev::subject::Pattern;
 use wasmev::{Host, Manifest, Options};
 
 use super::cpu;
-use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, rate, us_per_event};
+use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, median, rate, us_per_event};
 
 /// The broker events travel through: where they go in and where answers are counted.
 #[derive(Clone)]
@@ -157,9 +157,7 @@ pub(super) async fn latency_median(path: &Route, secs: u64) -> anyhow::Result<(f
         p50s.push(run.p50);
         p99s.push(run.p99);
     }
-    p50s.sort_by(f64::total_cmp);
-    p99s.sort_by(f64::total_cmp);
-    Ok((p50s[LATENCY_RUNS / 2], p99s[LATENCY_RUNS / 2]))
+    Ok((median(p50s), median(p99s)))
 }
 
 /// The latency row: both percentiles beside the baseline's, overheads signed.
@@ -497,13 +495,25 @@ pub(super) async fn measure(
         rates.push(throughput(path, n).await?);
     }
     let cpu = cpu::workers().since(&before);
-    rates.sort_by(f64::total_cmp);
     Ok(Measured {
-        median: rates[rates.len() / 2],
-        best: rates[rates.len() - 1],
+        best: rates.iter().copied().fold(f64::NAN, f64::max),
         runs: rates.len(),
         cpu_us: us_per_event(cpu, n as f64 * rates.len() as f64),
+        median: median(rates),
     })
+}
+
+impl Measured {
+    /// One figure from several, each of the same number of events: the median (and best)
+    /// of their medians, and their mean worker CPU per event.
+    pub(super) fn summary(all: &[Measured]) -> Measured {
+        Measured {
+            median: median(all.iter().map(|m| m.median).collect()),
+            best: all.iter().map(|m| m.median).fold(f64::NAN, f64::max),
+            runs: all.len(),
+            cpu_us: all.iter().map(|m| m.cpu_us).sum::<f64>() / all.len() as f64,
+        }
+    }
 }
 
 /// The row comparing median throughput with the baseline's.

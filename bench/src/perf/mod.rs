@@ -131,6 +131,12 @@ fn us_per_event(spent: Duration, events: f64) -> f64 {
     spent.as_secs_f64() * 1e6 / events
 }
 
+/// The middle of `values` (the upper middle of an even count); NaN when there are none.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 fn rate(r: f64) -> String {
     format!("{:.0} ev/s", r)
 }

@@ -15,6 +15,7 @@ use super::{
     Auth, BrokerSettings, Deliver, DevSpec, Diagnostic, Guards, HandlerSpec, Instances,
     JetStreamSpec, Manifest, ManifestError, VERSION,
 };
+use crate::engine::EngineKey;
 use crate::limits;
 
 /// Validate `src` as if read from `path`; `env` resolves credential variables, and with
@@ -93,9 +94,7 @@ impl Validator<'_> {
                 (None, None) => (h.name.span(), "name"),
             };
             let spec = self.handler(i, h, has_broker);
-            if engines.insert((spec.guards.stack, spec.guards.fuel.is_some()))
-                && engines.len() == limits::MAX_ENGINES + 1
-            {
+            if engines.insert(EngineKey::of(&spec)) && engines.len() == limits::MAX_ENGINES + 1 {
                 self.report(
                     engine_span,
                     format!("handler[{i}].{engine_key}"),
