@@ -336,7 +336,12 @@ impl Baseline {
 pub(super) async fn nats_baseline(url: &str, hop_header: bool) -> anyhow::Result<Baseline> {
     let client = async_nats::connect(url).await?;
     let mut sub = client.subscribe("bench.in").await?;
-    client.flush().await?;
+    // Subscribed at the server before the load starts on another connection: a flush
+    // only writes, so the first events (all of a warm-up, at times) found no subscriber
+    // and a run waited for answers that never came.
+    tokio::time::timeout(QUIET, wasmev::broker::nats::round_trip(&client))
+        .await
+        .context("the baseline's subscription was not confirmed")??;
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         loop {

@@ -395,31 +395,35 @@ impl NatsBroker {
         self.client.flush().await.context("failed to flush nats")
     }
 
-    /// A round trip through the server: returns once a message published now to a fresh
-    /// inbox of ours has come back. nats-server handles one connection's protocol in
-    /// order and queues what it sends it in order, so by then every SUB sent before is
-    /// registered, and whatever the server sent this connection before has been read off
-    /// the socket and handed to its subscriptions. `flush` is not one: async-nats's flush
-    /// only writes out what the client holds and reads nothing (nats.go's is a PING/PONG).
+    /// A round trip through the server on this connection ([`round_trip`]).
     pub async fn round_trip(&self) -> anyhow::Result<()> {
-        let inbox = self.client.new_inbox();
-        let mut probe = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .context("failed to subscribe a round-trip inbox")?;
-        self.client
-            .publish(inbox, Bytes::new())
-            .await
-            .context("failed to publish a round-trip probe")?;
-        probe
-            .next()
-            .await
-            .map(drop)
-            .context("the nats connection closed during a round trip")
+        round_trip(&self.client).await
     }
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }
+}
+
+/// A round trip through the server: returns once a message published now to a fresh
+/// inbox of `client`'s has come back. nats-server handles one connection's protocol in
+/// order and queues what it sends it in order, so by then every SUB sent before is
+/// registered, and whatever the server sent this connection before has been read off
+/// the socket and handed to its subscriptions. `flush` is not one: async-nats's flush
+/// only writes out what the client holds and reads nothing (nats.go's is a PING/PONG).
+pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
+    let inbox = client.new_inbox();
+    let mut probe = client
+        .subscribe(inbox.clone())
+        .await
+        .context("failed to subscribe a round-trip inbox")?;
+    client
+        .publish(inbox, Bytes::new())
+        .await
+        .context("failed to publish a round-trip probe")?;
+    probe
+        .next()
+        .await
+        .map(drop)
+        .context("the nats connection closed during a round trip")
 }
