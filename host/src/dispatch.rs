@@ -207,7 +207,12 @@ async fn run(
         None => {
             let mut store = Store::new(
                 handler.pre.engine(),
-                State::new(handler.clone(), &event.subject, delivery, deadline_at),
+                State::new(
+                    handler.core().clone(),
+                    &event.subject,
+                    delivery,
+                    deadline_at,
+                ),
             );
             store.limiter(|state| state);
             // Preemption: every epoch tick the guest yields to the executor, so a spinning

@@ -230,20 +230,43 @@ fn error_chain(e: wasmtime::Error) -> String {
     format!("{:#}", anyhow::Error::from(e))
 }
 
+/// What the host side of a handler's imports works from: its settings, publish grants,
+/// metrics and broker.
+///
+/// Apart from [`Handler`] because every store's state holds it: the handler owns its
+/// pool of warm instances, and a store holding the handler closed a cycle (handler →
+/// pool → warm store → handler) that kept each `reuse` version, its engine (whose
+/// instance pool reserves terabytes of address space) and its broker connection alive
+/// for good unless someone remembered to empty the pool. Kept apart, a version goes with
+/// its last reference, as any value does.
+pub struct HandlerCore {
+    pub spec: HandlerSpec,
+    pub grants: Grants,
+    pub metrics: HandlerMetrics,
+    pub broker: Broker,
+}
+
 /// A handler ready to take events: compiled code plus everything dispatch needs.
 pub struct Handler {
-    pub spec: HandlerSpec,
+    core: Arc<HandlerCore>,
     pub pre: bindings::HandlerPre<State>,
     /// The module's SHA-256: which version this is.
     pub digest: Digest,
-    pub grants: Grants,
-    pub metrics: HandlerMetrics,
     /// `max_in_flight` permits, shared by all of this handler's subscriptions. Taken
     /// before an event is pulled, so no instance exists without one.
     pub permits: Arc<Semaphore>,
-    pub broker: Broker,
     /// Idle warm instances, for `instances = "reuse"`.
     pub warm: Option<WarmPool>,
+}
+
+/// A handler is its core plus what only the host side uses, as wasmtime's `StoreInner` is
+/// its `StoreOpaque` plus the embedder's data; like that one, it derefs to its core.
+impl std::ops::Deref for Handler {
+    type Target = HandlerCore;
+
+    fn deref(&self) -> &HandlerCore {
+        &self.core
+    }
 }
 
 impl Handler {
@@ -260,19 +283,27 @@ impl Handler {
         Arc::new(Self {
             digest,
             warm,
-            grants: Grants::new(spec.publish.clone()),
             permits: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
-            spec,
             pre,
-            metrics,
-            broker,
+            core: Arc::new(HandlerCore {
+                grants: Grants::new(spec.publish.clone()),
+                spec,
+                metrics,
+                broker,
+            }),
         })
     }
 
-    /// This version stopped taking events (swapped out, removed, or its host or test
-    /// run is done): let go of its warm instances. Whoever makes a version must call
-    /// this when done with it: a warm instance's store holds its version, so a pool
-    /// never closed keeps the version, its engine and its broker alive for good.
+    /// The part a store's state holds (see [`HandlerCore`]).
+    pub fn core(&self) -> &Arc<HandlerCore> {
+        &self.core
+    }
+
+    /// This version stopped taking events (swapped out or removed): let go of its warm
+    /// instances now, and of each one that comes back from an event still running. A
+    /// version being dropped needs none of this; it is for one that stays referenced a
+    /// while, as a swapped-out version does for a possible rollback, so its idle
+    /// instances do not hold slots of the engine's instance pool meanwhile.
     pub fn retire(&self) {
         if let Some(warm) = &self.warm {
             warm.close();

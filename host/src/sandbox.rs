@@ -15,7 +15,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::handler::Handler;
+use crate::handler::HandlerCore;
 use crate::limits;
 use crate::metrics::PublishResult;
 use crate::publish::{self, Delivery, Quota, Refusal};
@@ -38,7 +38,7 @@ use bindings::wasmev::events::{config, log, publisher, types};
 
 /// Store data for one event.
 pub struct State {
-    handler: Arc<Handler>,
+    handler: Arc<HandlerCore>,
     subject: String,
     delivery: Delivery,
     deadline_at: Instant,
@@ -84,7 +84,7 @@ impl Wasi {
 
 impl State {
     pub fn new(
-        handler: Arc<Handler>,
+        handler: Arc<HandlerCore>,
         subject: &str,
         delivery: Delivery,
         deadline_at: Instant,

@@ -58,7 +58,7 @@ impl WarmPool {
     }
 
     /// The version stopped being live: drop its idle instances and every one that comes
-    /// back. (Each holds its version alive, so an open pool would keep it forever.)
+    /// back (see `Handler::retire`).
     pub fn close(&self) {
         self.open.store(false, Ordering::Release);
         while self.idle.pop().is_some() {}

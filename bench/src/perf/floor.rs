@@ -103,8 +103,6 @@ pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
             for _ in 0..ROUNDS {
                 rounds.push(round(&fresh, &warm, &warm_sync).await?);
             }
-            // Let go of the warm instances, or the version and its engine outlive this.
-            warm.retire();
             let median = |figure: fn(&Floor) -> f64| {
                 let mut all: Vec<f64> = rounds.iter().map(figure).collect();
                 all.sort_by(f64::total_cmp);
@@ -182,7 +180,7 @@ fn store(handler: &Arc<Handler>) -> wasmtime::Store<State> {
     let far = Instant::now() + Duration::from_secs(3600);
     let mut store = wasmtime::Store::new(
         handler.pre.engine(),
-        State::new(handler.clone(), IN, Delivery::default(), far),
+        State::new(handler.core().clone(), IN, Delivery::default(), far),
     );
     store.limiter(|state| state);
     store.set_epoch_deadline(1 << 40);

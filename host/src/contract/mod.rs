@@ -347,11 +347,6 @@ pub async fn run_file(
         let started = Instant::now();
         let (outcome, _replied) = dispatch(&handler, event, delivery).await;
         let elapsed = started.elapsed();
-        if !case.config.is_empty() {
-            // This case's own version is done: let go of its warm instance (see
-            // `Handler::retire`).
-            handler.retire();
-        }
         let published = drain(&mut outbox).await;
         let logs = logs.take();
         reports.push(CaseReport {
@@ -362,10 +357,6 @@ pub async fn run_file(
             published: published.iter().map(describe).collect(),
         });
     }
-    // Let go of the warm instances, or the version and its engine (whose pool reserves
-    // terabytes of address space) would outlive the file: `wasmev test` over a dozen
-    // files of a reuse handler ran out of address space.
-    handler.retire();
     Ok(FileReport {
         path: path.to_path_buf(),
         handler: spec.name,

@@ -318,12 +318,6 @@ impl Host {
                 humantime::format_duration(self.options.drain_timeout)
             );
         }
-        // A warm instance's store holds its version, so an open pool would keep every
-        // version it pools (and the broker each holds) alive after the host is gone.
-        // Instances of events still running are dropped as they come back.
-        for running in self.handlers.values() {
-            running.live.current().retire();
-        }
         if let Broker::Nats(nats) = &self.broker
             && let Err(e) = nats.flush().await
         {
