@@ -128,10 +128,10 @@ expect.publish = [{{ subject = "email.sent", json = {{ to = "bob@example.com", u
 }
 
 /// `wasmev test` over many case files of a handler with warm instances: each file's
-/// versions let go of their instances when its cases are done. They did not: a warm
-/// instance's store holds its version and its engine, whose instance pool reserves
-/// ~8 TiB of address space, and from the 16th file on every engine failed to map
-/// ("mmap failed to reserve").
+/// versions go, with their instances and engine, when its cases are done. They once did
+/// not: a warm instance's store held its version, which held the store (see
+/// `HandlerCore`), and each engine's instance pool reserves ~8 TiB of address space, so
+/// from the 16th file on every engine failed to map ("mmap failed to reserve").
 #[test]
 fn many_case_files_of_a_reuse_handler_all_run() {
     let module = component("email-sender");

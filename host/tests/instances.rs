@@ -116,10 +116,10 @@ async fn a_swap_starts_the_new_version_on_fresh_instances() {
 }
 
 /// A stopped host lets go of its handlers, warm instances and all. A warm instance's
-/// store names its version (its state holds it), so a pool that stayed open at shutdown
-/// kept the version alive, and with it everything the version holds: here the embedded
-/// broker, on NATS the connection. The broker is seen to go by a subscription of the
-/// test's, which ends once nothing holds the broker any more.
+/// store once held its version, and the version its pool of warm instances: a cycle that
+/// kept the version alive after shutdown, and with it everything the version holds: here
+/// the embedded broker, on NATS the connection. The broker is seen to go by a
+/// subscription of the test's, which ends once nothing holds the broker any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_host_lets_go_of_its_warm_instances() {
     for (extra, first) in [("", [1, 1]), ("instances = \"reuse\"", [1, 2])] {
