@@ -348,7 +348,7 @@ async fn a_publish_storm_is_cut_at_the_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feedback_loop_is_cut_by_the_hop_limit() {
     let server = NatsServer::start();
-    let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+    let toml = server.manifest_head()
         + &handler_block(
             "looper",
             "chaos",
@@ -405,7 +405,7 @@ async fn oversized_events_are_refused_before_instantiation() {
 async fn a_hostile_inbound_subject_on_a_wildcard_subscription_panics_nothing() {
     use std::io::{Read, Write};
     let server = NatsServer::start();
-    let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+    let toml = server.manifest_head()
         + &handler_block(
             "chaos",
             "chaos",
@@ -496,9 +496,7 @@ async fn the_wasm_stack_limit_is_per_handler() {
             &format!("subscribe = [\"{name}.in\"]\npublish = [\"chaos.>\"]\nstack = \"{stack}\""),
         )
     };
-    let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
-        + &block("small", "64KiB")
-        + &block("large", "1MiB");
+    let toml = server.manifest_head() + &block("small", "64KiB") + &block("large", "1MiB");
     let (_dir, m) = manifest(&toml);
     let host = TestHost::start(&m).await;
     let client = server.client().await;
@@ -533,7 +531,7 @@ async fn the_wasm_stack_limit_is_per_handler() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_dropped_by_a_full_subscription_buffer_are_counted() {
     let server = NatsServer::start();
-    let toml = format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+    let toml = server.manifest_head()
         + &handler_block(
             "chaos",
             "chaos",

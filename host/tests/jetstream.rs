@@ -62,7 +62,7 @@ async fn seen(js: &jetstream::Context) -> Vec<(String, u64)> {
 }
 
 fn js_manifest(server: &NatsServer, jetstream: &str) -> String {
-    format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+    server.manifest_head()
         + &handler_block(
             "chaos",
             "chaos",

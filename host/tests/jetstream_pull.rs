@@ -16,7 +16,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// A handler running `max_in_flight` events at once from the EVENTS stream; `extra` ends
 /// up in `[handler.jetstream]`.
 fn busy_manifest(server: &NatsServer, max_in_flight: u32, deadline: &str, extra: &str) -> String {
-    format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
+    server.manifest_head()
         + &handler_block(
             "chaos",
             "chaos",

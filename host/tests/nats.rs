@@ -12,10 +12,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn broker_section(server: &NatsServer) -> String {
-    format!("version = 1\n[broker]\nurl = {:?}\n", server.url())
-}
-
 async fn publish_json(client: &async_nats::Client, subject: &str, value: Value) {
     client
         .publish(subject.to_string(), value.to_string().into())
@@ -34,7 +30,7 @@ async fn next_json(sub: &mut async_nats::Subscriber) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_created_becomes_email_sent() {
     let server = NatsServer::start();
-    let toml = broker_section(&server)
+    let toml = server.manifest_head()
         + &handler_block(
             "email-sender",
             "email-sender",
@@ -84,7 +80,7 @@ config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_subscription_sees_every_depth_and_nothing_else() {
     let server = NatsServer::start();
-    let toml = broker_section(&server)
+    let toml = server.manifest_head()
         + &handler_block(
             "audit-log",
             "audit-log",
@@ -129,7 +125,7 @@ async fn wildcard_subscription_sees_every_depth_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_group_across_two_hosts_handles_each_event_once() {
     let server = NatsServer::start();
-    let toml = broker_section(&server)
+    let toml = server.manifest_head()
         + &handler_block(
             "audit-log",
             "audit-log",
@@ -177,7 +173,7 @@ async fn queue_group_across_two_hosts_handles_each_event_once() {
 }
 
 fn chaos(server: &NatsServer, extra: &str) -> String {
-    broker_section(server)
+    server.manifest_head()
         + &handler_block(
             "chaos",
             "chaos",
@@ -353,7 +349,7 @@ async fn host_keeps_handling_events_after_nats_restarts() {
 async fn requests_are_answered_by_a_wasm_service_and_guests_can_ask() {
     let server = NatsServer::start();
     let grants = "publish = [\"chaos.>\", \"svc.>\"]";
-    let toml = broker_section(&server)
+    let toml = server.manifest_head()
         + &handler_block(
             "service",
             "chaos",

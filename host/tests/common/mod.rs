@@ -185,6 +185,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The top of a manifest whose broker is this server.
+    pub fn manifest_head(&self) -> String {
+        format!("version = 1\n[broker]\nurl = {:?}\n", self.url())
+    }
+
     /// Start the server on `self.port`, or on a port of its choosing when that is 0
     /// (read back from the ports file it writes), and wait until it accepts connections.
     fn spawn(&mut self) {
