@@ -22,7 +22,7 @@ use wasmev::publish::Delivery;
 use wasmev::sandbox::State;
 
 use super::load::echo_manifest;
-use super::{PAYLOAD, us_per_event};
+use super::{PAYLOAD, median, us_per_event};
 
 /// Rounds, each measuring every figure once; each figure is its median round.
 const ROUNDS: usize = 5;
@@ -103,21 +103,17 @@ pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
             for _ in 0..ROUNDS {
                 rounds.push(round(&fresh, &warm, &warm_sync).await?);
             }
-            let median = |figure: fn(&Floor) -> f64| {
-                let mut all: Vec<f64> = rounds.iter().map(figure).collect();
-                all.sort_by(f64::total_cmp);
-                all[all.len() / 2]
-            };
+            let middle = |figure: fn(&Floor) -> f64| median(rounds.iter().map(figure).collect());
             Ok(Floor {
-                store: median(|f| f.store),
-                instantiate: median(|f| f.instantiate),
-                call: median(|f| f.call),
-                drop: median(|f| f.drop),
-                warm_call: median(|f| f.warm_call),
-                warm_quiet: median(|f| f.warm_quiet),
-                warm_quiet_sync: median(|f| f.warm_quiet_sync),
-                dispatch_fresh: median(|f| f.dispatch_fresh),
-                dispatch_warm: median(|f| f.dispatch_warm),
+                store: middle(|f| f.store),
+                instantiate: middle(|f| f.instantiate),
+                call: middle(|f| f.call),
+                drop: middle(|f| f.drop),
+                warm_call: middle(|f| f.warm_call),
+                warm_quiet: middle(|f| f.warm_quiet),
+                warm_quiet_sync: middle(|f| f.warm_quiet_sync),
+                dispatch_fresh: middle(|f| f.dispatch_fresh),
+                dispatch_warm: middle(|f| f.dispatch_warm),
             })
         })
     })

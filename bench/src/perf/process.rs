@@ -9,7 +9,7 @@ use wasmev::cache::ArtifactCache;
 use wasmev::{Host, Manifest, Options};
 
 use super::load::Running;
-use super::{Row, table};
+use super::{Row, median, table};
 
 /// Host start-up to ready with the shipped manifest's handlers: cold (empty artifact
 /// cache) and warm, in-process, embedded broker, no admin endpoint.
@@ -34,51 +34,47 @@ pub async fn startup(manifest: &Path, rounds: usize) -> anyhow::Result<String> {
     let dir = manifest.parent().unwrap_or(Path::new("."));
     let bench_manifest = dir.join(".bench-startup.toml");
     std::fs::write(&bench_manifest, without_admin)?;
-    let result =
-        async {
-            let m = Manifest::load(&bench_manifest)?;
-            let mut rows = Vec::new();
-            let mut cold = Vec::new();
-            let mut warm = Vec::new();
-            for _ in 0..rounds {
-                let cache = tempfile::tempdir()?;
-                for samples in [&mut cold, &mut warm] {
-                    let options = Options {
-                        watch: false,
-                        cache: Some(ArtifactCache::open(cache.path())?),
-                        ..Options::default()
-                    };
-                    let since = Instant::now();
-                    let host = Host::start(&m, options).await?;
-                    samples.push(since.elapsed());
-                    Running::serve(host).shutdown().await?;
-                }
+    let result = async {
+        let m = Manifest::load(&bench_manifest)?;
+        let mut rows = Vec::new();
+        let mut cold = Vec::new();
+        let mut warm = Vec::new();
+        for _ in 0..rounds {
+            let cache = tempfile::tempdir()?;
+            for samples in [&mut cold, &mut warm] {
+                let options = Options {
+                    watch: false,
+                    cache: Some(ArtifactCache::open(cache.path())?),
+                    ..Options::default()
+                };
+                let since = Instant::now();
+                let host = Host::start(&m, options).await?;
+                samples.push(since.elapsed().as_secs_f64() * 1e3);
+                Running::serve(host).shutdown().await?;
             }
-            let median = |s: &mut Vec<Duration>| {
-                s.sort();
-                s[s.len() / 2]
-            };
-            let (c, w) = (median(&mut cold), median(&mut warm));
-            let sizes: u64 = m
-                .handlers
-                .iter()
-                .filter_map(|h| std::fs::metadata(&h.module).ok())
-                .map(|md| md.len())
-                .sum();
-            rows.push(Row::new(
+        }
+        // Milliseconds.
+        let (c, w) = (median(cold), median(warm));
+        let sizes: u64 = m
+            .handlers
+            .iter()
+            .filter_map(|h| std::fs::metadata(&h.module).ok())
+            .map(|md| md.len())
+            .sum();
+        rows.push(Row::new(
             &format!(
                 "start to ready, {} example handlers ({:.1} MB of components), artifact cache warm",
                 m.handlers.len(),
                 sizes as f64 / 1e6
             ),
-            format!("{:.0} ms", w.as_secs_f64() * 1e3),
-            format!("{:.0} ms (cold: empty cache, compiles)", c.as_secs_f64() * 1e3),
-            format!("{:.0}× faster", c.as_secs_f64() / w.as_secs_f64()),
+            format!("{w:.0} ms"),
+            format!("{c:.0} ms (cold: empty cache, compiles)"),
+            format!("{:.0}× faster", c / w),
             "cache ≥ 10× faster",
         ));
-            Ok::<_, anyhow::Error>(rows)
-        }
-        .await;
+        Ok::<_, anyhow::Error>(rows)
+    }
+    .await;
     let _ = std::fs::remove_file(&bench_manifest);
     let rows = result?;
     Ok(table(
