@@ -16,8 +16,8 @@ use super::load::{
     nats_route, rate_row, throughput,
 };
 use super::{
-    ECHO, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server, WINDOW, median, rate,
-    table, us_per_event,
+    ECHO, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server,
+    WINDOW, median, rate, table, us_per_event,
 };
 
 /// JetStream runs per figure (each stores its events again, then consumes them). Why 3:
@@ -96,7 +96,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         started.stop().await?;
     }
 
-    let floor = floor::measure(dir.path(), ECHO).await?;
+    let floor = floor::measure(dir.path(), FLOOR_MODULES).await?;
     let core_per_event = Measured::summary(per_event);
     floor_rows(
         &mut rows,
@@ -206,7 +206,12 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              call is split by timing an event the handler answers without publishing, \
              and that quiet call is timed again made synchronously, without the fiber an \
              async call runs on (through a linker whose imports are all synchronous); the \
-             median of 5 rounds (`bench/src/perf/floor.rs`). {}.\n",
+             median of 5 rounds (`bench/src/perf/floor.rs`). The 256 KiB event: the echo \
+             handler fills that much heap before it republishes, more than its default \
+             build (17 wasm pages) has free, so that build grows its memory, and one \
+             linked with a 2 MiB initial memory does not; every floor figure has an \
+             instance pool of its own, except the plain events that run after the 256 KiB \
+             ones on purpose. {}.\n",
             events / 2,
             Server::version()
         ),
@@ -294,8 +299,8 @@ fn floor_rows(
         (
             "per-event",
             "fresh instance (store + instantiate + call + drop)",
-            floor.fresh(),
-            floor.fresh_phases(),
+            floor.fresh.total(),
+            floor.fresh.phases(),
             floor.dispatch_fresh,
             per_event,
         ),
@@ -336,7 +341,66 @@ fn floor_rows(
             format!("{:.0} %", 100.0 * dispatched / nats.cpu_us),
         ));
     }
+    // What growing memory during an event costs a fresh instance, what linking the room
+    // in from the start saves it, and what either costs the events that need no heap
+    // (the README's advice to `per-event` handler authors).
+    let f = floor;
+    for (what, figure, base, base_what, ratio) in [
+        (
+            "an event that fills 256 KiB of heap (the memory grows)",
+            &f.fresh_growing,
+            &f.fresh,
+            "the plain event",
+            false,
+        ),
+        (
+            "the same event, handler linked with a 2 MiB initial memory (nothing grows)",
+            &f.fresh_sized_scratch,
+            &f.fresh_growing,
+            "the memory grows",
+            true,
+        ),
+        (
+            "the plain event, handler linked with a 2 MiB initial memory",
+            &f.fresh_sized,
+            &f.fresh,
+            "default initial memory",
+            false,
+        ),
+        (
+            "the plain event in a pool where 256 KiB events ran (they grew the memory)",
+            &f.fresh_after_growing,
+            &f.fresh,
+            "a pool of its own",
+            false,
+        ),
+        (
+            "the plain event in a pool where 256 KiB events ran, 2 MiB initial memory",
+            &f.fresh_sized_after_scratch,
+            &f.fresh_sized,
+            "a pool of its own",
+            false,
+        ),
+    ] {
+        rows.push(Row::new(
+            &format!("one thread, no broker I/O: wasmtime alone, fresh instance, {what}"),
+            figure.phases(),
+            format!("{} ({base_what})", us(base.total())),
+            if ratio {
+                format!("{:.2}×", figure.total() / base.total())
+            } else {
+                format!("{:+.2} µs", figure.total() - base.total())
+            },
+            "",
+        ));
+    }
 }
+
+/// The echo builds the floor measures.
+const FLOOR_MODULES: floor::Modules = floor::Modules {
+    echo: ECHO,
+    sized: ECHO_SIZED_MEMORY,
+};
 
 /// One throughput case on its own, repeated for `secs` seconds (for a profiler to attach
 /// to): `mode` is `baseline`, `per-event` or `reuse`; `embedded` picks the embedded broker.
@@ -349,14 +413,22 @@ pub async fn one(
 ) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
     if mode == "floor" {
-        let f = floor::measure(dir.path(), ECHO).await?;
+        let f = floor::measure(dir.path(), FLOOR_MODULES).await?;
         return Ok(format!(
             "one thread, no broker I/O: wasmtime alone, fresh instance {}, warm call {}; \
-             wasmev dispatch per-event {:.2} µs, reuse {:.2} µs",
-            f.fresh_phases(),
+             wasmev dispatch per-event {:.2} µs, reuse {:.2} µs; fresh instance, event \
+             filling 256 KiB of heap {} (the plain event after it, same pool {}), with a \
+             2 MiB initial memory {} (after it {}); plain event with a 2 MiB initial \
+             memory {}",
+            f.fresh.phases(),
             f.warm_phases(),
             f.dispatch_fresh,
-            f.dispatch_warm
+            f.dispatch_warm,
+            f.fresh_growing.phases(),
+            f.fresh_after_growing.phases(),
+            f.fresh_sized_scratch.phases(),
+            f.fresh_sized_after_scratch.phases(),
+            f.fresh_sized.phases(),
         ));
     }
     let server = if embedded {

@@ -7,6 +7,11 @@
 //! alone" is the echo handler's call as wasmev makes it, minus dispatch's bookkeeping
 //! (limits, metrics, logs, the warm pool), and what the NATS rows add on top of dispatch
 //! is intake, the client and the scheduler.
+//!
+//! It also prices the guest's memory for a fresh instance: an event that needs more heap
+//! than the echo handler's initial memory has free, on the default build (the memory
+//! grows) and on one linked with room for it, and what each costs the plain events that
+//! run in the same pool after it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use wasmev::broker::memory::MemoryBroker;
 use wasmev::broker::{Broker, Message};
 use wasmev::dispatch::{Event, Outcome, dispatch, event_for};
 use wasmev::handler::{Compiler, Handler};
+use wasmev::manifest::HandlerSpec;
 use wasmev::metrics::PublishResult;
 use wasmev::publish::Delivery;
 use wasmev::sandbox::State;
@@ -26,20 +32,72 @@ use super::{PAYLOAD, median, us_per_event};
 
 /// Rounds, each measuring every figure once; each figure is its median round.
 const ROUNDS: usize = 5;
-/// Events per round with a fresh instance each (~10 µs each).
+/// Events per round with a fresh instance each (~10 µs each; ~35 µs growing memory).
 const FRESH_EVENTS: u32 = 20_000;
 /// Events per round on a warm instance (~2 µs each).
 const WARM_EVENTS: u32 = 100_000;
 
-/// Mean microseconds per event.
+/// wasmtime alone, a fresh instance, in mean microseconds per event: a store with wasmev's
+/// state, instantiation, the call, and dropping the store (which resets the instance's
+/// memory for its next use).
 #[derive(Debug, Clone, Copy)]
-pub struct Floor {
-    /// wasmtime alone, a fresh instance: a store with wasmev's state, instantiation, the
-    /// call, and dropping the store (which resets the instance's memory for its next use).
+pub struct Fresh {
     pub store: f64,
     pub instantiate: f64,
     pub call: f64,
     pub drop: f64,
+}
+
+impl Fresh {
+    /// The phases together.
+    pub fn total(&self) -> f64 {
+        self.store + self.instantiate + self.call + self.drop
+    }
+
+    /// The total and the phases, for the table and `one --mode floor`.
+    pub fn phases(&self) -> String {
+        format!(
+            "{:.2} µs ({:.2} + {:.2} + {:.2} + {:.2})",
+            self.total(),
+            self.store,
+            self.instantiate,
+            self.call,
+            self.drop
+        )
+    }
+
+    /// The median of each phase over `rounds`.
+    fn middle(rounds: impl Iterator<Item = Fresh> + Clone) -> Fresh {
+        let phase = |pick: fn(&Fresh) -> f64| median(rounds.clone().map(|f| pick(&f)).collect());
+        Fresh {
+            store: phase(|f| f.store),
+            instantiate: phase(|f| f.instantiate),
+            call: phase(|f| f.call),
+            drop: phase(|f| f.drop),
+        }
+    }
+}
+
+/// Mean microseconds per event.
+#[derive(Debug, Clone, Copy)]
+pub struct Floor {
+    /// wasmtime alone, a fresh instance.
+    pub fresh: Fresh,
+    /// The same for an event that fills 256 KiB of heap first (`bench.scratch`): more than
+    /// the echo handler's initial memory has free, so each fresh instance grows it.
+    pub fresh_growing: Fresh,
+    /// That event again, on the echo handler linked with a 2 MiB initial memory: the room
+    /// is there from the start, so nothing grows.
+    pub fresh_sized_scratch: Fresh,
+    /// The plain event on that 2 MiB build: what the larger memory costs an event that
+    /// does not need it.
+    pub fresh_sized: Fresh,
+    /// The plain event again on each build, in the pool the scratch events ran in: what
+    /// the others' heap costs an event that needs none. A slot keeps the pages an event
+    /// wrote resident and resets them after every later event, within the memory the
+    /// next instance starts with; pages the guest grew are hidden from it instead.
+    pub fresh_after_growing: Fresh,
+    pub fresh_sized_after_scratch: Fresh,
     /// wasmtime alone: the call on an instance kept from the last event.
     pub warm_call: f64,
     /// The same call for an event the echo handler answers without publishing: the rest
@@ -57,23 +115,6 @@ pub struct Floor {
 }
 
 impl Floor {
-    /// The fresh instance's phases together.
-    pub fn fresh(&self) -> f64 {
-        self.store + self.instantiate + self.call + self.drop
-    }
-
-    /// The fresh instance's total and phases, for the table and `one --mode floor`.
-    pub fn fresh_phases(&self) -> String {
-        format!(
-            "{:.2} µs ({:.2} + {:.2} + {:.2} + {:.2})",
-            self.fresh(),
-            self.store,
-            self.instantiate,
-            self.call,
-            self.drop
-        )
-    }
-
     /// The warm call and its two parts, for the table and `one --mode floor`.
     pub fn warm_phases(&self) -> String {
         format!(
@@ -86,29 +127,48 @@ impl Floor {
     }
 }
 
-/// Measure `module` (the echo handler) on a blocking thread with a single-threaded
-/// runtime of its own, so no other task shares it (and none of the caller's workers waits).
-pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
-    let per_event = echo_manifest(dir, module, "per-event", None, "")?;
-    let reuse = echo_manifest(dir, module, "reuse", None, "")?;
+/// The echo handler builds the floor measures.
+pub struct Modules {
+    /// As built by default.
+    pub echo: &'static str,
+    /// Linked with a 2 MiB initial memory.
+    pub sized: &'static str,
+}
+
+/// Measure the echo handler on a blocking thread with a single-threaded runtime of its
+/// own, so no other task shares it (and none of the caller's workers waits).
+pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
+    let per_event = echo_manifest(dir, modules.echo, "per-event", None, "")?;
+    let reuse = echo_manifest(dir, modules.echo, "reuse", None, "")?;
+    let sized = echo_manifest(dir, modules.sized, "per-event", None, "")?;
     tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         runtime.block_on(async {
-            let fresh = handler(&per_event)?;
-            let warm = handler(&reuse)?;
-            let warm_sync = sync::pre(&warm)?;
+            let handlers = Handlers {
+                fresh: handler(spec(&per_event)?)?,
+                warm: handler(spec(&reuse)?)?,
+                growing: handler(spec(&per_event)?)?,
+                sized_scratch: handler(spec(&sized)?)?,
+                sized: handler(spec(&sized)?)?,
+            };
+            check_growth(&handlers.growing, true).await?;
+            check_growth(&handlers.sized_scratch, false).await?;
+            let warm_sync = sync::pre(&handlers.warm)?;
             let mut rounds = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
-                rounds.push(round(&fresh, &warm, &warm_sync).await?);
+                rounds.push(round(&handlers, &warm_sync).await?);
             }
             let middle = |figure: fn(&Floor) -> f64| median(rounds.iter().map(figure).collect());
+            let fresh = |figure: fn(&Floor) -> Fresh| Fresh::middle(rounds.iter().map(figure));
             Ok(Floor {
-                store: middle(|f| f.store),
-                instantiate: middle(|f| f.instantiate),
-                call: middle(|f| f.call),
-                drop: middle(|f| f.drop),
+                fresh: fresh(|f| f.fresh),
+                fresh_growing: fresh(|f| f.fresh_growing),
+                fresh_sized_scratch: fresh(|f| f.fresh_sized_scratch),
+                fresh_sized: fresh(|f| f.fresh_sized),
+                fresh_after_growing: fresh(|f| f.fresh_after_growing),
+                fresh_sized_after_scratch: fresh(|f| f.fresh_sized_after_scratch),
                 warm_call: middle(|f| f.warm_call),
                 warm_quiet: middle(|f| f.warm_quiet),
                 warm_quiet_sync: middle(|f| f.warm_quiet_sync),
@@ -120,10 +180,14 @@ pub async fn measure(dir: &Path, module: &str) -> anyhow::Result<Floor> {
     .await?
 }
 
-/// The handler in `manifest`, compiled (no artifact cache: compiling is not measured),
-/// on an embedded broker of its own.
-fn handler(manifest: &wasmev::Manifest) -> anyhow::Result<Arc<Handler>> {
-    let spec = manifest.handlers.first().context("no handler")?;
+/// The handler `manifest` has.
+fn spec(manifest: &wasmev::Manifest) -> anyhow::Result<&HandlerSpec> {
+    manifest.handlers.first().context("no handler")
+}
+
+/// The handler, compiled (no artifact cache: compiling is not measured), on an embedded
+/// broker of its own.
+fn handler(spec: &HandlerSpec) -> anyhow::Result<Arc<Handler>> {
     let compiled = Compiler::new(wasmev::engine::Engines::new(), None).compile(spec)?;
     let metrics = wasmev::metrics::Metrics::new();
     Ok(Handler::new(
@@ -133,19 +197,85 @@ fn handler(manifest: &wasmev::Manifest) -> anyhow::Result<Arc<Handler>> {
     ))
 }
 
+/// The echo handler loaded five times, each on an engine (and instance pool) of its own:
+/// a pool slot keeps the pages an event wrote resident (up to 1 MiB) and resets them after
+/// every later event in it, so a pool's figures depend on the events it ran before. The
+/// plain event runs after the scratch event in the scratch pools on purpose.
+struct Handlers {
+    /// `per-event`, for the plain event.
+    fresh: Arc<Handler>,
+    /// `reuse`, for the plain and the quiet event.
+    warm: Arc<Handler>,
+    /// `per-event`, for the scratch event and then the plain one.
+    growing: Arc<Handler>,
+    /// `per-event` from the build with a 2 MiB initial memory, for the scratch event and
+    /// then the plain one.
+    sized_scratch: Arc<Handler>,
+    /// The same build, for the plain event.
+    sized: Arc<Handler>,
+}
+
+/// The scratch event must grow the default build's memory and not the 2 MiB build's, or
+/// the rows that compare them measure something else (an echo built before
+/// `bench.scratch`, or a toolchain whose default initial memory already has the room).
+/// Checked by running it once on `loaded`'s module with `memory` limited to the module's
+/// initial memory: only an event that grows it is refused.
+async fn check_growth(loaded: &Handler, grows: bool) -> anyhow::Result<()> {
+    let pages = loaded
+        .pre
+        .instance_pre()
+        .component()
+        .resources_required()
+        .and_then(|r| r.max_initial_memory_size)
+        .context("the echo handler has no linear memory")?;
+    let limited = handler(&HandlerSpec {
+        memory: pages * WASM_PAGE,
+        ..loaded.spec.clone()
+    })?;
+    let mut store = store(&limited);
+    let instance = limited.pre.instantiate_async(&mut store).await?;
+    let event = event(SCRATCH);
+    let answer = instance
+        .call_handle(&mut store, event.record(&mut Vec::new()))
+        .await;
+    // The limiter refused the growth (the guest then traps): what the host reports as a
+    // memory overrun.
+    let grew = store.data().memory_denied;
+    if grew != grows {
+        anyhow::bail!(
+            "the floor needs an event on {SCRATCH} to {} the initial memory of {} ({pages} \
+             pages), and it {}: rebuild the echo handlers with ./scripts/bench",
+            if grows { "outgrow" } else { "fit in" },
+            loaded.spec.module.display(),
+            if grew { "grew it" } else { "did not grow it" },
+        );
+    }
+    if !grew {
+        answered(answer?)?;
+    }
+    Ok(())
+}
+
+/// Bytes in a wasm page.
+const WASM_PAGE: u64 = 64 << 10;
+
 /// One round: every figure once, in turn, so a slow spell on the machine falls on all of
 /// them rather than on one figure's rounds.
-async fn round(
-    fresh: &Arc<Handler>,
-    warm: &Arc<Handler>,
-    warm_sync: &sync::HandlerPre<State>,
-) -> anyhow::Result<Floor> {
-    let [store, instantiate, call, drop] = wasmtime_fresh(fresh).await?;
+async fn round(handlers: &Handlers, warm_sync: &sync::HandlerPre<State>) -> anyhow::Result<Floor> {
+    let Handlers {
+        fresh,
+        warm,
+        growing,
+        sized_scratch,
+        sized,
+    } = handlers;
     Ok(Floor {
-        store,
-        instantiate,
-        call,
-        drop,
+        fresh: wasmtime_fresh(fresh, IN).await?,
+        fresh_growing: wasmtime_fresh(growing, SCRATCH).await?,
+        fresh_after_growing: wasmtime_fresh(growing, IN).await?,
+        fresh_sized_scratch: wasmtime_fresh(sized_scratch, SCRATCH).await?,
+        fresh_sized_after_scratch: wasmtime_fresh(sized_scratch, IN).await?,
+        fresh_sized: wasmtime_fresh(sized, IN).await?,
         warm_call: wasmtime_warm(warm, IN).await?,
         warm_quiet: wasmtime_warm(warm, QUIET).await?,
         warm_quiet_sync: sync::quiet(warm, warm_sync)?,
@@ -158,6 +288,8 @@ async fn round(
 const IN: &str = "bench.in";
 /// The subject it answers without publishing (`bench/echo`).
 const QUIET: &str = "bench.quiet";
+/// The subject it fills 256 KiB of heap for before it republishes (`bench/echo`).
+const SCRATCH: &str = "bench.scratch";
 
 /// The bench's event, as dispatch would build it from a message on `subject`.
 fn event(subject: &str) -> Event {
@@ -183,11 +315,11 @@ fn store(handler: &Arc<Handler>) -> wasmtime::Store<State> {
     store
 }
 
-/// One round of fresh instances: µs per event in each phase.
-async fn wasmtime_fresh(handler: &Arc<Handler>) -> anyhow::Result<[f64; 4]> {
+/// One round of fresh instances for events on `subject`: µs per event in each phase.
+async fn wasmtime_fresh(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<Fresh> {
     let mut spent = [Duration::ZERO; 4];
     for _ in 0..FRESH_EVENTS {
-        let event = event(IN);
+        let event = event(subject);
         let t0 = Instant::now();
         let mut store = store(handler);
         let t1 = Instant::now();
@@ -208,7 +340,13 @@ async fn wasmtime_fresh(handler: &Arc<Handler>) -> anyhow::Result<[f64; 4]> {
             *phase += to - from;
         }
     }
-    Ok(spent.map(|d| per_event(d, FRESH_EVENTS)))
+    let [store, instantiate, call, drop] = spent.map(|d| per_event(d, FRESH_EVENTS));
+    Ok(Fresh {
+        store,
+        instantiate,
+        call,
+        drop,
+    })
 }
 
 /// One round of calls on one instance, for events on `subject`: µs per call.

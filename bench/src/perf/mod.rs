@@ -38,6 +38,10 @@ pub const ECHO: &str = "target/wasm32-wasip2/release/bench_echo.wasm";
 /// (`-C link-arg=-zstack-size=65536`): its linear memory is 2 pages instead of 17, which
 /// is what a fresh instance pays for when it is reset (`./scripts/bench` builds both).
 const ECHO_SMALL_STACK: &str = "target/echo-64k-stack/wasm32-wasip2/release/bench_echo.wasm";
+/// The same handler linked with a 2 MiB initial memory (`-C link-arg=--initial-memory=2097152`):
+/// room for the 256 KiB its `bench.scratch` events fill, which the default build grows its
+/// memory for (`./scripts/bench` builds it too).
+const ECHO_SIZED_MEMORY: &str = "target/echo-2m-memory/wasm32-wasip2/release/bench_echo.wasm";
 
 /// A nats-server of our own on a free loopback port, killed on drop.
 pub struct Server {
