@@ -53,3 +53,68 @@ pub(super) fn threads(tasks: &str, counts: impl Fn(&str) -> bool) -> ThreadsCpu 
     }
     cpu
 }
+
+/// The whole machine's CPU time at one moment (every core, every process), in clock ticks,
+/// from the first line of /proc/stat.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MachineCpu {
+    total: u64,
+    idle: u64,
+    kernel: u64,
+}
+
+/// How busy the machine was between two readings, as shares of all its cores' time.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Busy {
+    /// Not idle: any process, the kernel, or the hypervisor's steal.
+    pub(super) busy: f64,
+    /// In the kernel (system, interrupts, softirqs): wake-ups and socket I/O.
+    pub(super) kernel: f64,
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cores {:.0} % busy, {:.0} % in the kernel",
+            100.0 * self.busy,
+            100.0 * self.kernel
+        )
+    }
+}
+
+impl MachineCpu {
+    /// Now; `None` without /proc.
+    pub(super) fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields = stat.lines().next()?.strip_prefix("cpu ")?;
+        let fields: Vec<u64> = fields
+            .split_whitespace()
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = fields[..] else {
+            return None;
+        };
+        Some(Self {
+            total: user + nice + system + idle + iowait + irq + softirq + steal,
+            idle: idle + iowait,
+            kernel: system + irq + softirq,
+        })
+    }
+
+    /// How busy the machine was since `before` (`None`: no reading, or no tick passed).
+    pub(super) fn busy_since(before: Option<MachineCpu>) -> Option<Busy> {
+        Self::now()?.since(&before?)
+    }
+
+    /// How busy the machine was since `before`; `None` if no tick passed.
+    pub(super) fn since(&self, before: &MachineCpu) -> Option<Busy> {
+        let total = self.total.checked_sub(before.total).filter(|t| *t > 0)? as f64;
+        let share = |now: u64, then: u64| now.saturating_sub(then) as f64 / total;
+        Some(Busy {
+            busy: 1.0 - share(self.idle, before.idle),
+            kernel: share(self.kernel, before.kernel),
+        })
+    }
+}

@@ -199,7 +199,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              {JETSTREAM_RUNS} runs of \
              {} stored events, and nats-server's CPU per event beside it. Latency: \
              {LATENCY_RATE} events/s for {latency_secs} s, publish→answer; the median p50 \
-             and the median p99 of {LATENCY_RUNS} such runs. One thread, no broker I/O: \
+             and the median p99 of {LATENCY_RUNS} such runs, and beside them how busy the \
+             machine's cores were over those runs (every process: the publisher, \
+             nats-server, the subscriber; from /proc/stat). One thread, no broker I/O: \
              the echo handler compiled as the host compiles it, its publish going to an \
              embedded broker without subscribers; wasmtime alone is the store, instance and \
              call as dispatch makes them, without dispatch's bookkeeping, and the warm \
@@ -495,7 +497,10 @@ pub async fn one(
         Some(latency_secs) => {
             throughput(&route, events / 10).await?; // warm-up
             let before = cpu::workers();
+            let machine = cpu::MachineCpu::now();
             let run = latency(&route, latency_secs).await?;
+            let machine = cpu::MachineCpu::busy_since(machine)
+                .map_or(String::new(), |busy| format!("; {busy}"));
             let cpu = us_per_event(
                 cpu::workers().since(&before),
                 (LATENCY_RATE * latency_secs) as f64,
@@ -503,7 +508,7 @@ pub async fn one(
             format!(
                 "{mode} on {broker}: p50 {:.0} µs, p99 {:.0} µs at {LATENCY_RATE} ev/s \
                  ({:.1} % over {SLOW_US:.0} µs, the slowest {:.0} µs); \
-                 {cpu:.2} µs worker CPU per event",
+                 {cpu:.2} µs worker CPU per event{machine}",
                 run.p50,
                 run.p99,
                 run.slow * 100.0,
