@@ -109,7 +109,7 @@ impl MachineCpu {
     }
 
     /// How busy the machine was since `before`; `None` if no tick passed.
-    pub(super) fn since(&self, before: &MachineCpu) -> Option<Busy> {
+    fn since(&self, before: &MachineCpu) -> Option<Busy> {
         let total = self.total.checked_sub(before.total).filter(|t| *t > 0)? as f64;
         let share = |now: u64, then: u64| now.saturating_sub(then) as f64 / total;
         Some(Busy {
