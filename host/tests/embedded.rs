@@ -183,3 +183,48 @@ async fn shutdown_lets_in_flight_events_finish() {
             .contains("wasmev_events_ok_total{handler=\"chaos\"} 1")
     );
 }
+
+/// A guest waiting in a host call is cut at its deadline, not at the call's own limit:
+/// here its publishes fill a subscriber that never reads (the embedded broker makes a
+/// publisher wait for room, up to the 5 s publish timeout), and a 500 ms deadline ends
+/// the event. The epoch cannot stop a guest that is not running; this is dispatch's
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_waiting_on_a_full_subscriber_is_cut_at_its_deadline() {
+    let toml = "version = 1\n".to_string()
+        + &handler_block(
+            "chaos",
+            "chaos",
+            "subscribe = [\"chaos.in\"]\npublish = [\"chaos.>\"]\ndeadline = \"500ms\"\n\
+             max_publishes = 1000",
+        );
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    // Never read: its buffer (256 messages) fills, and the next publish waits.
+    let _full = watch(&host, "chaos.sink");
+    let Broker::Memory(b) = &host.broker else {
+        unreachable!()
+    };
+    let started = std::time::Instant::now();
+    b.publish(
+        "chaos.in",
+        None,
+        &[],
+        json!({"op": "publish", "subject": "chaos.sink", "count": 1000})
+            .to_string()
+            .into(),
+    )
+    .await
+    .unwrap();
+    wait_for("the event to fail at its deadline", WAIT, || async {
+        (host.failed("chaos", "deadline") == 1).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "a 500ms deadline, the publish timeout 5s: took {took:?}"
+    );
+    assert_eq!(host.ok("chaos"), 0);
+    host.stop().await.unwrap();
+}
