@@ -2,13 +2,13 @@
 //! component, the call under deadline and memory limits, and what came of it.
 
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use crate::broker::{Message, Outgoing};
+use crate::deadline::timeout_if_waiting;
 use crate::handler::Handler;
 use crate::limits;
 use crate::metrics::FailReason;
@@ -260,17 +260,8 @@ async fn run(
     // The epoch interrupt stops a guest that is computing; this timeout also stops one that
     // is waiting in a host call (a publish to a stalled broker). A little slack so a
     // computing guest is reported by the (more precise) epoch trap. Armed only once the
-    // call has waited: most calls end on their first poll, and the timer (a handle on the
-    // runtime, a timer entry moved into this future) was otherwise made for every event.
-    let result = {
-        let mut call = std::pin::pin!(call);
-        match futures::poll!(call.as_mut()) {
-            Poll::Ready(result) => Ok(result),
-            Poll::Pending => {
-                tokio::time::timeout_at((deadline_at + limits::EPOCH_TICK * 2).into(), call).await
-            }
-        }
-    };
+    // call has waited: most calls end on their first poll.
+    let result = timeout_if_waiting(call, || (deadline_at + limits::EPOCH_TICK * 2).into()).await;
     // Only an instance that returned an answer, within its limits, may serve again; one
     // that trapped, ran out of time or was refused memory is dropped with its store.
     let result = match result {

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod broker;
 pub mod cache;
 pub mod contract;
+mod deadline;
 pub mod dev;
 pub mod dispatch;
 pub mod engine;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::broker::{self, Broker, Outgoing, RequestError};
+use crate::deadline::timeout_if_waiting;
 use crate::limits;
 use crate::metrics::PublishResult;
 use crate::sandbox::bindings::wasmev::events::types::{
@@ -164,7 +165,7 @@ fn from_broker(e: broker::PublishError) -> Refusal {
 }
 
 async fn send(broker: &Broker, durable: bool, message: Outgoing) -> Result<(), Refusal> {
-    let mut publish = std::pin::pin!(async {
+    let publish = async {
         if durable {
             // Boxed, in a statement of its own: the stream-acknowledged publish's future is
             // the larger branch; unboxed, every guest publish's future was 1824 bytes
@@ -174,13 +175,12 @@ async fn send(broker: &Broker, durable: bool, message: Outgoing) -> Result<(), R
         } else {
             broker.publish(message).await
         }
-    });
-    // A publish almost always completes on its first poll (the client's queue has room);
-    // only one that waits needs the timer, and the clock read that starts it.
-    let sent = match futures::poll!(publish.as_mut()) {
-        std::task::Poll::Ready(result) => Ok(result),
-        std::task::Poll::Pending => tokio::time::timeout(limits::PUBLISH_TIMEOUT, publish).await,
     };
+    // A publish almost always completes on its first poll (the client's queue has room).
+    let sent = timeout_if_waiting(publish, || {
+        tokio::time::Instant::now() + limits::PUBLISH_TIMEOUT
+    })
+    .await;
     match sent {
         Ok(result) => result.map_err(from_broker),
         Err(_) => Err((
