@@ -3,6 +3,7 @@
 //! Each subcommand prints a table and writes it into its own section of
 //! `bench/RESULTS.md`, with the machine it ran on.
 
+mod alloc;
 mod perf;
 
 use std::path::{Path, PathBuf};
@@ -91,9 +92,10 @@ enum Bench {
     },
 }
 
-/// The same allocator as the `wasmev` binary, so in-process hosts run as they do there.
+/// The same allocator as the `wasmev` binary, so in-process hosts run as they do there,
+/// counting each thread's allocations for the floor.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Counting = alloc::Counting(mimalloc::MiMalloc);
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -208,7 +208,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              call is split by timing an event the handler answers without publishing, \
              and that quiet call is timed again made synchronously, without the fiber an \
              async call runs on (through a linker whose imports are all synchronous); the \
-             median of 5 rounds (`bench/src/perf/floor.rs`). The 256 KiB event: the echo \
+             median of 5 rounds (`bench/src/perf/floor.rs`). Heap allocations: counted by \
+             the bench's allocator on the floor's thread over the same spans as the times \
+             (the event is made before each span). The 256 KiB event: the echo \
              handler fills that much heap before it republishes, more than its default \
              build (17 wasm pages) has free, so that build grows its memory, and one \
              linked with a 2 MiB initial memory does not; every floor figure has an \
@@ -297,7 +299,7 @@ fn floor_rows(
     reuse: &Measured,
 ) {
     let us = |v: f64| format!("{v:.2} µs");
-    for (mode, what, alone, alone_figure, dispatched, nats) in [
+    for (mode, what, alone, alone_figure, dispatched, nats, allocations) in [
         (
             "per-event",
             "fresh instance (store + instantiate + call + drop)",
@@ -305,6 +307,7 @@ fn floor_rows(
             floor.fresh.phases(),
             floor.dispatch_fresh,
             per_event,
+            (floor.fresh.allocations, floor.dispatch_fresh_allocations),
         ),
         (
             "reuse",
@@ -313,6 +316,7 @@ fn floor_rows(
             floor.warm_phases(),
             floor.dispatch_warm,
             reuse,
+            (floor.warm_call_allocations, floor.dispatch_warm_allocations),
         ),
     ] {
         let row = |what: String, figure: String, base: String, ratio: String| {
@@ -335,6 +339,13 @@ fn floor_rows(
             us(dispatched),
             format!("{} (wasmtime alone)", us(alone)),
             format!("{:+.2} µs", dispatched - alone),
+        ));
+        let (alone_allocations, dispatch_allocations) = allocations;
+        rows.push(row(
+            format!("heap allocations per event, wasmev dispatch, {mode}"),
+            format!("{dispatch_allocations:.2}"),
+            format!("{alone_allocations:.2} (wasmtime alone)"),
+            format!("{:+.2}", dispatch_allocations - alone_allocations),
         ));
         rows.push(row(
             format!("wasmev dispatch, {mode}, against NATS worker CPU per event"),
@@ -421,7 +432,8 @@ pub async fn one(
              wasmev dispatch per-event {:.2} µs, reuse {:.2} µs; fresh instance, event \
              filling 256 KiB of heap {} (the plain event after it, same pool {}), with a \
              2 MiB initial memory {} (after it {}); plain event with a 2 MiB initial \
-             memory {}",
+             memory {}; heap allocations per event: fresh instance {:.2} (wasmtime alone), \
+             {:.2} (dispatch), warm call {:.2} (wasmtime alone), {:.2} (dispatch)",
             f.fresh.phases(),
             f.warm_phases(),
             f.dispatch_fresh,
@@ -431,6 +443,10 @@ pub async fn one(
             f.fresh_sized_scratch.phases(),
             f.fresh_sized_after_scratch.phases(),
             f.fresh_sized.phases(),
+            f.fresh.allocations,
+            f.dispatch_fresh_allocations,
+            f.warm_call_allocations,
+            f.dispatch_warm_allocations,
         ));
     }
     let server = if embedded {

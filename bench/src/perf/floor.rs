@@ -29,6 +29,7 @@ use wasmev::sandbox::State;
 
 use super::load::echo_manifest;
 use super::{PAYLOAD, median, us_per_event};
+use crate::alloc::allocations;
 
 /// Rounds, each measuring every figure once; each figure is its median round.
 const ROUNDS: usize = 5;
@@ -46,6 +47,9 @@ pub struct Fresh {
     pub instantiate: f64,
     pub call: f64,
     pub drop: f64,
+    /// Heap allocations per event, all four phases (wasmtime's, and wasmev's state and
+    /// limiter in the store).
+    pub allocations: f64,
 }
 
 impl Fresh {
@@ -74,6 +78,7 @@ impl Fresh {
             instantiate: phase(|f| f.instantiate),
             call: phase(|f| f.call),
             drop: phase(|f| f.drop),
+            allocations: phase(|f| f.allocations),
         }
     }
 }
@@ -112,6 +117,12 @@ pub struct Floor {
     /// wasmev's dispatch of the same event, per-event and reuse.
     pub dispatch_fresh: f64,
     pub dispatch_warm: f64,
+    /// Heap allocations per event on this thread: the warm call (wasmtime alone), and
+    /// each dispatch. A count does not vary with the machine's speed, so what dispatch
+    /// adds to wasmtime's own is exact, where its time is within the noise.
+    pub warm_call_allocations: f64,
+    pub dispatch_fresh_allocations: f64,
+    pub dispatch_warm_allocations: f64,
 }
 
 impl Floor {
@@ -174,6 +185,9 @@ pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
                 warm_quiet_sync: middle(|f| f.warm_quiet_sync),
                 dispatch_fresh: middle(|f| f.dispatch_fresh),
                 dispatch_warm: middle(|f| f.dispatch_warm),
+                warm_call_allocations: middle(|f| f.warm_call_allocations),
+                dispatch_fresh_allocations: middle(|f| f.dispatch_fresh_allocations),
+                dispatch_warm_allocations: middle(|f| f.dispatch_warm_allocations),
             })
         })
     })
@@ -269,6 +283,9 @@ async fn round(handlers: &Handlers, warm_sync: &sync::HandlerPre<State>) -> anyh
         sized_scratch,
         sized,
     } = handlers;
+    let (warm_call, warm_call_allocations) = wasmtime_warm(warm, IN).await?;
+    let (dispatch_fresh, dispatch_fresh_allocations) = dispatched(fresh, FRESH_EVENTS).await?;
+    let (dispatch_warm, dispatch_warm_allocations) = dispatched(warm, WARM_EVENTS).await?;
     Ok(Floor {
         fresh: wasmtime_fresh(fresh, IN).await?,
         fresh_growing: wasmtime_fresh(growing, SCRATCH).await?,
@@ -276,11 +293,14 @@ async fn round(handlers: &Handlers, warm_sync: &sync::HandlerPre<State>) -> anyh
         fresh_sized_scratch: wasmtime_fresh(sized_scratch, SCRATCH).await?,
         fresh_sized_after_scratch: wasmtime_fresh(sized_scratch, IN).await?,
         fresh_sized: wasmtime_fresh(sized, IN).await?,
-        warm_call: wasmtime_warm(warm, IN).await?,
-        warm_quiet: wasmtime_warm(warm, QUIET).await?,
+        warm_call,
+        warm_quiet: wasmtime_warm(warm, QUIET).await?.0,
         warm_quiet_sync: sync::quiet(warm, warm_sync)?,
-        dispatch_fresh: dispatched(fresh, FRESH_EVENTS).await?,
-        dispatch_warm: dispatched(warm, WARM_EVENTS).await?,
+        dispatch_fresh,
+        dispatch_warm,
+        warm_call_allocations,
+        dispatch_fresh_allocations,
+        dispatch_warm_allocations,
     })
 }
 
@@ -318,8 +338,10 @@ fn store(handler: &Arc<Handler>) -> wasmtime::Store<State> {
 /// One round of fresh instances for events on `subject`: µs per event in each phase.
 async fn wasmtime_fresh(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<Fresh> {
     let mut spent = [Duration::ZERO; 4];
+    let mut allocated = 0;
     for _ in 0..FRESH_EVENTS {
         let event = event(subject);
+        let a0 = allocations();
         let t0 = Instant::now();
         let mut store = store(handler);
         let t1 = Instant::now();
@@ -333,6 +355,7 @@ async fn wasmtime_fresh(handler: &Arc<Handler>, subject: &str) -> anyhow::Result
         let t3 = Instant::now();
         drop((instance, store));
         let t4 = Instant::now();
+        allocated += allocations() - a0;
         for (phase, (from, to)) in spent
             .iter_mut()
             .zip([(t0, t1), (t1, t2), (t2, t3), (t3, t4)])
@@ -346,16 +369,19 @@ async fn wasmtime_fresh(handler: &Arc<Handler>, subject: &str) -> anyhow::Result
         instantiate,
         call,
         drop,
+        allocations: per_event_count(allocated, FRESH_EVENTS),
     })
 }
 
-/// One round of calls on one instance, for events on `subject`: µs per call.
-async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<f64> {
+/// One round of calls on one instance, for events on `subject`: µs and heap allocations
+/// per call.
+async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<(f64, f64)> {
     let published = || handler.metrics.publish(PublishResult::ok).get();
     let published_before = published();
     let mut store = store(handler);
     let instance = handler.pre.instantiate_async(&mut store).await?;
     let mut spent = Duration::ZERO;
+    let mut allocated = 0;
     let far = Instant::now() + Duration::from_secs(3600);
     for _ in 0..WARM_EVENTS {
         let event = event(subject);
@@ -363,6 +389,7 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
         store
             .data_mut()
             .begin(&event.subject, Delivery::default(), far);
+        let counted = allocations();
         let started = Instant::now();
         answered(
             instance
@@ -370,6 +397,7 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
                 .await?,
         )?;
         spent += started.elapsed();
+        allocated += allocations() - counted;
     }
     // Each event on `IN` publishes once, none on `QUIET`; otherwise the split between
     // the call and its publish measured something else (an echo built before `QUIET`).
@@ -378,7 +406,10 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
     if made != u64::from(expected) {
         anyhow::bail!("{WARM_EVENTS} events on {subject} published {made} times, not {expected}");
     }
-    Ok(per_event(spent, WARM_EVENTS))
+    Ok((
+        per_event(spent, WARM_EVENTS),
+        per_event_count(allocated, WARM_EVENTS),
+    ))
 }
 
 /// The quiet call without a fiber. wasmtime 48 makes every call on a store async (a
@@ -491,19 +522,22 @@ mod sync {
     }
 }
 
-/// One round of `events` through wasmev's dispatch: µs per event.
-async fn dispatched(handler: &Arc<Handler>, events: u32) -> anyhow::Result<f64> {
+/// One round of `events` through wasmev's dispatch: µs and heap allocations per event.
+async fn dispatched(handler: &Arc<Handler>, events: u32) -> anyhow::Result<(f64, f64)> {
     let mut spent = Duration::ZERO;
+    let mut allocated = 0;
     for _ in 0..events {
         let event = event(IN);
+        let counted = allocations();
         let started = Instant::now();
         let (outcome, _) = dispatch(handler, event, Delivery::default()).await;
         spent += started.elapsed();
+        allocated += allocations() - counted;
         if let Outcome::Failed { detail, .. } = outcome {
             anyhow::bail!("the echo handler failed: {detail}");
         }
     }
-    Ok(per_event(spent, events))
+    Ok((per_event(spent, events), per_event_count(allocated, events)))
 }
 
 /// The guest's answer must be ok, or the figure measured something else.
@@ -513,4 +547,9 @@ fn answered<E: std::fmt::Debug>(answer: Result<(), E>) -> anyhow::Result<()> {
 
 fn per_event(spent: Duration, events: u32) -> f64 {
     us_per_event(spent, f64::from(events))
+}
+
+/// Mean heap allocations per event.
+fn per_event_count(allocated: u64, events: u32) -> f64 {
+    allocated as f64 / f64::from(events)
 }
