@@ -283,6 +283,10 @@ async fn round(handlers: &Handlers, warm_sync: &sync::HandlerPre<State>) -> anyh
         sized_scratch,
         sized,
     } = handlers;
+    // These three give an allocation count beside their time, so they are taken first,
+    // before the fresh-instance figures (until the counts came, they ran after them). The
+    // order decides only which figure runs right after which; the 256 KiB events still
+    // run before the plain events measured in their pools, below.
     let (warm_call, warm_call_allocations) = wasmtime_warm(warm, IN).await?;
     let (dispatch_fresh, dispatch_fresh_allocations) = dispatched(fresh, FRESH_EVENTS).await?;
     let (dispatch_warm, dispatch_warm_allocations) = dispatched(warm, WARM_EVENTS).await?;
