@@ -261,7 +261,11 @@ async fn run(
     // is waiting in a host call (a publish to a stalled broker). A little slack so a
     // computing guest is reported by the (more precise) epoch trap. Armed only once the
     // call has waited: most calls end on their first poll.
-    let result = timeout_if_waiting(call, || (deadline_at + limits::EPOCH_TICK * 2).into()).await;
+    // In a block of its own: the pinned call borrows the store and instance until it ends.
+    let result = {
+        let call = std::pin::pin!(call);
+        timeout_if_waiting(call, || (deadline_at + limits::EPOCH_TICK * 2).into()).await
+    };
     // Only an instance that returned an answer, within its limits, may serve again; one
     // that trapped, ran out of time or was refused memory is dropped with its store.
     let result = match result {

@@ -165,7 +165,7 @@ fn from_broker(e: broker::PublishError) -> Refusal {
 }
 
 async fn send(broker: &Broker, durable: bool, message: Outgoing) -> Result<(), Refusal> {
-    let publish = async {
+    let publish = std::pin::pin!(async {
         if durable {
             // Boxed, in a statement of its own: the stream-acknowledged publish's future is
             // the larger branch; unboxed, every guest publish's future was 1824 bytes
@@ -175,7 +175,7 @@ async fn send(broker: &Broker, durable: bool, message: Outgoing) -> Result<(), R
         } else {
             broker.publish(message).await
         }
-    };
+    });
     // A publish almost always completes on its first poll (the client's queue has room).
     let sent = timeout_if_waiting(publish, || {
         tokio::time::Instant::now() + limits::PUBLISH_TIMEOUT
