@@ -107,7 +107,11 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Runtime::new()?;
+    // The host (or the baseline) runs here; its threads' allocations are the workers'.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(alloc::mark_worker)
+        .build()?;
     let sections = match cli.command {
         Bench::All => vec![
             ("events", runtime.block_on(perf::events(200_000, 5))?),

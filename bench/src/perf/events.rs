@@ -11,9 +11,9 @@ use super::cpu;
 use super::floor::{self, Floor};
 use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repeat};
 use super::load::{
-    Baseline, LATENCY_RUNS, Measured, RUNS, Route, Running, SLOW_US, baseline_row, cpu_row,
-    echo_host, latency, latency_median, latency_row, measure, memory_baseline, nats_baseline,
-    nats_route, rate_row, throughput,
+    Baseline, LATENCY_RUNS, Measured, RUNS, Route, Running, SLOW_US, allocations_row, baseline_row,
+    cpu_row, echo_host, latency, latency_median, latency_row, measure, memory_baseline,
+    nats_baseline, nats_route, rate_row, throughput,
 };
 use super::{
     ECHO, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server,
@@ -65,6 +65,11 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         &Measured::summary(hops),
         &raw_m,
     ));
+    rows.push(allocations_row(
+        "NATS: heap allocations per event on the worker threads, subscriber with the header",
+        &Measured::summary(hops),
+        &raw_m,
+    ));
 
     let started = Contender::Plain.start(dir.path(), &server.url).await?;
     let raw_latency = latency_median(&nats, latency_secs).await?;
@@ -81,6 +86,11 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         ));
         rows.push(cpu_row(
             &format!("NATS: worker CPU per event, {mode}"),
+            &Measured::summary(runs),
+            &raw_m,
+        ));
+        rows.push(allocations_row(
+            &format!("NATS: heap allocations per event on the worker threads, {mode}"),
             &Measured::summary(runs),
             &raw_m,
         ));
@@ -195,7 +205,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              the rounds' own ratios, so a slow spell of the machine falls on both sides of \
              it. Worker CPU per event: CPU time of the tokio worker threads \
              (the host, or the baseline subscriber; not the load generator, not \
-             nats-server) over those runs, divided by the events; JetStream: the median of \
+             nats-server) over those runs, divided by the events, and the heap \
+             allocations those threads made over the same runs, counted by the bench's \
+             allocator; JetStream: the median of \
              {JETSTREAM_RUNS} runs of \
              {} stored events, and nats-server's CPU per event beside it. Latency: \
              {LATENCY_RATE} events/s for {latency_secs} s, publish→answer; the median p50 \
@@ -208,8 +220,8 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              call is split by timing an event the handler answers without publishing, \
              and that quiet call is timed again made synchronously, without the fiber an \
              async call runs on (through a linker whose imports are all synchronous); the \
-             median of 5 rounds (`bench/src/perf/floor.rs`). Heap allocations: counted by \
-             the bench's allocator on the floor's thread over the same spans as the times \
+             median of 5 rounds (`bench/src/perf/floor.rs`). Its heap allocations: counted \
+             on the floor's thread over the same spans as the times \
              (the event is made before each span). The 256 KiB event: the echo \
              handler fills that much heap before it republishes, more than its default \
              build (17 wasm pages) has free, so that build grows its memory, and one \
@@ -492,10 +504,11 @@ pub async fn one(
             };
             let stalled = run.stalled().map(|s| format!("; {s}")).unwrap_or_default();
             return Ok(format!(
-                "{what}: {} ({events} events); {:.2} µs worker CPU, {:.2} µs nats-server CPU \
-                 per event{stalled}",
+                "{what}: {} ({events} events); {:.2} µs worker CPU, {:.1} heap allocations \
+                 on the worker threads, {:.2} µs nats-server CPU per event{stalled}",
                 rate(run.measured.median),
                 run.measured.cpu_us,
+                run.measured.allocations,
                 run.server_us
             ));
         }
@@ -537,11 +550,13 @@ pub async fn one(
             let m = measure(&route, events, 1, Duration::from_secs(secs)).await?;
             format!(
                 "{mode} on {broker}: {} runs of {events} events, median {}, best {}; \
-                 {:.2} µs worker CPU per event",
+                 {:.2} µs worker CPU and {:.1} heap allocations on the worker threads per \
+                 event",
                 m.runs,
                 rate(m.median),
                 rate(m.best),
                 m.cpu_us,
+                m.allocations,
             )
         }
     };

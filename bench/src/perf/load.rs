@@ -16,6 +16,7 @@ use wasmev::{Host, Manifest, Options};
 
 use super::cpu;
 use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, median, rate, us_per_event};
+use crate::alloc;
 
 /// The broker events travel through: where they go in and where answers are counted.
 #[derive(Clone)]
@@ -494,13 +495,14 @@ impl Running {
 pub(super) const RUNS: usize = 5;
 
 /// One throughput figure: the median (and best) of the runs of `n` events after a
-/// warm-up, and the worker threads' CPU per event over all of them.
+/// warm-up, and the worker threads' CPU and heap allocations per event over all of them.
 #[derive(Clone, Copy)]
 pub(super) struct Measured {
     pub(super) median: f64,
     pub(super) best: f64,
     pub(super) runs: usize,
     pub(super) cpu_us: f64,
+    pub(super) allocations: f64,
 }
 
 /// At least `runs` runs of `n` events, and more until `min_time` has passed.
@@ -513,15 +515,19 @@ pub(super) async fn measure(
     throughput(path, n / 10).await?; // warm-up
     let started = Instant::now();
     let before = cpu::workers();
+    let allocated = alloc::worker_allocations();
     let mut rates = Vec::with_capacity(runs);
     while rates.len() < runs.max(1) || started.elapsed() < min_time {
         rates.push(throughput(path, n).await?);
     }
     let cpu = cpu::workers().since(&before);
+    let allocated = alloc::worker_allocations() - allocated;
+    let events = n as f64 * rates.len() as f64;
     Ok(Measured {
         best: rates.iter().copied().fold(f64::NAN, f64::max),
         runs: rates.len(),
-        cpu_us: us_per_event(cpu, n as f64 * rates.len() as f64),
+        cpu_us: us_per_event(cpu, events),
+        allocations: allocated as f64 / events,
         median: median(rates),
     })
 }
@@ -535,6 +541,7 @@ impl Measured {
             best: all.iter().map(|m| m.median).fold(f64::NAN, f64::max),
             runs: all.len(),
             cpu_us: all.iter().map(|m| m.cpu_us).sum::<f64>() / all.len() as f64,
+            allocations: all.iter().map(|m| m.allocations).sum::<f64>() / all.len() as f64,
         }
     }
 }
@@ -553,6 +560,17 @@ pub(super) fn rate_row(what: &str, m: &Measured, base: &Measured, target: &str) 
 /// The row of a baseline itself: the denominator of the rows below it.
 pub(super) fn baseline_row(what: &str, base: &Measured) -> Row {
     Row::new(what, rate(base.median), "—".into(), "1.00".into(), "")
+}
+
+/// The row comparing the worker threads' heap allocations per event with the baseline's.
+pub(super) fn allocations_row(what: &str, m: &Measured, base: &Measured) -> Row {
+    Row::new(
+        what,
+        format!("{:.1}", m.allocations),
+        format!("{:.1}", base.allocations),
+        format!("{:+.1}", m.allocations - base.allocations),
+        "",
+    )
 }
 
 /// The row comparing worker CPU per event with the baseline's.
