@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::nats::convert;
+use crate::broker::nats::stored;
 use crate::broker::{Broker, Outgoing};
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
@@ -308,7 +308,7 @@ async fn handle(
     let spec = handler.spec.jetstream.as_ref()?;
     let (stream, sequence, delivered) = match message.info() {
         Ok(info) => (
-            info.stream.to_string(),
+            info.stream,
             info.stream_sequence,
             u32::try_from(info.delivered).unwrap_or(u32::MAX),
         ),
@@ -318,18 +318,16 @@ async fn handle(
             return None;
         }
     };
-    let base = convert(&message.message);
-    // Stable across redeliveries: the publisher's id, else the stream position.
-    let mut event = event_for(base.clone(), delivered.max(1), || {
-        format!("{stream}:{sequence}")
-    });
-    // The message's reply subject is JetStream's ack subject, not the publisher's.
-    event.reply_to = None;
+    // Without its reply subject: that is JetStream's ack subject, not the publisher's.
+    let base = stored(&message.message);
     let delivery = Delivery {
         reply_to: None,
         dedupe_prefix: Some(format!("{}:{stream}:{sequence}", handler.spec.name)),
         hops: Delivery::hops_of(&base.headers),
     };
+    // Stable across redeliveries: the publisher's id, else the stream position. The
+    // message moves into the event; the rare dead-letter converts it again.
+    let event = event_for(base, delivered.max(1), || format!("{stream}:{sequence}"));
 
     // While the guest runs, tell JetStream we are still working, so a slow (but within
     // deadline) handler is not redelivered to another host behind its back.
@@ -357,19 +355,17 @@ async fn handle(
         }
     };
     settle(
-        handler, spec, &message, &base, &stream, sequence, delivered, &outcome,
+        handler, spec, &message, stream, sequence, delivered, &outcome,
     )
     .await;
     Some(outcome)
 }
 
 /// Turn the guest's answer into ack, nak or dead-letter.
-#[allow(clippy::too_many_arguments)]
 async fn settle(
     handler: &Handler,
     spec: &JetStreamSpec,
     message: &async_nats::jetstream::Message,
-    base: &crate::broker::Message,
     stream: &str,
     sequence: u64,
     attempt: u32,
@@ -389,7 +385,8 @@ async fn settle(
                 } else {
                     format!("gave up after {attempt} attempt(s); last error: {detail}")
                 };
-                match dead_letter(handler, spec, base, stream, sequence, attempt, &why).await {
+                let base = stored(&message.message);
+                match dead_letter(handler, spec, &base, stream, sequence, attempt, &why).await {
                     Ok(()) => message.ack_with(AckKind::Term).await,
                     Err(e) => {
                         // Never terminate a message that is not safely dead-lettered.
