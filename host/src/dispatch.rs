@@ -42,11 +42,55 @@ impl Outcome {
     }
 }
 
+/// An event's id: the one its publisher chose, or a UUIDv7 the host made for it, whose
+/// 36 characters are kept inline. The core intake makes one for most events; as a
+/// `String` that was a heap allocation on every one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventId {
+    Given(String),
+    Made([u8; uuid::fmt::Hyphenated::LENGTH]),
+}
+
+impl EventId {
+    /// `uuid`'s hyphenated, lower-case text.
+    pub fn made(uuid: uuid::Uuid) -> Self {
+        let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+        uuid.hyphenated().encode_lower(&mut text);
+        Self::Made(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Given(id) => id,
+            // ASCII hex digits and hyphens, as `encode_lower` wrote them: never the default.
+            Self::Made(text) => std::str::from_utf8(text).unwrap_or_default(),
+        }
+    }
+}
+
+impl From<String> for EventId {
+    fn from(id: String) -> Self {
+        Self::Given(id)
+    }
+}
+
+impl From<&str> for EventId {
+    fn from(id: &str) -> Self {
+        Self::Given(id.to_owned())
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One event as the host holds it: the `event` record of the WIT, owned, its payload
 /// shared with the message it came in. The guest's call borrows it ([`Event::record`]).
 #[derive(Debug)]
 pub struct Event {
-    pub id: String,
+    pub id: EventId,
     pub subject: String,
     pub payload: Bytes,
     pub headers: Vec<(String, String)>,
@@ -60,7 +104,7 @@ impl Event {
     pub fn record<'a>(&'a self, pairs: &'a mut Vec<(&'a str, &'a str)>) -> wit::Event<'a> {
         pairs.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         wit::Event {
-            id: &self.id,
+            id: self.id.as_str(),
             subject: &self.subject,
             payload: &self.payload,
             headers: pairs,
@@ -82,8 +126,8 @@ pub fn publisher_id(headers: &[(String, String)]) -> Option<String> {
 /// The event a guest sees for `msg`; `fallback_id` names it when the publisher did not.
 /// Takes the message: its strings and payload move into the event rather than being
 /// copied (the core intake owns each message, and this is on every event's path).
-pub fn event_for(msg: Message, attempt: u32, fallback_id: impl FnOnce() -> String) -> Event {
-    let id = publisher_id(&msg.headers).unwrap_or_else(fallback_id);
+pub fn event_for(msg: Message, attempt: u32, fallback_id: impl FnOnce() -> EventId) -> Event {
+    let id = publisher_id(&msg.headers).map_or_else(fallback_id, EventId::Given);
     Event {
         id,
         subject: msg.subject,

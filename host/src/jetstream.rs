@@ -327,7 +327,9 @@ async fn handle(
     };
     // Stable across redeliveries: the publisher's id, else the stream position. The
     // message moves into the event; the rare dead-letter converts it again.
-    let event = event_for(base, delivered.max(1), || format!("{stream}:{sequence}"));
+    let event = event_for(base, delivered.max(1), || {
+        format!("{stream}:{sequence}").into()
+    });
 
     // While the guest runs, tell JetStream we are still working, so a slow (but within
     // deadline) handler is not redelivered to another host behind its back.

@@ -468,7 +468,7 @@ mod sync {
                 .data_mut()
                 .begin(&event.subject, Delivery::default(), far);
             let record = types::Event {
-                id: &event.id,
+                id: event.id.as_str(),
                 subject: &event.subject,
                 payload: &event.payload,
                 headers: &[],

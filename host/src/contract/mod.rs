@@ -337,7 +337,7 @@ pub async fn run_file(
             hops: Delivery::hops_of(&message.headers),
         };
         let event = event_for(message, case.attempt, || {
-            format!("case-{}", reports.len() + 1)
+            format!("case-{}", reports.len() + 1).into()
         });
         let handler = if case.config.is_empty() {
             handler.clone()
