@@ -384,8 +384,7 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
     let published_before = published();
     let mut store = store(handler);
     let instance = handler.pre.instantiate_async(&mut store).await?;
-    let mut spent = Duration::ZERO;
-    let mut allocated = 0;
+    let mut spans = Spans::default();
     let far = Instant::now() + Duration::from_secs(3600);
     for _ in 0..WARM_EVENTS {
         let event = event(subject);
@@ -393,15 +392,9 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
         store
             .data_mut()
             .begin(&event.subject, Delivery::default(), far);
-        let counted = allocations();
-        let started = Instant::now();
-        answered(
-            instance
-                .call_handle(&mut store, event.record(&mut Vec::new()))
-                .await?,
-        )?;
-        spent += started.elapsed();
-        allocated += allocations() - counted;
+        let mut pairs = Vec::new();
+        let call = instance.call_handle(&mut store, event.record(&mut pairs));
+        answered(spans.measure(call).await?)?;
     }
     // Each event on `IN` publishes once, none on `QUIET`; otherwise the split between
     // the call and its publish measured something else (an echo built before `QUIET`).
@@ -410,10 +403,7 @@ async fn wasmtime_warm(handler: &Arc<Handler>, subject: &str) -> anyhow::Result<
     if made != u64::from(expected) {
         anyhow::bail!("{WARM_EVENTS} events on {subject} published {made} times, not {expected}");
     }
-    Ok((
-        per_event(spent, WARM_EVENTS),
-        per_event_count(allocated, WARM_EVENTS),
-    ))
+    Ok(spans.per_event(WARM_EVENTS))
 }
 
 /// The quiet call without a fiber. wasmtime 48 makes every call on a store async (a
@@ -528,20 +518,44 @@ mod sync {
 
 /// One round of `events` through wasmev's dispatch: µs and heap allocations per event.
 async fn dispatched(handler: &Arc<Handler>, events: u32) -> anyhow::Result<(f64, f64)> {
-    let mut spent = Duration::ZERO;
-    let mut allocated = 0;
+    let mut spans = Spans::default();
     for _ in 0..events {
         let event = event(IN);
-        let counted = allocations();
-        let started = Instant::now();
-        let (outcome, _) = dispatch(handler, event, Delivery::default()).await;
-        spent += started.elapsed();
-        allocated += allocations() - counted;
+        let (outcome, _) = spans
+            .measure(dispatch(handler, event, Delivery::default()))
+            .await;
         if let Outcome::Failed { detail, .. } = outcome {
             anyhow::bail!("the echo handler failed: {detail}");
         }
     }
-    Ok((per_event(spent, events), per_event_count(allocated, events)))
+    Ok(spans.per_event(events))
+}
+
+/// The time and heap allocations of a round's spans on this thread, added up. The span
+/// is a future made before it starts (making one neither allocates nor runs anything).
+#[derive(Default)]
+struct Spans {
+    spent: Duration,
+    allocated: u64,
+}
+
+impl Spans {
+    async fn measure<T>(&mut self, span: impl Future<Output = T>) -> T {
+        let counted = allocations();
+        let started = Instant::now();
+        let out = span.await;
+        self.spent += started.elapsed();
+        self.allocated += allocations() - counted;
+        out
+    }
+
+    /// µs and heap allocations per event, for a round of `events` spans.
+    fn per_event(&self, events: u32) -> (f64, f64) {
+        (
+            per_event(self.spent, events),
+            per_event_count(self.allocated, events),
+        )
+    }
 }
 
 /// The guest's answer must be ok, or the figure measured something else.
