@@ -76,7 +76,7 @@ pub struct NatsSubscription {
 
 impl NatsSubscription {
     pub async fn next(&mut self) -> Option<Message> {
-        self.inner.next().await.map(|m| convert(&m))
+        self.inner.next().await.map(convert)
     }
 
     /// async-nats's drain: UNSUB then PING; the stream ends once the server's answer
@@ -93,18 +93,23 @@ impl NatsSubscription {
     }
 }
 
-/// An async-nats message as dispatch sees it (the payload is shared, not copied).
-/// `as_str().to_owned()`, not `to_string()`: the latter goes through the formatting
-/// machinery (~0.8 % of a warm event's worker CPU in the profile, for a plain copy).
-pub fn convert(m: &async_nats::Message) -> Message {
+/// An async-nats message as dispatch sees it. Takes the message, so that its subject,
+/// reply subject and payload move over instead of being copied: the client makes each
+/// subject a buffer of its own, which `into_string` hands over as it is (a copy was an
+/// allocation per event).
+pub fn convert(m: async_nats::Message) -> Message {
     Message {
-        reply: m.reply.as_ref().map(|r| r.as_str().to_owned()),
-        ..stored(m)
+        subject: m.subject.into_string(),
+        reply: m.reply.map(async_nats::Subject::into_string),
+        headers: m.headers.as_ref().map(header_pairs).unwrap_or_default(),
+        payload: m.payload,
     }
 }
 
 /// A JetStream delivery as dispatch sees it: [`convert`] without the reply subject,
-/// which is the stream's ack subject (~80 bytes, not copied), not the publisher's.
+/// which is the stream's ack subject (~80 bytes, not copied), not the publisher's. Borrows
+/// the message, which the acks still need, so the subject is copied. `as_str().to_owned()`,
+/// not `to_string()`: the latter goes through the formatting machinery.
 pub fn stored(m: &async_nats::Message) -> Message {
     Message {
         subject: m.subject.as_str().to_owned(),
@@ -320,7 +325,7 @@ impl NatsBroker {
             .send_request(message.subject.clone(), request)
             .await
         {
-            Ok(m) => Ok(convert(&m)),
+            Ok(m) => Ok(convert(m)),
             Err(e) => Err(match e.kind() {
                 RequestErrorKind::NoResponders => RequestError::NoResponders(message.subject),
                 RequestErrorKind::TimedOut => RequestError::TimedOut(timeout),
