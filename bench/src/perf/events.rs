@@ -11,9 +11,9 @@ use super::cpu;
 use super::floor::{self, Floor};
 use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repeat};
 use super::load::{
-    Baseline, LATENCY_RUNS, Measured, RUNS, Route, Running, SLOW_US, allocations_row, baseline_row,
-    cpu_row, echo_host, latency, latency_median, latency_row, measure, memory_baseline,
-    nats_baseline, nats_route, rate_row, throughput,
+    Baseline, LATENCY_RUNS, Measured, RUNS, Route, Running, SLOW_US, baseline_row, cpu_row,
+    echo_host, latency, latency_median, latency_row, measure, memory_baseline, nats_baseline,
+    nats_route, rate_row, throughput, worker_rows,
 };
 use super::{
     ECHO, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server,
@@ -60,13 +60,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         raw,
         "",
     ));
-    rows.push(cpu_row(
-        "NATS: worker CPU per event, subscriber with the header",
-        &Measured::summary(hops),
-        &raw_m,
-    ));
-    rows.push(allocations_row(
-        "NATS: heap allocations per event on the worker threads, subscriber with the header",
+    rows.extend(worker_rows(
+        "NATS",
+        "subscriber with the header",
         &Measured::summary(hops),
         &raw_m,
     ));
@@ -84,16 +80,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
             raw,
             target,
         ));
-        rows.push(cpu_row(
-            &format!("NATS: worker CPU per event, {mode}"),
-            &Measured::summary(runs),
-            &raw_m,
-        ));
-        rows.push(allocations_row(
-            &format!("NATS: heap allocations per event on the worker threads, {mode}"),
-            &Measured::summary(runs),
-            &raw_m,
-        ));
+        rows.extend(worker_rows("NATS", mode, &Measured::summary(runs), &raw_m));
         let started = Contender::Host(mode, ECHO)
             .start(dir.path(), &server.url)
             .await?;

@@ -9,10 +9,8 @@ use anyhow::bail;
 use bytes::Bytes;
 use futures::StreamExt as _;
 
-use super::cpu;
-use super::load::{Measured, allocations_row, cpu_row, echo_host, rate_row, wait_until};
+use super::load::{Measured, WorkersUse, echo_host, rate_row, wait_until, worker_rows};
 use super::{ECHO, PAYLOAD, Row, Server, rate, us_per_event};
-use crate::alloc;
 
 /// `n` events of the bench payload, stored on a new stream `BENCH` capturing `bench.in`.
 async fn store_events(client: &async_nats::Client, n: u64) -> anyhow::Result<()> {
@@ -67,21 +65,19 @@ impl JetStreamRun {
         n: u64,
         consume: impl std::future::Future<Output = anyhow::Result<u32>>,
     ) -> anyhow::Result<Self> {
-        let (worker, on_server, started) = (cpu::workers(), server.cpu(), Instant::now());
-        let allocated = alloc::worker_allocations();
+        let (used, on_server, started) = (WorkersUse::now(), server.cpu(), Instant::now());
         let stalls = consume.await?;
-        let allocated = alloc::worker_allocations() - allocated;
         let rate = n as f64 / started.elapsed().as_secs_f64();
-        let per_event = |d: Duration| us_per_event(d, n as f64);
+        let (cpu_us, allocations) = used.per_event(n as f64);
         Ok(Self {
             measured: Measured {
                 median: rate,
                 best: rate,
                 runs: 1,
-                cpu_us: per_event(cpu::workers().since(&worker)),
-                allocations: allocated as f64 / n as f64,
+                cpu_us,
+                allocations,
             },
-            server_us: per_event(server.cpu().since(&on_server)),
+            server_us: us_per_event(server.cpu().since(&on_server), n as f64),
             stalls,
         })
     }
@@ -129,13 +125,9 @@ pub(super) fn plain_consumer_rows(rows: &mut Vec<Row>, js: &JetStreamRun, base: 
         &base.measured,
         &stalled,
     ));
-    rows.push(cpu_row(
-        "JetStream: worker CPU per event, against the plain consumer",
-        &js.measured,
-        &base.measured,
-    ));
-    rows.push(allocations_row(
-        "JetStream: heap allocations per event on the worker threads, against the plain consumer",
+    rows.extend(worker_rows(
+        "JetStream",
+        "against the plain consumer",
         &js.measured,
         &base.measured,
     ));

@@ -505,6 +505,31 @@ pub(super) struct Measured {
     pub(super) allocations: f64,
 }
 
+/// What the worker threads (the host's, or the baseline's) have used so far: CPU and heap
+/// allocations, read together so every figure spans the same stretch.
+pub(super) struct WorkersUse {
+    cpu: cpu::ThreadsCpu,
+    allocations: u64,
+}
+
+impl WorkersUse {
+    pub(super) fn now() -> Self {
+        Self {
+            cpu: cpu::workers(),
+            allocations: alloc::worker_allocations(),
+        }
+    }
+
+    /// µs of CPU and heap allocations per event since this reading, over `events` events.
+    pub(super) fn per_event(&self, events: f64) -> (f64, f64) {
+        let allocated = alloc::worker_allocations() - self.allocations;
+        (
+            us_per_event(cpu::workers().since(&self.cpu), events),
+            allocated as f64 / events,
+        )
+    }
+}
+
 /// At least `runs` runs of `n` events, and more until `min_time` has passed.
 pub(super) async fn measure(
     path: &Route,
@@ -514,20 +539,17 @@ pub(super) async fn measure(
 ) -> anyhow::Result<Measured> {
     throughput(path, n / 10).await?; // warm-up
     let started = Instant::now();
-    let before = cpu::workers();
-    let allocated = alloc::worker_allocations();
+    let used = WorkersUse::now();
     let mut rates = Vec::with_capacity(runs);
     while rates.len() < runs.max(1) || started.elapsed() < min_time {
         rates.push(throughput(path, n).await?);
     }
-    let cpu = cpu::workers().since(&before);
-    let allocated = alloc::worker_allocations() - allocated;
-    let events = n as f64 * rates.len() as f64;
+    let (cpu_us, allocations) = used.per_event(n as f64 * rates.len() as f64);
     Ok(Measured {
         best: rates.iter().copied().fold(f64::NAN, f64::max),
         runs: rates.len(),
-        cpu_us: us_per_event(cpu, events),
-        allocations: allocated as f64 / events,
+        cpu_us,
+        allocations,
         median: median(rates),
     })
 }
@@ -562,15 +584,19 @@ pub(super) fn baseline_row(what: &str, base: &Measured) -> Row {
     Row::new(what, rate(base.median), "—".into(), "1.00".into(), "")
 }
 
-/// The row comparing the worker threads' heap allocations per event with the baseline's.
-pub(super) fn allocations_row(what: &str, m: &Measured, base: &Measured) -> Row {
-    Row::new(
-        what,
-        format!("{:.1}", m.allocations),
-        format!("{:.1}", base.allocations),
-        format!("{:+.1}", m.allocations - base.allocations),
-        "",
-    )
+/// The rows comparing the worker threads' CPU and heap allocations per event with the
+/// baseline's, for `which` on `broker` ("NATS", "JetStream").
+pub(super) fn worker_rows(broker: &str, which: &str, m: &Measured, base: &Measured) -> [Row; 2] {
+    [
+        cpu_row(&format!("{broker}: worker CPU per event, {which}"), m, base),
+        Row::new(
+            &format!("{broker}: heap allocations per event on the worker threads, {which}"),
+            format!("{:.1}", m.allocations),
+            format!("{:.1}", base.allocations),
+            format!("{:+.1}", m.allocations - base.allocations),
+            "",
+        ),
+    ]
 }
 
 /// The row comparing worker CPU per event with the baseline's.
