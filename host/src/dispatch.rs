@@ -59,6 +59,7 @@ impl EventId {
         Self::Made(text)
     }
 
+    /// The id as the guest and the logs see it.
     pub fn as_str(&self) -> &str {
         match self {
             Self::Given(id) => id,
