@@ -41,22 +41,32 @@ fn validate(s: &str, wildcards: bool) -> Result<(), SubjectError> {
     if s.len() > MAX_SUBJECT_LEN {
         return Err(SubjectError::TooLong(s.len()));
     }
-    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // Bytes, not chars: every guest publish is checked here, and the byte walk takes about
+    // half the time (~25 against ~45 ns for short subjects in a scratch loop). For ASCII
+    // the two agree: the whitespace and control characters there are 0x00-0x20 and 0x7f.
+    let bytes = s.as_bytes();
+    let bad_char = if bytes.is_ascii() {
+        bytes.iter().any(|&b| b <= b' ' || b == 0x7f)
+    } else {
+        s.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if bad_char {
         return Err(SubjectError::Whitespace);
     }
-    let mut tokens = s.split('.').peekable();
+    let mut tokens = bytes.split(|&b| b == b'.').peekable();
     while let Some(token) = tokens.next() {
         if token.is_empty() {
             return Err(SubjectError::EmptyToken);
         }
         let is_last = tokens.peek().is_none();
         match token {
-            "*" | ">" if !wildcards => return Err(SubjectError::Wildcard),
-            ">" if !is_last => return Err(SubjectError::TailNotLast),
-            "*" | ">" => {}
-            t if t.contains(['*', '>']) => {
+            b"*" | b">" if !wildcards => return Err(SubjectError::Wildcard),
+            b">" if !is_last => return Err(SubjectError::TailNotLast),
+            b"*" | b">" => {}
+            t if t.iter().any(|&b| b == b'*' || b == b'>') => {
                 return Err(if wildcards {
-                    SubjectError::PartialWildcard(t.to_string())
+                    // Split at an ASCII `.`, so still whole UTF-8: nothing is replaced.
+                    SubjectError::PartialWildcard(String::from_utf8_lossy(t).into_owned())
                 } else {
                     SubjectError::Wildcard
                 });
@@ -193,6 +203,11 @@ mod tests {
             ("a b", SubjectError::Whitespace),
             ("a\tb", SubjectError::Whitespace),
             ("a\u{7}b", SubjectError::Whitespace),
+            ("a\u{7f}b", SubjectError::Whitespace),
+            // Outside ASCII: a no-break space, and NEL (a control character).
+            ("a\u{a0}b", SubjectError::Whitespace),
+            ("a\u{85}b", SubjectError::Whitespace),
+            ("é..b", SubjectError::EmptyToken),
             ("a..b", SubjectError::EmptyToken),
             (".a", SubjectError::EmptyToken),
             ("a.", SubjectError::EmptyToken),
@@ -209,6 +224,10 @@ mod tests {
             Err(SubjectError::TooLong(MAX_SUBJECT_LEN + 1))
         );
         assert!(Subject::new("a".repeat(MAX_SUBJECT_LEN)).is_ok());
+        // The printable ASCII edges, and letters outside ASCII, are fine.
+        for ok in ["!~", "a.!.~", "ünïcödé.名前"] {
+            assert!(Subject::new(ok).is_ok(), "input {ok:?}");
+        }
     }
 
     #[test]
@@ -217,6 +236,10 @@ mod tests {
         assert_eq!(
             Pattern::new("a.b*"),
             Err(SubjectError::PartialWildcard("b*".into()))
+        );
+        assert_eq!(
+            Pattern::new("é.ü>é.c"),
+            Err(SubjectError::PartialWildcard("ü>é".into()))
         );
         assert!(Pattern::new("*.*.>").is_ok());
     }
