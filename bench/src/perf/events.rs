@@ -11,13 +11,13 @@ use super::cpu;
 use super::floor::{self, Floor};
 use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repeat};
 use super::load::{
-    Baseline, LATENCY_RUNS, Measured, RUNS, Route, Running, SLOW_US, baseline_row, cpu_row,
-    echo_host, latency, latency_median, latency_row, measure, memory_baseline, nats_baseline,
-    nats_route, rate_row, throughput, worker_rows,
+    Baseline, LATENCY_RUNS, Measured, RUNS, Route, Running, SLOW_US, WorkersUse, baseline_row,
+    cpu_row, echo_host, latency, latency_median, latency_row, measure, memory_baseline,
+    nats_baseline, nats_route, rate_row, throughput, worker_rows,
 };
 use super::{
     ECHO, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server,
-    WINDOW, median, rate, table, us_per_event,
+    WINDOW, median, rate, table,
 };
 
 /// JetStream runs per figure (each stores its events again, then consumes them). Why 3:
@@ -512,19 +512,17 @@ pub async fn one(
     let result = match latency_secs {
         Some(latency_secs) => {
             throughput(&route, events / 10).await?; // warm-up
-            let before = cpu::workers();
+            let used = WorkersUse::now();
             let machine = cpu::MachineCpu::now();
             let run = latency(&route, latency_secs).await?;
             let machine = cpu::MachineCpu::busy_since(machine)
                 .map_or(String::new(), |busy| format!("; {busy}"));
-            let cpu = us_per_event(
-                cpu::workers().since(&before),
-                (LATENCY_RATE * latency_secs) as f64,
-            );
+            let (cpu, allocations) = used.per_event((LATENCY_RATE * latency_secs) as f64);
             format!(
                 "{mode} on {broker}: p50 {:.0} µs, p99 {:.0} µs at {LATENCY_RATE} ev/s \
                  ({:.1} % over {SLOW_US:.0} µs, the slowest {:.0} µs); \
-                 {cpu:.2} µs worker CPU per event{machine}",
+                 {cpu:.2} µs worker CPU and {allocations:.1} heap allocations on the worker \
+                 threads per event{machine}",
                 run.p50,
                 run.p99,
                 run.slow * 100.0,
