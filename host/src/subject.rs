@@ -53,7 +53,7 @@ fn validate(s: &str, wildcards: bool) -> Result<(), SubjectError> {
     if bad_char {
         return Err(SubjectError::Whitespace);
     }
-    let mut tokens = bytes.split(|&b| b == b'.').peekable();
+    let mut tokens = tokens(s).peekable();
     while let Some(token) = tokens.next() {
         if token.is_empty() {
             return Err(SubjectError::EmptyToken);
@@ -75,6 +75,14 @@ fn validate(s: &str, wildcards: bool) -> Result<(), SubjectError> {
         }
     }
     Ok(())
+}
+
+/// The `.`-separated tokens of `s`, as bytes. Splitting bytes takes ~11 against ~28 ns
+/// for `str::split('.')` on short subjects in a scratch loop, and every guest publish
+/// splits its subject at least twice (the check, the grant). A `.` byte is never inside
+/// a longer UTF-8 character, so the tokens are the same.
+fn tokens(s: &str) -> std::slice::Split<'_, u8, impl FnMut(&u8) -> bool> {
+    s.as_bytes().split(|&b| b == b'.')
 }
 
 /// Check that `s` is a valid concrete subject without allocating: the per-publish check.
@@ -134,14 +142,11 @@ impl Pattern {
     /// Takes `&str` so inbound subjects from the wire can be tested without first being
     /// validated; a subject with empty tokens simply never matches a wildcard position.
     ///
-    /// Bytes, not chars: every guest publish is matched against its grant, and on the
-    /// embedded broker against each subscription; splitting bytes takes ~11 against ~28 ns
-    /// for short subjects in a scratch loop. A `.` byte is never inside a longer UTF-8
-    /// character, so the tokens are the same.
+    /// Every guest publish is matched against its grant, and on the embedded broker
+    /// against each subscription: see [`tokens`] for why bytes.
     pub fn matches(&self, subject: &str) -> bool {
-        let dot = |b: &u8| *b == b'.';
-        let mut pattern = self.0.as_bytes().split(dot);
-        let mut tokens = subject.as_bytes().split(dot);
+        let mut pattern = tokens(&self.0);
+        let mut tokens = tokens(subject);
         loop {
             match (pattern.next(), tokens.next()) {
                 (Some(b">"), Some(t)) => return !t.is_empty(),
