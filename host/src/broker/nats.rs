@@ -5,11 +5,13 @@
 //! disconnected, or dropped because a subscription's client-side buffer is full, is gone.
 //! Both cases are logged and counted, never silent.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -33,32 +35,41 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// right without one lookup per publish.
 const CAPTURE_TTL: Duration = Duration::from_secs(10);
 
-/// Subjects whose capture answer is remembered at most. Why 10 000: guests publish to a
-/// handful of subjects; the bound only stops a guest inventing subjects from growing it.
-const CAPTURE_CACHE_MAX: usize = 10_000;
+/// Subjects whose capture answer is remembered at most. Why 1 000: guests publish to a
+/// handful of subjects; the bound stops a guest inventing subjects from growing it, and
+/// keeps the copy each new entry makes (below) small.
+const CAPTURE_CACHE_MAX: usize = 1_000;
 
 /// Which subjects a JetStream stream captures, looked up on demand and cached briefly.
+///
+/// Read on every publish an event from a stream makes, so without a lock: the map is
+/// immutable and swapped whole. A new entry (once per subject per [`CAPTURE_TTL`]) copies
+/// it; that costs less than the stream lookup it follows.
 #[derive(Default)]
 struct CaptureCache {
-    // std Mutex: held for a map lookup or insert only, never across an await.
-    entries: std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
+    entries: ArcSwap<HashMap<String, (bool, Instant)>>,
 }
 
 impl CaptureCache {
     fn get(&self, subject: &str) -> Option<bool> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
+        self.entries
+            .load()
             .get(subject)
             .filter(|(_, at)| at.elapsed() < CAPTURE_TTL)
             .map(|(captured, _)| *captured)
     }
 
     fn put(&self, subject: &str, captured: bool) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= CAPTURE_CACHE_MAX {
-            entries.clear();
-        }
-        entries.insert(subject.to_string(), (captured, std::time::Instant::now()));
+        let now = Instant::now();
+        self.entries.rcu(|entries| {
+            let mut next = if entries.len() >= CAPTURE_CACHE_MAX {
+                HashMap::new()
+            } else {
+                HashMap::clone(entries)
+            };
+            next.insert(subject.to_string(), (captured, now));
+            next
+        });
     }
 }
 
@@ -500,6 +511,26 @@ mod tests {
             header_map(&Outgoing::new("a.b", Bytes::new()))
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn the_capture_cache_remembers_answers_and_stays_bounded() {
+        let cache = CaptureCache::default();
+        assert_eq!(cache.get("orders.created"), None);
+        cache.put("orders.created", true);
+        cache.put("email.sent", false);
+        assert_eq!(cache.get("orders.created"), Some(true));
+        assert_eq!(cache.get("email.sent"), Some(false));
+        // A guest inventing subjects: the map starts over at the bound, never past it.
+        for i in 0..CAPTURE_CACHE_MAX + 10 {
+            cache.put(&format!("made.up.{i}"), false);
+            assert!(cache.entries.load().len() <= CAPTURE_CACHE_MAX);
+        }
+        assert_eq!(cache.get("orders.created"), None);
+        assert_eq!(
+            cache.get(&format!("made.up.{}", CAPTURE_CACHE_MAX + 9)),
+            Some(false)
         );
     }
 
