@@ -114,6 +114,7 @@ impl Delivery {
             subject,
             headers,
             hops: Some(self.hops.saturating_add(1)),
+            msg_id: None,
             payload: Bytes::from(payload),
         }
     }
@@ -210,9 +211,7 @@ pub async fn guest_publish(
     if let Some(prefix) = &delivery.dedupe_prefix
         && !message.headers.iter().any(|(k, _)| k == MSG_ID)
     {
-        message
-            .headers
-            .push((MSG_ID.to_string(), format!("{prefix}:{index}")));
+        message.msg_id = Some(format!("{prefix}:{index}"));
     }
     send(broker, delivery.dedupe_prefix.is_some(), message).await
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{Message, Outgoing, PublishError, RequestError, validate_header};
 use crate::limits;
-use crate::publish::HOPS;
+use crate::publish::{HOPS, MSG_ID};
 use crate::subject::{Pattern, check_subject};
 
 #[derive(Clone, Default)]
@@ -130,11 +130,16 @@ impl MemoryBroker {
             subject,
             mut headers,
             hops,
+            msg_id,
             payload,
         } = message;
         check_subject(&subject).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         for (k, v) in &headers {
             validate_header(k, v)?;
+        }
+        if let Some(id) = msg_id {
+            validate_header(MSG_ID, &id)?;
+            headers.push((MSG_ID.to_string(), id));
         }
         if let Some(hops) = hops {
             headers.push((HOPS.to_string(), hops.to_string()));

@@ -9,7 +9,7 @@ pub mod nats;
 
 use bytes::Bytes;
 
-use crate::publish::HOPS;
+use crate::publish::{HOPS, MSG_ID};
 use crate::subject::Pattern;
 
 /// A message as dispatch sees it, whichever broker it came from.
@@ -35,6 +35,10 @@ pub struct Outgoing {
     pub headers: Vec<(String, String)>,
     /// The `Wasmev-Hops` value to send; `None` sends none.
     pub hops: Option<u32>,
+    /// A `Nats-Msg-Id` the host sets (JetStream's dedupe id for a guest publish), kept
+    /// beside the headers like the hop count: the NATS broker writes it under async-nats's
+    /// static name, so the name is never allocated. `None` sends none of the host's.
+    pub msg_id: Option<String>,
     pub payload: Bytes,
 }
 
@@ -45,6 +49,7 @@ impl Outgoing {
             subject: subject.into(),
             headers: Vec::new(),
             hops: None,
+            msg_id: None,
             payload,
         }
     }
@@ -55,11 +60,16 @@ impl Outgoing {
     }
 
     /// Bytes NATS counts toward `max_payload`: the payload and every header, the hop count
-    /// included, 4 bytes each for ": " and CRLF.
+    /// and message id included, 4 bytes each for ": " and CRLF.
     pub fn size(&self) -> usize {
         let hops = self.hops.map_or(0, |n| HOPS.len() + decimal_digits(n) + 4);
+        let msg_id = self
+            .msg_id
+            .as_ref()
+            .map_or(0, |id| MSG_ID.len() + id.len() + 4);
         self.payload.len()
             + hops
+            + msg_id
             + self
                 .headers
                 .iter()

@@ -6,7 +6,6 @@
 //! Both cases are logged and counted, never silent.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use super::{Message, Outgoing, PublishError, RequestError, validate_header};
 use crate::limits;
 use crate::manifest::{Auth, BrokerSettings, Deliver, JetStreamSpec};
-use crate::publish::HOPS;
+use crate::publish::{HOPS, MSG_ID};
 use crate::subject::Pattern;
 
 /// How long a subscription confirmation may take. Why 10 s: a round-trip to a healthy
@@ -143,22 +142,33 @@ fn header_pairs(h: &HeaderMap) -> Vec<(String, String)> {
 const HOPS_NAME: HeaderName = HeaderName::from_static(HOPS);
 
 /// The client's header map for `message`, refusing (never panicking on) what NATS would
-/// reject; `None` when it has no headers at all (a plain PUB is sent).
-fn header_map(message: &Outgoing) -> Result<Option<HeaderMap>, PublishError> {
-    if message.headers.is_empty() {
-        return Ok(message.hops.map(hops_only));
+/// reject; `None` when it has no headers at all (a plain PUB is sent). Takes the message's
+/// headers and message id: they move into the map.
+fn header_map(message: &mut Outgoing) -> Result<Option<HeaderMap>, PublishError> {
+    let hops = message.hops;
+    let msg_id = message.msg_id.take();
+    if message.headers.is_empty() && msg_id.is_none() {
+        return Ok(hops.map(hops_only));
     }
-    let mut map = HeaderMap::new();
-    for (k, v) in &message.headers {
-        validate_header(k, v)?;
-        // Both parses re-check what validate_header checked; they cannot fail here, but a
-        // failure must still be an error value and never a panic.
-        let name = HeaderName::from_str(k).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
-        let value = HeaderValue::from_str(v).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
-        map.append(name, value);
+    // From the same cached map as a publish without headers; the hop count is the host's,
+    // so a pair of that name among `headers` (a guest's) is left out.
+    let mut map = hops.map(hops_only).unwrap_or_default();
+    for (k, v) in std::mem::take(&mut message.headers) {
+        if hops.is_some() && k == HOPS {
+            continue;
+        }
+        validate_header(&k, &v)?;
+        // Moved in, not copied: the guest's strings were made for this message. The name's
+        // parse re-checks what validate_header checked and cannot fail here, but a failure
+        // must still be an error value and never a panic; so must the value, whose
+        // `From<String>` asserts what validate_header just checked (no CR or LF).
+        let name =
+            HeaderName::try_from(k).map_err(|e| PublishError::InvalidHeader(e.to_string()))?;
+        map.append(name, HeaderValue::from(v));
     }
-    if let Some(hops) = message.hops {
-        map.insert(HOPS_NAME, HeaderValue::from(hops));
+    if let Some(id) = msg_id {
+        validate_header(MSG_ID, &id)?;
+        map.insert(async_nats::header::NATS_MESSAGE_ID, HeaderValue::from(id));
     }
     Ok(Some(map))
 }
@@ -288,8 +298,8 @@ impl NatsBroker {
             .context("failed to confirm subscriptions")
     }
 
-    pub async fn publish(&self, message: Outgoing) -> Result<(), PublishError> {
-        let result = match header_map(&message)? {
+    pub async fn publish(&self, mut message: Outgoing) -> Result<(), PublishError> {
+        let result = match header_map(&mut message)? {
             None => self.client.publish(message.subject, message.payload).await,
             Some(map) => {
                 self.client
@@ -327,7 +337,9 @@ impl NatsBroker {
         if !self.is_captured(&message.subject).await? {
             return self.publish(message).await;
         }
-        let map = header_map(&message)?.unwrap_or_default();
+        // From a copy: the message is published plainly after all if the stream has gone
+        // (below).
+        let map = header_map(&mut message.clone())?.unwrap_or_default();
         let ack = self
             .jetstream
             .publish_with_headers(message.subject.clone(), map, message.payload.clone())
@@ -343,11 +355,11 @@ impl NatsBroker {
 
     pub async fn request(
         &self,
-        message: Outgoing,
+        mut message: Outgoing,
         timeout: Duration,
     ) -> Result<Message, RequestError> {
         use async_nats::RequestErrorKind;
-        let map = header_map(&message)?;
+        let map = header_map(&mut message)?;
         let mut request = async_nats::Request::new()
             .payload(message.payload)
             .timeout(Some(timeout));
@@ -480,6 +492,13 @@ pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn of(headers: Vec<(String, String)>, hops: Option<u32>) -> Outgoing {
+        Outgoing {
+            hops,
+            ..Outgoing::new("a.b", Bytes::new()).with_headers(headers)
+        }
+    }
+
     fn pairs(map: &HeaderMap) -> Vec<(String, String)> {
         let mut pairs = header_pairs(map);
         pairs.sort();
@@ -499,7 +518,7 @@ mod tests {
         ] {
             let mut message = Outgoing::new("a.b", Bytes::new());
             message.hops = Some(hops);
-            let map = header_map(&message).unwrap().unwrap();
+            let map = header_map(&mut message).unwrap().unwrap();
             assert_eq!(
                 pairs(&map),
                 [(HOPS.to_string(), hops.to_string())],
@@ -507,11 +526,7 @@ mod tests {
             );
         }
         // No hop count and no headers: a plain PUB.
-        assert!(
-            header_map(&Outgoing::new("a.b", Bytes::new()))
-                .unwrap()
-                .is_none()
-        );
+        assert!(header_map(&mut of(Vec::new(), None)).unwrap().is_none());
     }
 
     #[test]
@@ -535,13 +550,69 @@ mod tests {
     }
 
     #[test]
+    fn headers_are_moved_into_the_map_beside_the_hop_count() {
+        // A standard name (JetStream's dedupe id), a custom one, and a repeated one.
+        let headers = vec![
+            (MSG_ID.to_string(), "echo:S:1:0".to_string()),
+            ("X-Trace".to_string(), "a".to_string()),
+            ("X-Trace".to_string(), "b".to_string()),
+        ];
+        let map = header_map(&mut of(headers, Some(3))).unwrap().unwrap();
+        assert_eq!(
+            pairs(&map),
+            [
+                (MSG_ID.to_string(), "echo:S:1:0".to_string()),
+                (HOPS.to_string(), "3".to_string()),
+                ("X-Trace".to_string(), "a".to_string()),
+                ("X-Trace".to_string(), "b".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_hosts_message_id_is_sent_under_its_standard_name() {
+        // Alone beside the hop count (a guest publish without headers of its own, from a
+        // stream's event), and beside a guest's header.
+        for guest in [vec![], vec![("K".to_string(), "v".to_string())]] {
+            let mut expected = guest.clone();
+            let map = header_map(&mut Outgoing {
+                msg_id: Some("echo:S:7:0".to_string()),
+                ..of(guest, Some(1))
+            })
+            .unwrap()
+            .unwrap();
+            expected.push((MSG_ID.to_string(), "echo:S:7:0".to_string()));
+            expected.push((HOPS.to_string(), "1".to_string()));
+            expected.sort();
+            assert_eq!(pairs(&map), expected);
+        }
+        // An id with a line break (a stream name the server should never send) is refused.
+        let refused = header_map(&mut Outgoing {
+            msg_id: Some("a\r\nb".to_string()),
+            ..of(vec![], None)
+        });
+        assert!(matches!(refused, Err(PublishError::InvalidHeader(name)) if name == MSG_ID));
+    }
+
+    #[test]
+    fn a_header_value_with_a_line_break_is_an_error_not_a_panic() {
+        for value in ["a\r\nPUB x 0", "a\nb"] {
+            let headers = vec![("K".to_string(), value.to_string())];
+            assert!(matches!(
+                header_map(&mut of(headers, Some(1))),
+                Err(PublishError::InvalidHeader(name)) if name == "K"
+            ));
+        }
+    }
+
+    #[test]
     fn a_guests_own_hop_header_is_replaced_by_the_hosts_count() {
         let mut message = Outgoing::new("a.b", Bytes::new()).with_headers(vec![
             ("K".to_string(), "v".to_string()),
             (HOPS.to_string(), "0".to_string()),
         ]);
         message.hops = Some(7);
-        let map = header_map(&message).unwrap().unwrap();
+        let map = header_map(&mut message).unwrap().unwrap();
         assert_eq!(
             pairs(&map),
             [
