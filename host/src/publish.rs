@@ -51,8 +51,13 @@ impl Quota {
         }
     }
 
+    /// The index the next publish taken gets (its place in derived message ids).
+    fn next_index(&self) -> u32 {
+        self.made
+    }
+
     /// Take one publish of `bytes` from the quota, or refuse without taking anything.
-    fn take(&mut self, bytes: usize) -> Result<u32, Refusal> {
+    fn take(&mut self, bytes: usize) -> Result<(), Refusal> {
         let bytes = bytes as u64;
         if self.publishes_left == 0 || bytes > self.bytes_left {
             return Err((PublishResult::quota_exceeded, PublishError::QuotaExceeded));
@@ -60,7 +65,7 @@ impl Quota {
         self.publishes_left -= 1;
         self.bytes_left -= bytes;
         self.made += 1;
-        Ok(self.made - 1)
+        Ok(())
     }
 }
 
@@ -205,14 +210,17 @@ pub async fn guest_publish(
     headers: Vec<(String, String)>,
 ) -> Result<(), Refusal> {
     let mut message = delivery.outgoing(subject, payload, headers);
-    let bytes = check(broker, &message)?;
-    granted(grants, &message.subject)?;
-    let index = quota.take(bytes)?;
+    // An event from a stream: its publishes carry a dedupe id, which counts toward the
+    // broker's limit and the byte quota like any header, so it is set before either is
+    // checked. Its index is the one the quota hands this publish if it takes it.
     if let Some(prefix) = &delivery.dedupe_prefix
         && !message.headers.iter().any(|(k, _)| k == MSG_ID)
     {
-        message.msg_id = Some(format!("{prefix}:{index}"));
+        message.msg_id = Some(format!("{prefix}:{}", quota.next_index()));
     }
+    let bytes = check(broker, &message)?;
+    granted(grants, &message.subject)?;
+    quota.take(bytes)?;
     send(broker, delivery.dedupe_prefix.is_some(), message).await
 }
 
@@ -278,5 +286,88 @@ pub async fn guest_request(
         }
         Err(RequestError::TimedOut(_)) => Err((PublishResult::ok, WitRequestError::TimedOut)),
         Err(RequestError::Publish(e)) => Err(refused(from_broker(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+
+    fn stream_event() -> Delivery {
+        Delivery {
+            reply_to: None,
+            dedupe_prefix: Some("echo:EVENTS:7".to_string()),
+            hops: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_events_dedupe_id_counts_toward_the_payload_limit() {
+        let broker = Broker::Memory(MemoryBroker::new());
+        let grants = Grants::new(vec![Pattern::new("out.>").unwrap()]);
+        let guards = crate::manifest::Guards {
+            max_publish_bytes: 4 << 20,
+            ..Default::default()
+        };
+        // Exactly at the limit without the id the host adds: the id must tip it over, and
+        // the guest hear so as such (it was refused later, as `unavailable`, on NATS).
+        let bare = Outgoing {
+            hops: Some(1),
+            ..Outgoing::new("out.x", Bytes::new())
+        }
+        .size();
+        let payload = vec![b'x'; broker.max_payload() - bare];
+        let mut quota = Quota::new(&guards);
+        let refused = guest_publish(
+            &broker,
+            &grants,
+            &stream_event(),
+            &mut quota,
+            "out.x".to_string(),
+            payload,
+            Vec::new(),
+        )
+        .await;
+        assert!(
+            matches!(refused, Err((PublishResult::payload_too_large, _))),
+            "{refused:?}"
+        );
+        assert_eq!(quota.made, 0, "a refused publish takes nothing");
+    }
+
+    #[tokio::test]
+    async fn a_stream_events_publishes_are_numbered_and_the_id_is_counted_in_the_quota() {
+        let memory = MemoryBroker::new();
+        let mut sub = memory.subscribe(Pattern::new("out.>").unwrap(), None);
+        let broker = Broker::Memory(memory);
+        let grants = Grants::new(vec![Pattern::new("out.>").unwrap()]);
+        let mut quota = Quota::new(&crate::manifest::Guards::default());
+        let bytes_before = quota.bytes_left;
+        for _ in 0..2 {
+            guest_publish(
+                &broker,
+                &grants,
+                &stream_event(),
+                &mut quota,
+                "out.x".to_string(),
+                b"hi".to_vec(),
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(quota.made, 2);
+        for index in 0..2 {
+            let message = sub.next().await.unwrap();
+            let id = message.headers.iter().find(|(k, _)| k == MSG_ID);
+            assert_eq!(
+                id.map(|(_, v)| v.as_str()),
+                Some(format!("echo:EVENTS:7:{index}").as_str())
+            );
+        }
+        // payload 2 + "Wasmev-Hops: 1\r\n" + "Nats-Msg-Id: echo:EVENTS:7:N\r\n", twice.
+        let one = 2 + (HOPS.len() + 1 + 4) + (MSG_ID.len() + "echo:EVENTS:7:0".len() + 4);
+        assert_eq!(bytes_before - quota.bytes_left, 2 * one as u64);
     }
 }
