@@ -83,6 +83,19 @@ impl std::fmt::Display for Busy {
     }
 }
 
+impl Busy {
+    /// The mean of readings over runs of equal length; `None` if there are none.
+    pub(super) fn mean(readings: impl Iterator<Item = Busy>) -> Option<Busy> {
+        let (n, busy, kernel) = readings.fold((0u32, 0.0, 0.0), |(n, busy, kernel), b| {
+            (n + 1, busy + b.busy, kernel + b.kernel)
+        });
+        (n > 0).then(|| Busy {
+            busy: busy / f64::from(n),
+            kernel: kernel / f64::from(n),
+        })
+    }
+}
+
 impl MachineCpu {
     /// Now; `None` without /proc.
     pub(super) fn now() -> Option<Self> {

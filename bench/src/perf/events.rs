@@ -11,8 +11,8 @@ use super::cpu;
 use super::floor::{self, Floor};
 use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repeat};
 use super::load::{
-    Baseline, LATENCY_RUNS, Measured, RUNS, Route, Running, SLOW_US, WorkersUse, baseline_row,
-    cpu_row, echo_host, latency, latency_median, latency_row, measure, memory_baseline,
+    Baseline, LATENCY_RUNS, LatencyRun, Measured, RUNS, Route, Running, SLOW_US, WorkersUse,
+    baseline_row, cpu_row, echo_host, latency, latency_row, latency_run, measure, memory_baseline,
     nats_baseline, nats_route, rate_row, throughput, worker_rows,
 };
 use super::{
@@ -35,15 +35,15 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     // Throughput in rounds: each round starts every contender in turn and gives it one
     // run, so a slow spell of the VM (single runs here swing by ±20 % within a minute)
     // falls on all of them alike, and each ratio is the median of the rounds' own ratios.
-    let mut rounds: Vec<Vec<Measured>> = vec![Vec::new(); CONTENDERS.len()];
-    for round in 0..RUNS {
-        for (contender, runs) in CONTENDERS.iter().zip(&mut rounds) {
-            let started = contender.start(dir.path(), &server.url).await?;
-            runs.push(measure(&nats, events, 1, Duration::ZERO).await?);
-            started.stop().await?;
-        }
-        eprintln!("NATS throughput, round {}/{RUNS} done", round + 1);
-    }
+    let rounds = in_rounds(
+        dir.path(),
+        On::Nats(&server.url, &nats),
+        &CONTENDERS,
+        RUNS,
+        async |route| measure(route, events, 1, Duration::ZERO).await,
+        |round, _| eprintln!("NATS throughput, round {round}/{RUNS} done"),
+    )
+    .await?;
     let [raw, hops, per_event, reuse, small] = rounds.as_slice() else {
         bail!("expected a list of runs per contender");
     };
@@ -67,12 +67,21 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         &raw_m,
     ));
 
-    let started = Contender::Plain.start(dir.path(), &server.url).await?;
-    let raw_latency = latency_median(&nats, latency_secs).await?;
-    started.stop().await?;
-    for (mode, runs, target, lat_target) in [
-        ("per-event", per_event, "≥ 0.30", 250.0),
-        ("reuse", reuse, "≥ 0.90", 50.0),
+    // Latency in rounds as well: a run's p99 on this VM is set by whatever stalls fall in
+    // it, so each wasmev run is compared with the baseline's run of the same round.
+    let latency = latency_rounds(
+        dir.path(),
+        On::Nats(&server.url, &nats),
+        &LATENCY_CONTENDERS,
+        latency_secs,
+    )
+    .await?;
+    let [raw_latency, per_event_latency, reuse_latency] = latency.as_slice() else {
+        bail!("expected a list of latency runs per contender");
+    };
+    for (mode, runs, latency, target, lat_target) in [
+        ("per-event", per_event, per_event_latency, "≥ 0.30", 250.0),
+        ("reuse", reuse, reuse_latency, "≥ 0.90", 50.0),
     ] {
         rows.push(round_row(
             &format!("NATS: wasmev, instances = {mode}"),
@@ -81,27 +90,18 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
             target,
         ));
         rows.extend(worker_rows("NATS", mode, &Measured::summary(runs), &raw_m));
-        let started = Contender::Host(mode, ECHO)
-            .start(dir.path(), &server.url)
-            .await?;
         rows.push(latency_row(
             &format!("NATS: p50 / p99 latency at {LATENCY_RATE} ev/s, {mode}"),
-            latency_median(&nats, latency_secs).await?,
+            latency,
             raw_latency,
             &format!("p99 overhead ≤ {lat_target:.0} µs"),
         ));
-        started.stop().await?;
     }
 
     let floor = floor::measure(dir.path(), FLOOR_MODULES).await?;
     let core_per_event = Measured::summary(per_event);
-    floor_rows(
-        &mut rows,
-        &floor,
-        &raw_m,
-        &core_per_event,
-        &Measured::summary(reuse),
-    );
+    let core_reuse = Measured::summary(reuse);
+    floor_rows(&mut rows, &floor, &raw_m, &core_per_event, &core_reuse);
 
     // What a fresh instance costs depends on the guest's memory: the same handler with a
     // 64 KiB shadow stack (2 wasm pages to reset after each event instead of 17).
@@ -122,20 +122,23 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let mem_path = Route::Memory(memory.clone());
     let base = memory_baseline(&memory)?;
     let mem_raw = measure(&mem_path, events, RUNS, Duration::ZERO).await?;
-    let mem_latency = latency_median(&mem_path, latency_secs).await?;
     base.stop().await;
     rows.push(baseline_row(
         "embedded: plain task republishing (baseline)",
         &mem_raw,
     ));
-    for mode in ["per-event", "reuse"] {
+    let latency =
+        latency_rounds(dir.path(), On::Embedded, &LATENCY_CONTENDERS, latency_secs).await?;
+    let [mem_latency, modes_latency @ ..] = latency.as_slice() else {
+        bail!("expected a list of latency runs per contender");
+    };
+    for (mode, latency) in ["per-event", "reuse"].into_iter().zip(modes_latency) {
         let (host, broker) = echo_host(dir.path(), ECHO, mode, None, "").await?;
         let Broker::Memory(memory) = broker else {
             bail!("expected the embedded broker");
         };
-        let path = Route::Memory(memory);
-        let m = measure(&path, events, RUNS, Duration::ZERO).await?;
-        let lat = latency_median(&path, latency_secs).await?;
+        let m = measure(&Route::Memory(memory), events, RUNS, Duration::ZERO).await?;
+        host.shutdown().await?;
         rows.push(rate_row(
             &format!("embedded: wasmev, {mode}"),
             &m,
@@ -149,11 +152,10 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         ));
         rows.push(latency_row(
             &format!("embedded: p50 / p99 latency at {LATENCY_RATE} ev/s, {mode}"),
-            lat,
+            latency,
             mem_latency,
             "",
         ));
-        host.shutdown().await?;
     }
 
     let js = repeat("JetStream, wasmev per-event", JETSTREAM_RUNS, || {
@@ -197,9 +199,11 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              allocator; JetStream: the median of \
              {JETSTREAM_RUNS} runs of \
              {} stored events, and nats-server's CPU per event beside it. Latency: \
-             {LATENCY_RATE} events/s for {latency_secs} s, publish→answer; the median p50 \
-             and the median p99 of {LATENCY_RUNS} such runs, and beside them how busy the \
-             machine's cores were over those runs (every process: the publisher, \
+             {LATENCY_RATE} events/s for {latency_secs} s, publish→answer; {LATENCY_RUNS} \
+             rounds, each starting the baseline and every mode in turn for one run; the \
+             median p50 and the median p99 of each side's runs, an overhead the median of \
+             the rounds' own differences, and beside them how busy the machine's cores \
+             were over those runs on average (every process: the publisher, \
              nats-server, the subscriber; from /proc/stat). One thread, no broker I/O: \
              the echo handler compiled as the host compiles it, its publish going to an \
              embedded broker without subscribers; wasmtime alone is the store, instance and \
@@ -242,6 +246,22 @@ enum Contender {
     Host(&'static str, &'static str),
 }
 
+/// Who answers `bench.in` in the latency rounds (NATS and embedded), in turn: the baseline
+/// first, then each mode.
+const LATENCY_CONTENDERS: [Contender; 3] = [
+    Contender::Plain,
+    Contender::Host("per-event", ECHO),
+    Contender::Host("reuse", ECHO),
+];
+
+/// Where a contender answers: on the nats-server at a URL, reached through the load
+/// generator's connection to it, or on an embedded broker of its own.
+#[derive(Clone, Copy)]
+enum On<'a> {
+    Nats(&'a str, &'a Route),
+    Embedded,
+}
+
 /// A contender answering `bench.in` until stopped.
 enum Started {
     Plain(Baseline),
@@ -249,14 +269,37 @@ enum Started {
 }
 
 impl Contender {
-    async fn start(self, dir: &Path, url: &str) -> anyhow::Result<Started> {
-        Ok(match self {
-            Contender::Plain => Started::Plain(nats_baseline(url, false).await?),
-            Contender::PlainWithHops => Started::Plain(nats_baseline(url, true).await?),
-            Contender::Host(mode, module) => {
-                Started::Host(echo_host(dir, module, mode, Some(url), "").await?.0)
+    /// Start answering; the route the load reaches it by.
+    async fn start(self, dir: &Path, on: On<'_>) -> anyhow::Result<(Started, Route)> {
+        match on {
+            On::Nats(url, route) => {
+                let started = match self {
+                    Contender::Plain => Started::Plain(nats_baseline(url, false).await?),
+                    Contender::PlainWithHops => Started::Plain(nats_baseline(url, true).await?),
+                    Contender::Host(mode, module) => {
+                        Started::Host(echo_host(dir, module, mode, Some(url), "").await?.0)
+                    }
+                };
+                Ok((started, route.clone()))
             }
-        })
+            On::Embedded => match self {
+                Contender::Plain => {
+                    let memory = wasmev::broker::memory::MemoryBroker::new();
+                    Ok((
+                        Started::Plain(memory_baseline(&memory)?),
+                        Route::Memory(memory),
+                    ))
+                }
+                Contender::PlainWithHops => bail!("the hop-header baseline is a NATS subscriber"),
+                Contender::Host(mode, module) => {
+                    let (host, broker) = echo_host(dir, module, mode, None, "").await?;
+                    let Broker::Memory(memory) = broker else {
+                        bail!("expected the embedded broker");
+                    };
+                    Ok((Started::Host(host), Route::Memory(memory)))
+                }
+            },
+        }
     }
 }
 
@@ -268,6 +311,63 @@ impl Started {
         }
         Ok(())
     }
+}
+
+/// `rounds` rounds, each starting every contender in turn on `on` for one `run` of it:
+/// the runs per contender, in round order. `report` is handed each round's number and
+/// the runs so far, for the log.
+async fn in_rounds<T>(
+    dir: &Path,
+    on: On<'_>,
+    contenders: &[Contender],
+    rounds: usize,
+    mut run: impl AsyncFnMut(&Route) -> anyhow::Result<T>,
+    report: impl Fn(usize, &[Vec<T>]),
+) -> anyhow::Result<Vec<Vec<T>>> {
+    let mut runs: Vec<Vec<T>> = contenders.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (contender, runs) in contenders.iter().zip(&mut runs) {
+            let (started, route) = contender.start(dir, on).await?;
+            runs.push(run(&route).await?);
+            started.stop().await?;
+        }
+        report(round, &runs);
+    }
+    Ok(runs)
+}
+
+/// [`LATENCY_RUNS`] rounds of one latency run of `secs` per contender ([`in_rounds`]).
+async fn latency_rounds(
+    dir: &Path,
+    on: On<'_>,
+    contenders: &[Contender],
+    secs: u64,
+) -> anyhow::Result<Vec<Vec<LatencyRun>>> {
+    let label = match on {
+        On::Nats(..) => "NATS",
+        On::Embedded => "embedded",
+    };
+    in_rounds(
+        dir,
+        on,
+        contenders,
+        LATENCY_RUNS,
+        async |route| latency_run(route, secs).await,
+        |round, runs| {
+            // Each run's percentiles, in the contenders' order: whether an overhead holds
+            // in every round or comes from one is not in the table.
+            let percentiles: Vec<String> = runs
+                .iter()
+                .filter_map(|runs| runs.last())
+                .map(|r| format!("{:.0}/{:.0}", r.latency.p50, r.latency.p99))
+                .collect();
+            eprintln!(
+                "{label} latency, round {round}/{LATENCY_RUNS}: p50/p99 µs {}",
+                percentiles.join(", ")
+            );
+        },
+    )
+    .await
 }
 
 /// The row comparing a contender's median rate with the baseline's; its ratio is the

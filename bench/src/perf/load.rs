@@ -144,17 +144,16 @@ pub(super) async fn latency(path: &Route, secs: u64) -> anyhow::Result<Latency> 
     on_driver(async move { latency_here(&path, secs).await }).await
 }
 
-/// Latency runs per figure. Why 3: one run's p99 moved by hundreds of µs between
-/// identical runs on this VM (the baseline's as much as wasmev's); the median of three
-/// is steadier without making the suite long.
-pub(super) const LATENCY_RUNS: usize = 3;
+/// Latency runs per figure, one per round. Why 5: one run's p99 moved by hundreds of µs
+/// between identical runs on this VM (the baseline's as much as wasmev's); a median of
+/// five rounds' differences survives two runs that met a stall, and a round (every
+/// contender once) takes under 20 s.
+pub(super) const LATENCY_RUNS: usize = 5;
 
-/// The median p50 and p99 of [`LATENCY_RUNS`] latency runs, µs, and how busy the machine
-/// was over them.
+/// One latency run and how busy the machine was over it.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct LatencyMedian {
-    pub(super) p50: f64,
-    pub(super) p99: f64,
+pub(super) struct LatencyRun {
+    pub(super) latency: Latency,
     /// Why it is in the table: at this rate each event is a chain of wake-ups (publisher,
     /// nats-server, subscriber, nats-server, collector), and on this VM they cost more CPU
     /// than the events' own work; a p99 measured on a machine that is mostly busy says
@@ -162,35 +161,53 @@ pub(super) struct LatencyMedian {
     pub(super) machine: Option<cpu::Busy>,
 }
 
-/// [`LatencyMedian`] of [`LATENCY_RUNS`] latency runs of `secs` each.
-pub(super) async fn latency_median(path: &Route, secs: u64) -> anyhow::Result<LatencyMedian> {
-    let mut p50s = Vec::with_capacity(LATENCY_RUNS);
-    let mut p99s = Vec::with_capacity(LATENCY_RUNS);
+/// [`latency`], with the machine's busyness over it.
+pub(super) async fn latency_run(path: &Route, secs: u64) -> anyhow::Result<LatencyRun> {
     let before = cpu::MachineCpu::now();
-    for _ in 0..LATENCY_RUNS {
-        let run = latency(path, secs).await?;
-        p50s.push(run.p50);
-        p99s.push(run.p99);
-    }
-    Ok(LatencyMedian {
-        p50: median(p50s),
-        p99: median(p99s),
+    let latency = latency(path, secs).await?;
+    Ok(LatencyRun {
+        latency,
         machine: cpu::MachineCpu::busy_since(before),
     })
 }
 
-/// The latency row: both percentiles beside the baseline's, overheads signed, and how
-/// busy the machine was during each.
-pub(super) fn latency_row(what: &str, m: LatencyMedian, base: LatencyMedian, target: &str) -> Row {
-    let figure = |l: LatencyMedian| {
-        let machine = l.machine.map_or(String::new(), |b| format!("; {b}"));
-        format!("{:.0} / {:.0} µs{machine}", l.p50, l.p99)
+/// The latency row of runs made in rounds with the baseline's (`runs[i]` and `base[i]` in
+/// the same round): each side's median p50 and p99 and how busy the machine was on
+/// average over its runs; the overheads are the medians of the rounds' own differences,
+/// so a stall that falls on one round moves one difference, not a side's median against
+/// the other's measured minutes apart.
+pub(super) fn latency_row(
+    what: &str,
+    runs: &[LatencyRun],
+    base: &[LatencyRun],
+    target: &str,
+) -> Row {
+    let figure = |runs: &[LatencyRun]| {
+        let machine = cpu::Busy::mean(runs.iter().filter_map(|r| r.machine))
+            .map_or(String::new(), |b| format!("; {b}"));
+        format!(
+            "{:.0} / {:.0} µs{machine}",
+            median(runs.iter().map(|r| r.latency.p50).collect()),
+            median(runs.iter().map(|r| r.latency.p99).collect()),
+        )
+    };
+    let overhead = |of: fn(&Latency) -> f64| {
+        median(
+            runs.iter()
+                .zip(base)
+                .map(|(r, b)| of(&r.latency) - of(&b.latency))
+                .collect(),
+        )
     };
     Row::new(
         what,
-        figure(m),
+        figure(runs),
         figure(base),
-        format!("{:+.0} / {:+.0} µs", m.p50 - base.p50, m.p99 - base.p99),
+        format!(
+            "{:+.0} / {:+.0} µs",
+            overhead(|l| l.p50),
+            overhead(|l| l.p99)
+        ),
         target,
     )
 }
@@ -608,4 +625,63 @@ pub(super) fn cpu_row(what: &str, m: &Measured, base: &Measured) -> Row {
         format!("{:.1}×", m.cpu_us / base.cpu_us),
         "",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p50: f64, p99: f64, busy: f64) -> LatencyRun {
+        LatencyRun {
+            latency: Latency {
+                p50,
+                p99,
+                slow: 0.0,
+                max: p99,
+            },
+            machine: Some(cpu::Busy {
+                busy,
+                kernel: busy / 2.0,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_latency_overhead_is_the_median_of_the_rounds_own_differences() {
+        // Round 2 met a stall on both sides; round 3 on wasmev's alone. The sides' medians
+        // (600 against 400) would read +200; round by round wasmev is +10, +10 and +200,
+        // so the p99 overhead is +10.
+        let base = [
+            run(100.0, 390.0, 0.6),
+            run(100.0, 1000.0, 0.6),
+            run(100.0, 400.0, 0.6),
+        ];
+        let wasmev = [
+            run(120.0, 400.0, 0.8),
+            run(130.0, 1010.0, 0.8),
+            run(110.0, 600.0, 0.7),
+        ];
+        let row = latency_row("reuse", &wasmev, &base, "p99 overhead ≤ 50 µs");
+        assert_eq!(row.ratio, "+20 / +10 µs");
+        assert_eq!(
+            row.figure,
+            "120 / 600 µs; cores 77 % busy, 38 % in the kernel"
+        );
+        assert_eq!(
+            row.baseline,
+            "100 / 400 µs; cores 60 % busy, 30 % in the kernel"
+        );
+        assert_eq!(row.target, "p99 overhead ≤ 50 µs");
+    }
+
+    #[test]
+    fn runs_without_a_machine_reading_leave_it_out() {
+        let bare = LatencyRun {
+            machine: None,
+            ..run(100.0, 400.0, 0.0)
+        };
+        let row = latency_row("reuse", &[bare], &[bare], "");
+        assert_eq!(row.figure, "100 / 400 µs");
+        assert_eq!(row.ratio, "+0 / +0 µs");
+    }
 }
