@@ -44,8 +44,9 @@ enum Bench {
     /// For profiling: `perf record -p $(pgrep wasmev-bench)` while it runs.
     One {
         /// baseline, baseline-hops (the baseline adding wasmev's hop header to each
-        /// publish), per-event, reuse, jetstream (consume+ack of stored events), or
-        /// jetstream-baseline (the same by a plain async-nats pull consumer), or floor (one
+        /// publish), per-event, reuse, jetstream (consume+ack of stored events, per-event),
+        /// jetstream-reuse (the same with reuse), or jetstream-baseline (the same by a plain
+        /// async-nats pull consumer), or floor (one
         /// event on one thread without broker I/O: wasmtime alone and wasmev's dispatch).
         #[arg(long, default_value = "reuse")]
         mode: String,

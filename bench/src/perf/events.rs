@@ -158,31 +158,38 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         ));
     }
 
-    let js = repeat("JetStream, wasmev per-event", JETSTREAM_RUNS, || {
-        jetstream(&server, &client, dir.path(), events / 2)
-    })
-    .await?;
-    let core = core_per_event;
-    rows.push(Row::new(
-        "JetStream: consume + ack, per-event (stored events)",
-        rate(js.measured.median),
-        format!("{} (core, per-event)", rate(core.median)),
-        format!("{:.2}", js.measured.median / core.median),
-        &js.stalled().unwrap_or_default(),
-    ));
-    rows.push(Row::new(
-        "JetStream: worker CPU per event, per-event",
-        format!("{:.2} µs", js.measured.cpu_us),
-        format!("{:.2} µs (core, per-event)", core.cpu_us),
-        format!("{:.1}×", js.measured.cpu_us / core.cpu_us),
-        "",
-    ));
+    // JetStream in both modes, each against core in the same mode, then both against the
+    // plain pull consumer.
+    let mut js_runs = Vec::new();
+    for (mode, core) in [("per-event", &core_per_event), ("reuse", &core_reuse)] {
+        let js = repeat(&format!("JetStream, wasmev {mode}"), JETSTREAM_RUNS, || {
+            jetstream(&server, &client, dir.path(), events / 2, mode)
+        })
+        .await?;
+        rows.push(Row::new(
+            &format!("JetStream: consume + ack, {mode} (stored events)"),
+            rate(js.measured.median),
+            format!("{} (core, {mode})", rate(core.median)),
+            format!("{:.2}", js.measured.median / core.median),
+            &js.stalled().unwrap_or_default(),
+        ));
+        rows.push(Row::new(
+            &format!("JetStream: worker CPU per event, {mode}"),
+            format!("{:.2} µs", js.measured.cpu_us),
+            format!("{:.2} µs (core, {mode})", core.cpu_us),
+            format!("{:.1}×", js.measured.cpu_us / core.cpu_us),
+            "",
+        ));
+        js_runs.push((mode, js));
+    }
     // Not a target's denominator: the JetStream ceiling on this server for the same work.
     let js_base = repeat("JetStream, plain consumer", JETSTREAM_RUNS, || {
         jetstream_baseline(&server, &client, events / 2)
     })
     .await?;
-    plain_consumer_rows(&mut rows, &js, &js_base);
+    for (mode, js) in &js_runs {
+        plain_consumer_rows(&mut rows, mode, js, &js_base);
+    }
     Ok(table(
         &format!(
             "## Events: throughput and latency\n\nThe echo handler (`bench/echo`: republish \
@@ -224,6 +231,15 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         ),
         &rows,
     ))
+}
+
+/// The `instances` mode of a `one` JetStream mode; `None` for the plain consumer.
+fn jetstream_mode(mode: &str) -> Option<&'static str> {
+    match mode {
+        "jetstream" => Some("per-event"),
+        "jetstream-reuse" => Some("reuse"),
+        _ => None,
+    }
 }
 
 /// Who answers `bench.in` on NATS in the throughput rounds, in the order they take turns.
@@ -575,13 +591,13 @@ pub async fn one(
             };
             (route, Some(host), None)
         }
-        ("jetstream" | "jetstream-baseline", Some(_)) => {
+        ("jetstream" | "jetstream-reuse" | "jetstream-baseline", Some(_)) => {
             let server = server.as_ref().context("no nats-server")?;
             let client = async_nats::connect(&server.url).await?;
-            let (what, run) = if mode == "jetstream" {
+            let (what, run) = if let Some(instances) = jetstream_mode(mode) {
                 (
                     "jetstream consume+ack",
-                    jetstream(server, &client, dir.path(), events).await?,
+                    jetstream(server, &client, dir.path(), events, instances).await?,
                 )
             } else {
                 (
@@ -600,8 +616,8 @@ pub async fn one(
             ));
         }
         _ => bail!(
-            "mode is baseline, baseline-hops (NATS only), per-event, reuse, jetstream or \
-             jetstream-baseline (NATS only), or floor, not {mode:?}"
+            "mode is baseline, baseline-hops (NATS only), per-event, reuse, jetstream, \
+             jetstream-reuse or jetstream-baseline (NATS only), or floor, not {mode:?}"
         ),
     };
     let broker = if embedded {

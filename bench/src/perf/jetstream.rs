@@ -114,25 +114,30 @@ where
 }
 
 /// The rows comparing the host's JetStream run with the plain consumer's.
-pub(super) fn plain_consumer_rows(rows: &mut Vec<Row>, js: &JetStreamRun, base: &JetStreamRun) {
+pub(super) fn plain_consumer_rows(
+    rows: &mut Vec<Row>,
+    mode: &str,
+    js: &JetStreamRun,
+    base: &JetStreamRun,
+) {
     let stalled = base
         .stalled()
         .map(|s| format!("the plain consumer {s}"))
         .unwrap_or_default();
     rows.push(rate_row(
-        "JetStream: the same against a plain async-nats pull consumer (republish, ack)",
+        &format!("JetStream: {mode} against a plain async-nats pull consumer (republish, ack)"),
         &js.measured,
         &base.measured,
         &stalled,
     ));
     rows.extend(worker_rows(
         "JetStream",
-        "against the plain consumer",
+        &format!("{mode}, against the plain consumer"),
         &js.measured,
         &base.measured,
     ));
     rows.push(Row::new(
-        "JetStream: nats-server CPU per event, against the plain consumer",
+        &format!("JetStream: nats-server CPU per event, {mode}, against the plain consumer"),
         format!("{:.2} µs", js.server_us),
         format!("{:.2} µs", base.server_us),
         format!("{:.1}×", js.server_us / base.server_us),
@@ -141,18 +146,19 @@ pub(super) fn plain_consumer_rows(rows: &mut Vec<Row>, js: &JetStreamRun, base: 
 }
 
 /// JetStream consume+ack: `n` events stored on a new stream first, then consumed by the
-/// echo handler (per-event) until all are acked.
+/// echo handler (`instances` = `mode`) until all are acked.
 pub(super) async fn jetstream(
     server: &Server,
     client: &async_nats::Client,
     dir: &Path,
     n: u64,
+    mode: &str,
 ) -> anyhow::Result<JetStreamRun> {
     store_events(client, n).await?;
     let (host, _) = echo_host(
         dir,
         ECHO,
-        "per-event",
+        mode,
         Some(&server.url),
         "[handler.jetstream]\nstream = \"BENCH\"\nmax_ack_pending = 4096\n",
     )
