@@ -337,12 +337,13 @@ impl NatsBroker {
         if !self.is_captured(&message.subject).await? {
             return self.publish(message).await;
         }
-        // From a copy: the message is published plainly after all if the stream has gone
-        // (below).
-        let map = header_map(&mut message.clone())?.unwrap_or_default();
+        // A copy goes to the stream, whole: the message is published plainly after all if
+        // the stream has gone (below).
+        let mut durable = message.clone();
+        let map = header_map(&mut durable)?.unwrap_or_default();
         let ack = self
             .jetstream
-            .publish_with_headers(message.subject.clone(), map, message.payload.clone())
+            .publish_with_headers(durable.subject, map, durable.payload)
             .await
             .map_err(|e| PublishError::Unavailable(e.to_string()))?
             .await;
