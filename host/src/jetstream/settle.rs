@@ -285,27 +285,10 @@ async fn dead_letter(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use tokio::sync::OwnedSemaphorePermit;
-
     use super::{JetStream, step};
-    use crate::handler::Handler;
-    use crate::intake::RunEvent;
-    use crate::live::Live;
-
-    /// The size of the future `run` returns, read off the function's type.
-    fn future_size<'a, F: Future>(
-        _: impl Fn(
-            &'a Live,
-            &'a Arc<Handler>,
-            async_nats::jetstream::Message,
-            OwnedSemaphorePermit,
-        ) -> F,
-    ) -> usize {
-        size_of::<F>()
-    }
+    use crate::intake::run_future_size;
 
     #[test]
     fn a_stream_events_future_stays_small() {
@@ -313,7 +296,7 @@ mod tests {
         // runs. It was 4 KB, for dead-lettering, the in-progress timer and copies of the
         // message that almost no event uses; now ~1.3 KB. The bound leaves room for
         // compiler versions, not for those to come back.
-        let size = future_size(<JetStream as RunEvent>::run);
+        let size = run_future_size::<JetStream>();
         assert!(size <= 2048, "a stream event's future is {size} bytes");
     }
 
