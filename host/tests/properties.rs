@@ -27,6 +27,10 @@ fn manifest_text() -> impl Strategy<Value = String> {
         "(subscribe|publish|backoff) = \\[\"[a-z.*>]{0,12}\"\\]",
         "(max_in_flight|max_deliver|fuel|max_hops|version) = -?[0-9]{1,12}",
         "[ -~]{0,40}",
+        // Beyond ASCII: every error's position is a byte offset, and a slice of the source
+        // at one inside a multi-byte character would panic.
+        r#"(name|module|queue|subscribe|[a-zé]{1,6}) = "?[ -~éü日本🦀\x00\x7f]{0,12}"?"#,
+        r#"[é日🦀\[\]=". ]{0,16}"#,
     ];
     proptest::collection::vec(line, 0..12).prop_map(|lines| lines.join("\n"))
 }
