@@ -5,6 +5,8 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use unicode_width::UnicodeWidthChar;
+
 /// Why a manifest could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -30,8 +32,26 @@ pub struct Diagnostic {
     pub message: String,
     /// The offending source line, for display.
     source_line: String,
-    /// Width of the underline under `source_line`, in characters.
+    /// Width of the underline under `source_line`, in terminal columns.
     underline: usize,
+}
+
+/// How many columns a tab takes in the displayed source line: what rustc shows.
+const TAB: usize = 4;
+
+/// Terminal columns `text` takes once its tabs are expanded: a CJK character or an emoji
+/// takes two, a combining mark none. So the underline sits under the problem however the
+/// line before it is written.
+fn columns(text: impl IntoIterator<Item = char>) -> usize {
+    text.into_iter()
+        .map(|c| {
+            if c == '\t' {
+                TAB
+            } else {
+                c.width().unwrap_or(0)
+            }
+        })
+        .sum()
 }
 
 impl Diagnostic {
@@ -46,15 +66,15 @@ impl Diagnostic {
         let line_start = src[..start].rfind('\n').map_or(0, |i| i + 1);
         let line_end = src[start..].find('\n').map_or(src.len(), |i| start + i);
         let source_line = src[line_start..line_end].trim_end_matches('\r').to_string();
-        let column = src[line_start..start].chars().count() + 1;
         let end = span.end.clamp(start, line_end);
         Self {
             file: file.to_path_buf(),
             line: src[..start].matches('\n').count() + 1,
-            column,
+            // In characters, as editors count a column for `file:line:column`.
+            column: src[line_start..start].chars().count() + 1,
             key: key.to_string(),
             message,
-            underline: src[start..end].chars().count().max(1),
+            underline: columns(src[start..end].chars()).max(1),
             source_line,
         }
     }
@@ -69,12 +89,14 @@ impl fmt::Display for Diagnostic {
         writeln!(f, "{}", self.message)?;
         let gutter = self.line.to_string().len();
         writeln!(f, "{:gutter$} |", "")?;
-        writeln!(f, "{} | {}", self.line, self.source_line)?;
+        let line = self.source_line.replace('\t', &" ".repeat(TAB));
+        writeln!(f, "{} | {line}", self.line)?;
+        let indent = columns(self.source_line.chars().take(self.column.saturating_sub(1)));
         write!(
             f,
             "{:gutter$} | {}{}",
             "",
-            " ".repeat(self.column - 1),
+            " ".repeat(indent),
             "^".repeat(self.underline)
         )
     }
