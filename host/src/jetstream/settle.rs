@@ -58,48 +58,58 @@ impl RunEvent for JetStream {
     }
 }
 
+/// A stream message being handled: whose it is, and where it sits in its stream.
+struct StreamEvent<'a> {
+    handler: &'a Arc<Handler>,
+    spec: &'a JetStreamSpec,
+    message: &'a async_nats::jetstream::Message,
+    stream: &'a str,
+    sequence: u64,
+    /// This delivery's number, counted by JetStream from 1.
+    attempt: u32,
+}
+
 /// Run one message and settle it; how the guest's run ended, if it ran.
 async fn handle(
     handler: &Arc<Handler>,
     message: &async_nats::jetstream::Message,
 ) -> Option<Outcome> {
     let spec = handler.spec.jetstream.as_ref()?;
-    let (stream, sequence, delivered) = match message.info() {
-        Ok(info) => (
-            info.stream,
-            info.stream_sequence,
-            u32::try_from(info.delivered).unwrap_or(u32::MAX),
-        ),
+    let info = match message.info() {
+        Ok(info) => info,
         Err(e) => {
             // Not a JetStream delivery (no ack subject): nothing to ack either.
             tracing::warn!(handler = %handler.spec.name, "ignoring a message without jetstream info: {e}");
             return None;
         }
     };
+    let event = StreamEvent {
+        handler,
+        spec,
+        message,
+        stream: info.stream,
+        sequence: info.stream_sequence,
+        attempt: u32::try_from(info.delivered).unwrap_or(u32::MAX),
+    };
     let (outcome, _) = {
-        let run = std::pin::pin!(dispatch_stored(
-            handler, message, stream, sequence, delivered
-        ));
+        let run = std::pin::pin!(dispatch_stored(&event));
         run_with_progress(spec, message, run).await
     };
-    settle(
-        handler, spec, message, stream, sequence, delivered, &outcome,
-    )
-    .await;
+    settle(&event, &outcome).await;
     Some(outcome)
 }
 
 /// Dispatch a stream message: the event, its dedupe prefix and hop count made here, in a
 /// plain function, so none of them is kept across an await of `handle`.
-fn dispatch_stored<'a>(
-    handler: &'a Arc<Handler>,
-    message: &async_nats::jetstream::Message,
-    stream: &str,
-    sequence: u64,
-    delivered: u32,
-) -> impl Future<Output = (Outcome, bool)> + use<'a> {
+fn dispatch_stored<'a>(at: &StreamEvent<'a>) -> impl Future<Output = (Outcome, bool)> + use<'a> {
+    let StreamEvent {
+        handler,
+        stream,
+        sequence,
+        ..
+    } = at;
     // Without its reply subject: that is JetStream's ack subject, not the publisher's.
-    let base = stored(&message.message);
+    let base = stored(&at.message.message);
     let delivery = Delivery {
         reply_to: None,
         dedupe_prefix: Some(format!("{}:{stream}:{sequence}", handler.spec.name)),
@@ -107,10 +117,10 @@ fn dispatch_stored<'a>(
     };
     // Stable across redeliveries: the publisher's id, else the stream position. The
     // message moves into the event; the rare dead-letter converts it again.
-    let event = event_for(base, delivered.max(1), || {
+    let event = event_for(base, at.attempt.max(1), || {
         format!("{stream}:{sequence}").into()
     });
-    dispatch(handler, event, delivery)
+    dispatch(at.handler, event, delivery)
 }
 
 /// Run `run` (a dispatch); while the guest runs, tell JetStream we are still working, so a
@@ -150,16 +160,14 @@ async fn run_with_progress(
 }
 
 /// Turn the guest's answer into ack, nak or dead-letter.
-async fn settle(
-    handler: &Handler,
-    spec: &JetStreamSpec,
-    message: &async_nats::jetstream::Message,
-    stream: &str,
-    sequence: u64,
-    attempt: u32,
-    outcome: &Outcome,
-) {
-    let name = &handler.spec.name;
+async fn settle(at: &StreamEvent<'_>, outcome: &Outcome) {
+    let StreamEvent {
+        spec,
+        message,
+        sequence,
+        attempt,
+        ..
+    } = *at;
     // The kind first, then one ack: settling's future keeps room for one ack's future
     // (0.6 KB), and none of the dead-letter's strings are kept across it.
     let kind = match outcome {
@@ -175,9 +183,7 @@ async fn settle(
                 format!("gave up after {attempt} attempt(s); last error: {detail}")
             };
             // Boxed (see `JetStream::run`): dead-lettering's future is 1.7 KB.
-            let giving_up = Box::pin(give_up(
-                handler, spec, message, stream, sequence, attempt, &why,
-            ));
+            let giving_up = Box::pin(give_up(at, &why));
             giving_up.await
         } else {
             AckKind::Nak(Some(retry_after.unwrap_or_else(|| backoff(spec, attempt))))
@@ -189,32 +195,24 @@ async fn settle(
     };
     if let Err(e) = result {
         // The server will redeliver after ack_wait: a duplicate, visible as attempt > 1.
-        tracing::warn!(handler = %name, "could not settle stream sequence {sequence}: {e}");
+        tracing::warn!(handler = %at.handler.spec.name, "could not settle stream sequence {sequence}: {e}");
     }
 }
 
 /// Dead-letter a message the handler gave up on: terminate it once it is safely
 /// dead-lettered, or else nak it to be redelivered.
-async fn give_up(
-    handler: &Handler,
-    spec: &JetStreamSpec,
-    message: &async_nats::jetstream::Message,
-    stream: &str,
-    sequence: u64,
-    attempt: u32,
-    why: &str,
-) -> AckKind {
-    let base = stored(&message.message);
-    match dead_letter(handler, spec, &base, stream, sequence, attempt, why).await {
+async fn give_up(at: &StreamEvent<'_>, why: &str) -> AckKind {
+    match dead_letter(at, why).await {
         Ok(()) => AckKind::Term,
         Err(e) => {
             // Never terminate a message that is not safely dead-lettered.
             tracing::error!(
-                handler = %handler.spec.name,
-                dead_letter = %spec.dead_letter,
-                "could not dead-letter stream sequence {sequence}: {e}; it will be redelivered"
+                handler = %at.handler.spec.name,
+                dead_letter = %at.spec.dead_letter,
+                "could not dead-letter stream sequence {}: {e}; it will be redelivered",
+                at.sequence
             );
-            AckKind::Nak(Some(backoff(spec, attempt)))
+            AckKind::Nak(Some(backoff(at.spec, at.attempt)))
         }
     }
 }
@@ -234,16 +232,19 @@ fn step(ladder: &[Duration], attempt: u32) -> Duration {
         .unwrap_or(Duration::from_secs(1))
 }
 
-async fn dead_letter(
-    handler: &Handler,
-    spec: &JetStreamSpec,
-    base: &crate::broker::Message,
-    stream: &str,
-    sequence: u64,
-    attempts: u32,
-    error: &str,
-) -> Result<(), crate::broker::PublishError> {
+/// Publish the message to the handler's dead-letter subject, with headers saying where it
+/// came from and why it died.
+async fn dead_letter(at: &StreamEvent<'_>, error: &str) -> Result<(), crate::broker::PublishError> {
     use dead_letter_headers as h;
+    let StreamEvent {
+        handler,
+        spec,
+        stream,
+        sequence,
+        attempt: attempts,
+        ..
+    } = *at;
+    let base = stored(&at.message.message);
     let error = crate::sandbox::sanitize(error.as_bytes(), limits::MAX_LOG_LINE);
     let mut headers: Vec<(String, String)> = base
         .headers
