@@ -281,6 +281,21 @@ mod tests {
         Pattern::new(s).unwrap()
     }
 
+    /// Publish `payload` to `subject` from a task of its own: a publish that waits for room
+    /// can be watched while it waits.
+    fn publish_in_background(
+        broker: &MemoryBroker,
+        subject: &'static str,
+        payload: &'static [u8],
+    ) -> tokio::task::JoinHandle<Result<usize, PublishError>> {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            broker
+                .publish(subject, None, &[], Bytes::from_static(payload))
+                .await
+        })
+    }
+
     async fn recv(sub: &mut MemorySubscription) -> Option<Message> {
         tokio::time::timeout(Duration::from_millis(200), sub.next())
             .await
@@ -380,14 +395,7 @@ mod tests {
         }
         let mut other = broker.subscribe(pattern("jobs"), Some("w"));
         // Round-robin turn SUBSCRIPTION_BUFFER (even) picks the first member, the full one.
-        let publish = tokio::spawn({
-            let broker = broker.clone();
-            async move {
-                broker
-                    .publish("jobs", None, &[], Bytes::from_static(b"late"))
-                    .await
-            }
-        });
+        let publish = publish_in_background(&broker, "jobs", b"late");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             !publish.is_finished(),
@@ -412,14 +420,7 @@ mod tests {
                 .unwrap();
         }
         // Room made before the deadline: the waiting publish is delivered, not lost.
-        let waiting = tokio::spawn({
-            let broker = broker.clone();
-            async move {
-                broker
-                    .publish("jobs", None, &[], Bytes::from_static(b"waited"))
-                    .await
-            }
-        });
+        let waiting = publish_in_background(&broker, "jobs", b"waited");
         tokio::time::sleep(limits::PUBLISH_TIMEOUT / 2).await;
         assert!(!waiting.is_finished(), "the publish should wait for room");
         assert!(sub.next().await.is_some());
