@@ -275,11 +275,18 @@ async fn run(
             // Preemption: every epoch tick the guest yields to the executor, so a spinning
             // guest shares the worker threads; past the event's deadline (read from the
             // state, so a warm store keeps this one callback) it is interrupted.
+            //
+            // The yield is tokio's: it hands the task back only after the worker has polled
+            // the I/O driver. wasmtime's own (`Yield`) wakes the task at once, so a worker
+            // running a spinning guest polled it again at once and read the socket only
+            // every 61 polls (tokio's `event_interval`), 61 ticks: with every worker in
+            // such a guest, a new event waited ~600 ms to be read. One allocation per
+            // 10 ms tick of guest CPU.
             store.epoch_deadline_callback(|store| {
                 Ok(if Instant::now() >= store.data().deadline_at() {
                     UpdateDeadline::Interrupt
                 } else {
-                    UpdateDeadline::Yield(1)
+                    UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
                 })
             });
             (store, None, 0)
