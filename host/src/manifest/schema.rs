@@ -3,11 +3,13 @@
 //! (names, subjects, durations, sizes, URLs) are types whose parse error names the value.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use super::{Deliver, Diagnostic};
@@ -40,8 +42,6 @@ pub(super) struct RawAdmin {
     pub(super) listen: ListenAddr,
 }
 
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
 pub(super) struct ListenAddr(pub(super) SocketAddr);
 
 impl TryFrom<String> for ListenAddr {
@@ -100,8 +100,6 @@ pub(super) struct RawJetStream {
 }
 
 /// A concrete subject whose deserialization error names the value.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
 pub(super) struct ConcreteSubject(pub(super) String);
 
 impl TryFrom<String> for ConcreteSubject {
@@ -115,8 +113,6 @@ impl TryFrom<String> for ConcreteSubject {
 
 /// A handler or queue-group name: it appears in metrics labels, log fields and consumer
 /// names, so it is restricted to characters that are safe in all of them.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
 pub(super) struct Name(pub(super) String);
 
 impl TryFrom<String> for Name {
@@ -139,8 +135,6 @@ impl TryFrom<String> for Name {
 }
 
 /// A pattern whose deserialization error names the value.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
 pub(super) struct SubscribePattern(pub(super) Pattern);
 
 impl TryFrom<String> for SubscribePattern {
@@ -152,8 +146,6 @@ impl TryFrom<String> for SubscribePattern {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
 pub(super) struct HumanDuration(pub(super) Duration);
 
 impl TryFrom<String> for HumanDuration {
@@ -165,8 +157,6 @@ impl TryFrom<String> for HumanDuration {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
 pub(super) struct Size(pub(super) u64);
 
 impl TryFrom<String> for Size {
@@ -179,8 +169,6 @@ impl TryFrom<String> for Size {
 }
 
 /// A NATS server URL without credentials in it.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
 pub(super) struct NatsUrl(pub(super) String);
 
 impl TryFrom<String> for NatsUrl {
@@ -204,6 +192,51 @@ impl TryFrom<String> for NatsUrl {
             return Err(format!("broker url {s:?} has no host"));
         }
         Ok(Self(s))
+    }
+}
+
+/// Deserializes the string-written types above through [`TryFrom<String>`], whose error
+/// names the value.
+///
+/// Through a visitor, not `#[serde(try_from = "String")]`: the parse then runs inside the
+/// deserializer's call, and toml gives its error the span of the string itself. With
+/// `try_from` it ran after that call returned, so toml put the span of the enclosing value
+/// on it: a bad subject in `subscribe = [..]` underlined the whole array.
+macro_rules! deserialize_from_string {
+    ($($ty:ty),* $(,)?) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserializer.deserialize_string(ParseString(PhantomData))
+            }
+        }
+    )*};
+}
+
+deserialize_from_string!(
+    ListenAddr,
+    NatsUrl,
+    ConcreteSubject,
+    Name,
+    SubscribePattern,
+    HumanDuration,
+    Size,
+);
+
+struct ParseString<T>(PhantomData<T>);
+
+impl<T: TryFrom<String, Error = String>> serde::de::Visitor<'_> for ParseString<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        self.visit_string(v.to_owned())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<T, E> {
+        T::try_from(v).map_err(E::custom)
     }
 }
 
