@@ -104,12 +104,14 @@ async fn handle(
 fn dispatch_stored<'a>(at: &StreamEvent<'a>) -> impl Future<Output = (Outcome, bool)> + use<'a> {
     let StreamEvent {
         handler,
+        message,
         stream,
         sequence,
+        attempt,
         ..
-    } = at;
+    } = *at;
     // Without its reply subject: that is JetStream's ack subject, not the publisher's.
-    let base = stored(&at.message.message);
+    let base = stored(&message.message);
     let delivery = Delivery {
         reply_to: None,
         dedupe_prefix: Some(format!("{}:{stream}:{sequence}", handler.spec.name)),
@@ -117,10 +119,10 @@ fn dispatch_stored<'a>(at: &StreamEvent<'a>) -> impl Future<Output = (Outcome, b
     };
     // Stable across redeliveries: the publisher's id, else the stream position. The
     // message moves into the event; the rare dead-letter converts it again.
-    let event = event_for(base, at.attempt.max(1), || {
+    let event = event_for(base, attempt.max(1), || {
         format!("{stream}:{sequence}").into()
     });
-    dispatch(at.handler, event, delivery)
+    dispatch(handler, event, delivery)
 }
 
 /// Run `run` (a dispatch); while the guest runs, tell JetStream we are still working, so a
