@@ -83,6 +83,24 @@ impl Grants {
     }
 }
 
+/// `parts`, each followed by `:`, then `n`: the ids made for each event and each publish
+/// of a stream's event (`handler:stream:sequence`, `<that>:<publish index>`). Made in one
+/// allocation of the exact size: `format!` grew its string two or three times and went
+/// through the formatting machinery, 5 % of the worker threads' samples on the bench's
+/// JetStream run.
+pub fn numbered(parts: &[&str], n: u64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n);
+    let len = parts.iter().map(|p| p.len() + 1).sum::<usize>() + digits.len();
+    let mut id = String::with_capacity(len);
+    for part in parts {
+        id.push_str(part);
+        id.push(':');
+    }
+    id.push_str(digits);
+    id
+}
+
 /// How the current event was delivered, as far as publishing cares.
 #[derive(Debug, Clone, Default)]
 pub struct Delivery {
@@ -216,7 +234,7 @@ pub async fn guest_publish(
     if let Some(prefix) = &delivery.dedupe_prefix
         && !message.headers.iter().any(|(k, _)| k == MSG_ID)
     {
-        message.msg_id = Some(format!("{prefix}:{}", quota.next_index()));
+        message.msg_id = Some(numbered(&[prefix], quota.next_index().into()));
     }
     let bytes = check(broker, &message)?;
     granted(grants, &message.subject)?;
@@ -369,5 +387,22 @@ mod tests {
         // payload 2 + "Wasmev-Hops: 1\r\n" + "Nats-Msg-Id: echo:EVENTS:7:N\r\n", twice.
         let one = 2 + (HOPS.len() + 1 + 4) + (MSG_ID.len() + "echo:EVENTS:7:0".len() + 4);
         assert_eq!(bytes_before - quota.bytes_left, 2 * one as u64);
+    }
+
+    #[test]
+    fn numbered_ids_match_format_and_are_allocated_exactly() {
+        let cases: [(&[&str], u64); 4] = [
+            (&["echo", "EVENTS"], 7),
+            (&["échø", "流"], u64::MAX),
+            (&["echo:EVENTS:7"], 0),
+            (&[], 42),
+        ];
+        for (parts, n) in cases {
+            let id = numbered(parts, n);
+            let expected: String =
+                parts.iter().map(|p| format!("{p}:")).collect::<String>() + &n.to_string();
+            assert_eq!(id, expected);
+            assert_eq!(id.capacity(), id.len(), "{id:?} grew or over-allocated");
+        }
     }
 }

@@ -18,7 +18,7 @@ use crate::intake::RunEvent;
 use crate::limits;
 use crate::live::Live;
 use crate::manifest::JetStreamSpec;
-use crate::publish::{Delivery, MSG_ID};
+use crate::publish::{Delivery, MSG_ID, numbered};
 
 /// Headers a dead letter carries, naming where it came from and why it died.
 pub mod dead_letter_headers {
@@ -114,13 +114,13 @@ fn dispatch_stored<'a>(at: &StreamEvent<'a>) -> impl Future<Output = (Outcome, b
     let base = stored(&message.message);
     let delivery = Delivery {
         reply_to: None,
-        dedupe_prefix: Some(format!("{}:{stream}:{sequence}", handler.spec.name)),
+        dedupe_prefix: Some(numbered(&[&handler.spec.name, stream], sequence)),
         hops: Delivery::hops_of(&base.headers),
     };
     // Stable across redeliveries: the publisher's id, else the stream position. The
     // message moves into the event; the rare dead-letter converts it again.
     let event = event_for(base, attempt.max(1), || {
-        format!("{stream}:{sequence}").into()
+        numbered(&[stream], sequence).into()
     });
     dispatch(handler, event, delivery)
 }
