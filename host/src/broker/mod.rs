@@ -174,6 +174,16 @@ impl Broker {
         }
     }
 
+    /// Whether a publish to `subject` is known to need no stream acknowledgement: on NATS,
+    /// no stream captured it when last looked up (within the cache's TTL); in process,
+    /// never. Such a publish can go out plainly, as `publish_durable` would send it.
+    pub fn known_uncaptured(&self, subject: &str) -> bool {
+        match self {
+            Broker::Nats(b) => b.known_uncaptured(subject),
+            Broker::Memory(_) => true,
+        }
+    }
+
     /// Publish where losing the message would break at-least-once delivery: on NATS, when
     /// a stream captures `subject`, wait for the stream's acknowledgement (and let its
     /// duplicate window drop a `Nats-Msg-Id` it has seen); otherwise a plain publish.

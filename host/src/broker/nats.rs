@@ -329,6 +329,11 @@ impl NatsBroker {
         Ok(captured)
     }
 
+    /// See [`super::Broker::known_uncaptured`].
+    pub fn known_uncaptured(&self, subject: &str) -> bool {
+        self.captured.get(subject) == Some(false)
+    }
+
     /// Publish and, when a stream captures the subject, wait for its acknowledgement.
     /// A subject no stream captures is published plainly: there is nothing to wait for
     /// (and waiting would only time out when core subscribers listen there).
