@@ -334,6 +334,12 @@ impl NatsBroker {
         self.captured.get(subject) == Some(false)
     }
 
+    /// Whether a stream may capture `subject`: false only when the capture cache knows
+    /// (within its TTL) that none does.
+    pub fn may_capture(&self, subject: &str) -> bool {
+        self.captured.get(subject) != Some(false)
+    }
+
     /// Publish and, when a stream captures the subject, wait for its acknowledgement.
     /// A subject no stream captures is published plainly: there is nothing to wait for
     /// (and waiting would only time out when core subscribers listen there).
