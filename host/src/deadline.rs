@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio::time::error::Elapsed;
@@ -26,6 +27,15 @@ pub(crate) async fn timeout_if_waiting<F: Future>(
         Poll::Ready(output) => Ok(output),
         Poll::Pending => tokio::time::timeout_at(deadline(), fut).await,
     }
+}
+
+/// [`timeout_if_waiting`] with the deadline `limit` after `fut` first waits: a limit on
+/// the wait itself, such as a publish's for room in the broker's queue.
+pub(crate) fn limit_if_waiting<F: Future>(
+    fut: Pin<&mut F>,
+    limit: Duration,
+) -> impl Future<Output = Result<F::Output, Elapsed>> + use<'_, F> {
+    timeout_if_waiting(fut, move || Instant::now() + limit)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::broker::{self, Broker, Outgoing, RequestError};
-use crate::deadline::timeout_if_waiting;
+use crate::deadline::limit_if_waiting;
 use crate::limits;
 use crate::metrics::PublishResult;
 use crate::sandbox::bindings::wasmev::events::types::{
@@ -199,10 +199,7 @@ async fn send(broker: &Broker, durable: bool, message: Outgoing) -> Result<(), R
         }
     });
     // A publish almost always completes on its first poll (the client's queue has room).
-    let sent = timeout_if_waiting(publish, || {
-        tokio::time::Instant::now() + limits::PUBLISH_TIMEOUT
-    })
-    .await;
+    let sent = limit_if_waiting(publish, limits::PUBLISH_TIMEOUT).await;
     match sent {
         Ok(result) => result.map_err(from_broker),
         Err(_) => Err((

@@ -13,7 +13,7 @@ use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use super::{Message, Outgoing, PublishError, RequestError, validate_header};
-use crate::deadline::timeout_if_waiting;
+use crate::deadline::limit_if_waiting;
 use crate::limits;
 use crate::publish::{HOPS, MSG_ID};
 use crate::subject::{Pattern, check_subject};
@@ -186,10 +186,7 @@ impl MemoryBroker {
             // lookup and a clock read (~2 % of a warm event's worker samples on this
             // broker).
             let reserve = std::pin::pin!(tx.reserve_owned());
-            let reserved = timeout_if_waiting(reserve, || {
-                tokio::time::Instant::now() + limits::PUBLISH_TIMEOUT
-            });
-            match reserved.await {
+            match limit_if_waiting(reserve, limits::PUBLISH_TIMEOUT).await {
                 Ok(Ok(slot)) => return Ok(Some(slot)),
                 // The subscriber went away between matching and sending. A plain subscriber
                 // that left no longer wants it; a queue group still does (one member is
