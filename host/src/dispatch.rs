@@ -139,7 +139,8 @@ pub fn event_for(msg: Message, attempt: u32, fallback_id: impl FnOnce() -> Event
     }
 }
 
-/// Run `event` through `handler` in a fresh instance; record metrics and log the result.
+/// Run `event` through `handler` (in a fresh instance, or a warm one of its pool with
+/// `instances = "reuse"`); record metrics and log the result.
 /// Returns the outcome and whether the guest answered the event's request itself.
 ///
 /// Not an `async fn`: one copies its arguments into locals of its own on the first poll,

@@ -164,6 +164,7 @@ async fn run_with_progress(
 /// Turn the guest's answer into ack, nak or dead-letter.
 async fn settle(at: &StreamEvent<'_>, outcome: &Outcome) {
     let StreamEvent {
+        handler,
         spec,
         message,
         sequence,
@@ -197,7 +198,7 @@ async fn settle(at: &StreamEvent<'_>, outcome: &Outcome) {
     };
     if let Err(e) = result {
         // The server will redeliver after ack_wait: a duplicate, visible as attempt > 1.
-        tracing::warn!(handler = %at.handler.spec.name, "could not settle stream sequence {sequence}: {e}");
+        tracing::warn!(handler = %handler.spec.name, "could not settle stream sequence {sequence}: {e}");
     }
 }
 
@@ -241,12 +242,12 @@ async fn dead_letter(at: &StreamEvent<'_>, error: &str) -> Result<(), crate::bro
     let StreamEvent {
         handler,
         spec,
+        message,
         stream,
         sequence,
         attempt: attempts,
-        ..
     } = *at;
-    let base = stored(&at.message.message);
+    let base = stored(&message.message);
     let error = crate::sandbox::sanitize(error.as_bytes(), limits::MAX_LOG_LINE);
     let mut headers: Vec<(String, String)> = base
         .headers
