@@ -158,17 +158,19 @@ fn header_map(message: &mut Outgoing) -> Result<Option<HeaderMap>, PublishError>
             continue;
         }
         validate_header(&k, &v)?;
-        // Moved in, not copied: the guest's strings were made for this message. The name's
-        // parse re-checks what validate_header checked and cannot fail here, but a failure
-        // must still be an error value and never a panic; so must the value, whose
-        // `From<String>` asserts what validate_header just checked (no CR or LF).
+        // Moved in, not copied: the guest's strings were made for this message. The
+        // client's parses re-check what validate_header checked and cannot fail here, but
+        // a failure must still be an error value and never a panic.
+        let value = HeaderValue::try_from(v).map_err(|_| PublishError::InvalidHeader(k.clone()))?;
         let name =
             HeaderName::try_from(k).map_err(|e| PublishError::InvalidHeader(e.to_string()))?;
-        map.append(name, HeaderValue::from(v));
+        map.append(name, value);
     }
     if let Some(id) = msg_id {
         validate_header(MSG_ID, &id)?;
-        map.insert(async_nats::header::NATS_MESSAGE_ID, HeaderValue::from(id));
+        let id =
+            HeaderValue::try_from(id).map_err(|_| PublishError::InvalidHeader(MSG_ID.into()))?;
+        map.insert(async_nats::header::NATS_MESSAGE_ID, id);
     }
     Ok(Some(map))
 }
