@@ -502,3 +502,48 @@ config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
     assert_eq!(email["user_id"], "u-2");
     host.stop().await.unwrap();
 }
+
+/// A header name with a space in it: async-nats (0.52) cannot parse the message and drops
+/// the connection, and what was on its way is lost with it (a core subscription is
+/// at-most-once). The host must come back by itself and serve the events after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_the_client_cannot_parse_costs_a_reconnect_not_the_host() {
+    let server = NatsServer::start();
+    let toml = server.manifest_head()
+        + &handler_block(
+            "email-sender",
+            "email-sender",
+            r#"subscribe = ["user.created"]
+publish = ["email.sent"]
+config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
+        );
+    let (_dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    let client = server.client().await;
+    let mut sent = client.subscribe("email.sent").await.unwrap();
+    client.flush().await.unwrap();
+
+    let user = |id: &str| json!({"id": id, "name": "Ada", "email": "ada@example.com"});
+    raw_hpub(
+        &server,
+        "user.created",
+        "NATS/1.0\r\nBad Name: x",
+        user("lost").to_string().as_bytes(),
+    )
+    .await;
+    // Until the host has reconnected and subscribed again, a publish reaches nobody: send
+    // one each half second until one is answered.
+    let email = within("the host to serve again", Duration::from_secs(20), async {
+        loop {
+            publish_json(&client, "user.created", user("after")).await;
+            if let Some(email) = next_within(&mut sent, Duration::from_millis(500)).await {
+                break email;
+            }
+        }
+    })
+    .await;
+    // The first answer is for an event sent after: the one with the bad header was lost.
+    let email: Value = serde_json::from_slice(&email.payload).unwrap();
+    assert_eq!(email["user_id"], "after");
+    host.stop().await.unwrap();
+}
