@@ -138,10 +138,11 @@ pub const JETSTREAM_PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How often the server tells a waiting pull it is still there (an idle heartbeat); two
 /// missed in a row start a new pull. Why 1 s: a stalled pull is found in ~2 s, and an
 /// idle consumer costs the server one small message a second. The stall this guards
-/// against is async-nats's (0.51): its pull stream counts the messages still due, and one
-/// that arrives before the stream has seen its own request go out is not counted off, so
-/// the count can end above what the server will send and no request follows (see
-/// `jetstream::consume`). The server wants the heartbeat under half of `expires`.
+/// against is async-nats's (0.51, and 0.52, whose pull stream is the same code): its pull
+/// stream counts the messages still due, and one that arrives before the stream has seen
+/// its own request go out is not counted off, so the count can end above what the server
+/// will send and no request follows (see `jetstream::consume`). The server wants the
+/// heartbeat under half of `expires`.
 pub const JETSTREAM_PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Longest time a guest `request` may wait for a reply. Why 30 s: a request is a

@@ -139,11 +139,12 @@ pub async fn consume(
                 // heartbeats while one waits) or is not answering, yet the client believes
                 // one is out. Under load its count of messages still due drifts above the
                 // server's (3 of ~85 runs of the bench's stored-events case on
-                // 2026-12-03). The cause, seen in async-nats 0.51's trace log: the stream
-                // sends a pull from a task of its own and adds the batch to its count only
-                // when that task reports back; a message of the new batch read before
-                // then is counted off a count already at 0, which saturates, so the count
-                // ends one too high for each. Past half a batch too high, the client asks
+                // 2026-12-03). The cause, seen in async-nats 0.51's trace log (0.52's pull
+                // stream is the same code): the stream sends a pull from a task of its own
+                // and adds the batch to its count only when that task reports back; a
+                // message of the new batch read before then is counted off a count already
+                // at 0, which saturates, so the count ends one too high for each. Past
+                // half a batch too high, the client asks
                 // again only once its own timer fires, `expires` + 5 s after its last
                 // pull. A new pull now (after two missed heartbeats). Should the server
                 // still have the old one after all, what it sends there comes back after
