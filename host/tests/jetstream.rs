@@ -401,3 +401,79 @@ async fn nothing_is_lost_when_the_host_is_killed_mid_stream_and_restarted() {
     let ids: HashSet<String> = seen(&js).await.into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids.len(), N, "every event was processed");
 }
+
+/// A stored message whose header name async-nats cannot parse: each delivery of it drops
+/// the host's connection, and the messages sent behind it in the same pull with it, until
+/// JetStream has delivered all of them `max_deliver` times and stops. None of them was
+/// ever handled or settled; each must come out in the dead-letter stream (the unreadable
+/// one without its payload, saying where it still is), and every other event be handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
+    let (server, _client, js) = js_env(&[EVENTS, SEEN, DLQ]).await;
+    let (_dir, m) = manifest(&js_manifest(&server, "max_deliver = 2\nack_wait = \"2s\""));
+    let host = TestHost::start(&m).await;
+
+    raw_hpub(
+        &server,
+        "js.in",
+        "NATS/1.0\r\nBad Name: x",
+        br#"{"op":"record"}"#,
+    )
+    .await;
+    const N: usize = 20;
+    publish_ops(
+        &js,
+        (0..N).map(|i| (format!("e{i}"), json!({"op": "record"}))),
+    )
+    .await;
+    let stored = N as u64 + 1;
+    wait_for("every event handled or dead-lettered", WAIT, || async {
+        (host.ok("chaos") + count(&js, "DLQ").await == stored).then_some(())
+    })
+    .await;
+
+    let letters = read_all(&js, "DLQ").await;
+    assert!(!letters.is_empty(), "the unreadable message is dead-lettered");
+    let mut sequences = Vec::new();
+    for letter in &letters {
+        let get = |k: &str| {
+            letter
+                .headers
+                .get(k)
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(letter.subject.as_str(), "wasmev.dlq.chaos");
+        assert_eq!(get("Wasmev-Handler"), "chaos");
+        assert_eq!(get("Wasmev-Stream"), "EVENTS");
+        assert_eq!(get("Wasmev-Attempts"), "2");
+        let error = get("Wasmev-Error");
+        assert!(error.contains("stopped delivering it after 2"), "{error}");
+        let sequence: u64 = get("Wasmev-Stream-Seq").parse().unwrap();
+        if sequence == 1 {
+            // The message with the bad header: it cannot be read back either.
+            assert!(error.contains("could not be read back"), "{error}");
+            assert!(error.contains("sequence 1"), "{error}");
+            assert!(letter.payload.is_empty());
+            assert_eq!(get("Wasmev-Subject"), "");
+        } else {
+            // A good one lost with it: the letter carries it whole.
+            assert_eq!(&letter.payload[..], br#"{"op":"record"}"#);
+            assert_eq!(get("Wasmev-Subject"), "js.in");
+        }
+        sequences.push(sequence);
+    }
+    sequences.sort_unstable();
+    sequences.dedup();
+    assert_eq!(sequences.len(), letters.len(), "no message dead-lettered twice");
+    assert_eq!(sequences[0], 1);
+    // Nothing is left with the consumer.
+    let mut consumer = chaos_consumer(&js).await;
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    assert_eq!(
+        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
+        letters.len() as u64
+    );
+    host.stop().await.unwrap();
+}

@@ -423,42 +423,6 @@ async fn requests_are_answered_by_a_wasm_service_and_guests_can_ask() {
     host.stop().await.unwrap();
 }
 
-/// Send `HPUB subject` with `header_block` (its `NATS/1.0` line included) and `payload`
-/// on a raw connection, as any client on the broker could, bypassing async-nats's checks.
-async fn raw_hpub(server: &NatsServer, subject: &str, header_block: &str, payload: &[u8]) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
-        .await
-        .unwrap();
-    let mut stream = BufReader::new(stream);
-    let mut line = String::new();
-    stream.read_line(&mut line).await.unwrap();
-    assert!(line.starts_with("INFO "), "server greeted with {line:?}");
-    let headers = format!("{header_block}\r\n\r\n");
-    let mut frame = format!(
-        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true}}\r\nHPUB {subject} {} {}\r\n{headers}",
-        headers.len(),
-        headers.len() + payload.len()
-    )
-    .into_bytes();
-    frame.extend_from_slice(payload);
-    frame.extend_from_slice(b"\r\nPING\r\n");
-    stream.get_mut().write_all(&frame).await.unwrap();
-    // The server answers the PING after it has taken the HPUB (or refused it with -ERR).
-    let mut answer = String::new();
-    within("the server's PONG", WAIT, async {
-        loop {
-            answer.clear();
-            stream.read_line(&mut answer).await.unwrap();
-            assert!(!answer.starts_with("-ERR"), "server refused: {answer:?}");
-            if answer.starts_with("PONG") {
-                break;
-            }
-        }
-    })
-    .await;
-}
-
 /// Any client on the broker can send a header value holding a lone `\r` (the protocol
 /// splits header lines on `\r\n`). async-nats 0.51 parsed it into a `HeaderValue` whose
 /// `From<String>` asserts there is none: the client's connection task panicked and the

@@ -455,6 +455,40 @@ impl NatsBroker {
             })
     }
 
+    /// JetStream's max-deliveries advisories for `spec`'s consumer: one for each message
+    /// the server stops delivering. In a queue group, so when several hosts run the
+    /// consumer each advisory goes to one of them.
+    pub async fn max_deliveries_advisories(
+        &self,
+        spec: &JetStreamSpec,
+    ) -> anyhow::Result<async_nats::Subscriber> {
+        let subject = format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+            spec.stream, spec.durable
+        );
+        self.client
+            .queue_subscribe(subject, format!("wasmev-given-up-{}", spec.durable))
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to subscribe to the max-deliveries advisories of consumer {:?}",
+                    spec.durable
+                )
+            })
+    }
+
+    /// Message `sequence` of `stream`, read back through the JetStream API.
+    pub async fn stored_message(&self, stream: &str, sequence: u64) -> anyhow::Result<Message> {
+        let stream = self.jetstream.get_stream_no_info(stream).await?;
+        let m = stream.get_raw_message(sequence).await?;
+        Ok(Message {
+            subject: m.subject.into_string(),
+            reply: None,
+            headers: header_pairs(&m.headers),
+            payload: m.payload,
+        })
+    }
+
     /// The server's announced `max_payload`, capped by ours.
     pub fn max_payload(&self) -> usize {
         self.client.max_payload().min(limits::MAX_PUBLISH_PAYLOAD)

@@ -1,8 +1,9 @@
 //! JetStream intake: a durable pull consumer per handler. This module pulls (one
 //! continuous pull per version, permits before reads, what was fetched ahead handed back on
 //! a stop); `settle` runs each event and turns the guest's answer into ack, nak or
-//! dead-letter.
+//! dead-letter; `given_up` dead-letters what JetStream stopped delivering unsettled.
 
+mod given_up;
 mod settle;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::handler::Handler;
 use crate::intake::{fill_batch, permit_of_current, run_on_current, spawn_events};
 use crate::limits;
 use crate::live::Live;
+pub use given_up::dead_letter_given_up;
 use settle::JetStream;
 pub use settle::dead_letter_headers;
 

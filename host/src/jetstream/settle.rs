@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::broker::Outgoing;
 use crate::broker::nats::stored;
+use crate::broker::{Message, Outgoing};
 use crate::dispatch::{Outcome, dispatch, event_for};
 use crate::handler::Handler;
 use crate::intake::RunEvent;
@@ -238,47 +238,85 @@ fn step(ladder: &[Duration], attempt: u32) -> Duration {
 /// Publish the message to the handler's dead-letter subject, with headers saying where it
 /// came from and why it died.
 async fn dead_letter(at: &StreamEvent<'_>, error: &str) -> Result<(), crate::broker::PublishError> {
-    use dead_letter_headers as h;
     let StreamEvent {
         handler,
         spec,
         message,
         stream,
         sequence,
-        attempt: attempts,
+        attempt,
     } = *at;
-    let base = stored(&message.message);
+    let origin = Origin {
+        handler,
+        spec,
+        stream,
+        sequence,
+        attempts: attempt,
+    };
+    send_dead_letter(&origin, Some(&stored(&message.message)), error).await
+}
+
+/// Where a dead letter's message sat, and how often it was delivered.
+pub(super) struct Origin<'a> {
+    pub handler: &'a Handler,
+    pub spec: &'a JetStreamSpec,
+    pub stream: &'a str,
+    pub sequence: u64,
+    pub attempts: u32,
+}
+
+/// Publish stream message `origin.sequence` to the handler's dead-letter subject, with
+/// headers saying where it came from and why it died. `message` is `None` when it could
+/// not be read: the letter then has an empty payload, and its headers say where the
+/// message still is.
+pub(super) async fn send_dead_letter(
+    origin: &Origin<'_>,
+    message: Option<&Message>,
+    error: &str,
+) -> Result<(), crate::broker::PublishError> {
+    use dead_letter_headers as h;
+    let Origin {
+        handler,
+        spec,
+        stream,
+        sequence,
+        attempts,
+    } = *origin;
     let error = crate::sandbox::sanitize(error.as_bytes(), limits::MAX_LOG_LINE);
-    let mut headers: Vec<(String, String)> = base
-        .headers
+    let mut headers: Vec<(String, String)> = message
+        .map(|m| &m.headers[..])
+        .unwrap_or_default()
         .iter()
         .filter(|(k, _)| k != MSG_ID)
         .cloned()
         .collect();
+    headers.push((h::HANDLER.into(), handler.spec.name.clone()));
+    if let Some(m) = message {
+        headers.push((h::SUBJECT.into(), m.subject.clone()));
+    }
     headers.extend([
-        (h::HANDLER.into(), handler.spec.name.clone()),
-        (h::SUBJECT.into(), base.subject.clone()),
         (h::STREAM.into(), stream.to_string()),
         (h::STREAM_SEQ.into(), sequence.to_string()),
         (h::ATTEMPTS.into(), attempts.to_string()),
         (h::ERROR.into(), error.clone()),
-        // Dead-lettering the same message twice (a crash between publish and term) is
-        // dropped by a dead-letter stream's duplicate window.
+        // Dead-lettering the same message twice (a crash between publish and term, or a
+        // last attempt that was dead-lettered but whose term was lost) is dropped by a
+        // dead-letter stream's duplicate window.
         (
             MSG_ID.into(),
             format!("dlq:{}:{stream}:{sequence}", handler.spec.name),
         ),
     ]);
+    let payload = message.map(|m| m.payload.clone()).unwrap_or_default();
     handler
         .broker
-        .publish_durable(
-            Outgoing::new(spec.dead_letter.clone(), base.payload.clone()).with_headers(headers),
-        )
+        .publish_durable(Outgoing::new(spec.dead_letter.clone(), payload).with_headers(headers))
         .await?;
     handler.metrics.dead_lettered.inc();
     tracing::warn!(
         handler = %handler.spec.name,
-        subject = %base.subject,
+        subject = message.map_or("(unread)", |m| m.subject.as_str()),
+        stream,
         sequence,
         attempts,
         dead_letter = %spec.dead_letter,

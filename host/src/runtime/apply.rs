@@ -244,6 +244,13 @@ impl Host {
                     bail!("jetstream needs a [broker]");
                 };
                 let consumer = nats.consumer(spec, &handler.spec.subscribe).await?;
+                let advisories = nats.max_deliveries_advisories(spec).await?;
+                self.tasks.spawn(crate::jetstream::dead_letter_given_up(
+                    live.clone(),
+                    nats.clone(),
+                    advisories,
+                    stop.clone(),
+                ));
                 self.tasks.spawn(crate::jetstream::consume(
                     live.clone(),
                     consumer,

@@ -1,0 +1,118 @@
+//! Messages JetStream gave up on without a host settling them, dead-lettered.
+//!
+//! A host dead-letters an event itself on its last attempt, so JetStream stops delivering
+//! a message (and says so in a max-deliveries advisory) only when no attempt of it was
+//! settled: the host stopped or crashed mid-event each time, or the client could not read
+//! the delivery at all. async-nats drops the connection on a header name it cannot parse,
+//! and with it the messages behind that one on the socket: each redelivery of such a
+//! message takes its neighbours down again, until all of them have used their attempts.
+//! JetStream keeps them in the stream, but its consumer never delivers them again; without
+//! this they would be gone without a word.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::PULL_RETRY;
+use super::settle::{Origin, send_dead_letter};
+use crate::broker::nats::NatsBroker;
+use crate::live::Live;
+
+/// The fields wasmev reads of JetStream's `io.nats.jetstream.advisory.v1.max_deliver`.
+#[derive(Debug, Deserialize)]
+struct MaxDeliveries {
+    stream: String,
+    stream_seq: u64,
+    deliveries: u64,
+}
+
+/// Dead-letter each message JetStream reports (on `advisories`, from
+/// [`NatsBroker::max_deliveries_advisories`]) it stopped delivering to the handler's
+/// consumer, until `token` is cancelled.
+pub async fn dead_letter_given_up(
+    live: Arc<Live>,
+    nats: Arc<NatsBroker>,
+    mut advisories: async_nats::Subscriber,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let advisory = tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            advisory = advisories.next() => advisory,
+        };
+        if let Some(advisory) = advisory {
+            match serde_json::from_slice::<MaxDeliveries>(&advisory.payload) {
+                Ok(given_up) => dead_letter_one(&live, &nats, &given_up).await,
+                Err(e) => tracing::warn!(
+                    handler = %live.current().spec.name,
+                    "ignoring a max-deliveries advisory that does not parse: {e}"
+                ),
+            }
+            continue;
+        }
+        // Only a closed client ends a subscription; should one end anyway, subscribe again.
+        let handler = live.current();
+        let Some(spec) = handler.spec.jetstream.as_ref() else {
+            return Ok(());
+        };
+        tracing::warn!(handler = %handler.spec.name, "max-deliveries advisories ended; subscribing again");
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = tokio::time::sleep(PULL_RETRY) => {}
+            }
+            match nats.max_deliveries_advisories(spec).await {
+                Ok(again) => {
+                    advisories = again;
+                    break;
+                }
+                Err(e) => tracing::warn!(handler = %handler.spec.name, "{e:#}; retrying"),
+            }
+        }
+    }
+}
+
+/// Dead-letter stream message `given_up.stream_seq`, read back from the stream, or a
+/// letter without its payload when it cannot be read (that is why it was never handled).
+async fn dead_letter_one(live: &Live, nats: &NatsBroker, given_up: &MaxDeliveries) {
+    let handler = live.current();
+    let Some(spec) = handler.spec.jetstream.as_ref() else {
+        return;
+    };
+    let MaxDeliveries {
+        stream,
+        stream_seq: sequence,
+        deliveries,
+    } = given_up;
+    let origin = Origin {
+        handler: &handler,
+        spec,
+        stream,
+        sequence: *sequence,
+        attempts: u32::try_from(*deliveries).unwrap_or(u32::MAX),
+    };
+    let why = format!(
+        "JetStream stopped delivering it after {deliveries} deliveries, none of them settled \
+         by a host (it stopped mid-event, or the delivery was lost with its connection)"
+    );
+    let result = match nats.stored_message(stream, *sequence).await {
+        Ok(message) => send_dead_letter(&origin, Some(&message), &why).await,
+        Err(e) => {
+            let why = format!(
+                "{why}; it could not be read back ({e:#}), so this letter has no payload: it \
+                 is still in stream {stream:?} at sequence {sequence}"
+            );
+            send_dead_letter(&origin, None, &why).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(
+            handler = %handler.spec.name,
+            dead_letter = %spec.dead_letter,
+            "could not dead-letter stream sequence {sequence}, which JetStream gave up on: {e}; \
+             it is still in stream {stream:?}"
+        );
+    }
+}
