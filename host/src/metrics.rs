@@ -174,8 +174,17 @@ pub struct Metrics {
     version: Family<VersionLabels, Gauge>,
     /// Unix time of the last reload, whatever its result.
     pub last_reload: Gauge,
-    /// Messages the NATS client dropped because a subscription's buffer was full.
-    pub broker_dropped: Counter,
+    /// What the NATS client reports about its connection.
+    pub broker: BrokerCounters,
+}
+
+/// Counters the NATS client's event callback feeds.
+#[derive(Clone, Default)]
+pub struct BrokerCounters {
+    /// Messages the client dropped because a subscription's buffer was full.
+    pub dropped: Counter,
+    /// Times the connection was lost (and the client started reconnecting).
+    pub disconnects: Counter,
 }
 
 /// One handler's metric handles, resolved once.
@@ -267,12 +276,18 @@ impl Metrics {
         let swaps = Family::<SwapLabels, Counter>::default();
         let version = Family::<VersionLabels, Gauge>::default();
         let last_reload = Gauge::default();
-        let broker_dropped = Counter::default();
+        let broker = BrokerCounters::default();
         registry.register(
             "broker_dropped_messages",
             "Messages the NATS client dropped because a subscription buffer was full \
              (slow consumer: handlers fell behind by more than the buffer); a lower bound",
-            broker_dropped.clone(),
+            broker.dropped.clone(),
+        );
+        registry.register(
+            "broker_disconnects",
+            "Times the connection to NATS was lost; the client reconnects by itself, and \
+             core events on their way when it was lost are lost with it",
+            broker.disconnects.clone(),
         );
         registry.register(
             "reloads",
@@ -303,7 +318,7 @@ impl Metrics {
             swaps,
             version,
             last_reload,
-            broker_dropped,
+            broker,
             received,
             ok,
             failed,

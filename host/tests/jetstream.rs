@@ -433,7 +433,10 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
     .await;
 
     let letters = read_all(&js, "DLQ").await;
-    assert!(!letters.is_empty(), "the unreadable message is dead-lettered");
+    assert!(
+        !letters.is_empty(),
+        "the unreadable message is dead-lettered"
+    );
     let mut sequences = Vec::new();
     for letter in &letters {
         let get = |k: &str| {
@@ -465,7 +468,11 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
     }
     sequences.sort_unstable();
     sequences.dedup();
-    assert_eq!(sequences.len(), letters.len(), "no message dead-lettered twice");
+    assert_eq!(
+        sequences.len(),
+        letters.len(),
+        "no message dead-lettered twice"
+    );
     assert_eq!(sequences[0], 1);
     // Nothing is left with the consumer.
     let mut consumer = chaos_consumer(&js).await;

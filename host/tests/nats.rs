@@ -342,6 +342,8 @@ async fn host_keeps_handling_events_after_nats_restarts() {
         },
     )
     .await;
+    // At least one: the client may lose a connection it made while the server was stopping.
+    assert!(host.metric("wasmev_broker_disconnects_total", "") >= 1);
     host.stop().await.unwrap();
 }
 
@@ -464,6 +466,7 @@ config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
     .await;
     let email = next_json(&mut sent).await;
     assert_eq!(email["user_id"], "u-2");
+    assert_eq!(host.metric("wasmev_broker_disconnects_total", ""), 0);
     host.stop().await.unwrap();
 }
 
@@ -506,8 +509,10 @@ config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
         }
     })
     .await;
-    // The first answer is for an event sent after: the one with the bad header was lost.
+    // The first answer is for an event sent after: the one with the bad header was lost,
+    // with the connection it came on.
     let email: Value = serde_json::from_slice(&email.payload).unwrap();
     assert_eq!(email["user_id"], "after");
+    assert_eq!(host.metric("wasmev_broker_disconnects_total", ""), 1);
     host.stop().await.unwrap();
 }

@@ -14,11 +14,11 @@ use arc_swap::ArcSwap;
 use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
-use prometheus_client::metrics::counter::Counter;
 
 use super::{Message, Outgoing, PublishError, RequestError, validate_header};
 use crate::limits;
 use crate::manifest::{Auth, BrokerSettings, Deliver, JetStreamSpec};
+use crate::metrics::BrokerCounters;
 use crate::publish::{HOPS, MSG_ID};
 use crate::subject::Pattern;
 
@@ -201,10 +201,13 @@ fn build_hops_only(hops: u32) -> HeaderMap {
 impl NatsBroker {
     /// Connect to the broker the manifest names. Fails if the first attempt fails: a host
     /// that cannot reach its broker at start-up is misconfigured more often than unlucky.
-    /// Later disconnects are retried forever by the client.
-    /// Connect; `dropped` counts messages the client drops for a full subscription
-    /// buffer (it says so only through its event callback).
-    pub async fn connect(settings: &BrokerSettings, dropped: Counter) -> anyhow::Result<Self> {
+    /// Later disconnects are retried forever by the client; `counters` count them, and the
+    /// messages the client drops for a full subscription buffer (it says so only through
+    /// its event callback).
+    pub async fn connect(
+        settings: &BrokerSettings,
+        counters: BrokerCounters,
+    ) -> anyhow::Result<Self> {
         let mut options = match &settings.auth {
             Auth::None => ConnectOptions::new(),
             Auth::CredsFile(path) => ConnectOptions::with_credentials_file(path)
@@ -225,18 +228,19 @@ impl NatsBroker {
             .connection_timeout(CONNECT_TIMEOUT)
             .subscription_capacity(64 * 1024)
             .event_callback(move |event| {
-                let dropped = dropped.clone();
+                let counters = counters.clone();
                 let url = event_url.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => tracing::info!(%url, "connected to nats"),
                         async_nats::Event::Disconnected => {
+                            counters.disconnects.inc();
                             tracing::warn!(%url, "disconnected from nats; reconnecting")
                         }
                         async_nats::Event::SlowConsumer(sid) => {
                             // One event per dropped message: log the 1st, 2nd, 4th, 8th...
                             // so a long overload is visible without flooding the log.
-                            let total = dropped.inc() + 1;
+                            let total = counters.dropped.inc() + 1;
                             if total.is_power_of_two() {
                                 tracing::warn!(
                                     sid,

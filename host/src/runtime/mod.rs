@@ -148,7 +148,7 @@ impl Host {
         let broker = match &manifest.broker {
             None => Broker::Memory(MemoryBroker::new()),
             Some(settings) => Broker::Nats(Arc::new(
-                NatsBroker::connect(settings, metrics.broker_dropped.clone()).await?,
+                NatsBroker::connect(settings, metrics.broker.clone()).await?,
             )),
         };
         let ready = Arc::new(AtomicBool::new(false));

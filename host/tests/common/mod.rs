@@ -351,7 +351,12 @@ pub struct TestHost {
 /// [`TestHost::metric`] from a host's metrics, also after the host is stopped.
 pub fn metric_in(metrics: &wasmev::metrics::Metrics, name: &str, labels: &str) -> u64 {
     let text = metrics.encode();
-    let prefix = format!("{name}{{{labels}}} ");
+    // An unlabelled series is written without braces.
+    let prefix = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .map(|v| v.trim().parse::<f64>().unwrap() as u64)
