@@ -416,7 +416,7 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
     raw_hpub(
         &server,
         "js.in",
-        "NATS/1.0\r\nBad Name: x",
+        b"NATS/1.0\r\nBad Name: x",
         br#"{"op":"record"}"#,
     )
     .await;

@@ -3,11 +3,11 @@
 //! A host dead-letters an event itself on its last attempt, so JetStream stops delivering
 //! a message (and says so in a max-deliveries advisory) only when no attempt of it was
 //! settled: the host stopped or crashed mid-event each time, or the client could not read
-//! the delivery at all. async-nats drops the connection on a header name it cannot parse,
-//! and with it the messages behind that one on the socket: each redelivery of such a
-//! message takes its neighbours down again, until all of them have used their attempts.
-//! JetStream keeps them in the stream, but its consumer never delivers them again; without
-//! this they would be gone without a word.
+//! the delivery at all. async-nats drops the connection on a header it cannot parse (a
+//! name with a space, a value that is not UTF-8), and with it the messages behind that one
+//! on the socket: each redelivery of such a message takes its neighbours down again, until
+//! all of them have used their attempts. JetStream keeps them in the stream, but its
+//! consumer never delivers them again; without this they would be gone without a word.
 
 use std::sync::Arc;
 

@@ -268,9 +268,10 @@ impl NatsServer {
     }
 }
 
-/// Send `HPUB subject` with `header_block` (its `NATS/1.0` line included) and `payload`
-/// on a raw connection, as any client on the broker could, bypassing async-nats's checks.
-pub async fn raw_hpub(server: &NatsServer, subject: &str, header_block: &str, payload: &[u8]) {
+/// Send `HPUB subject` with `header_block` (its `NATS/1.0` line included; any bytes) and
+/// `payload` on a raw connection, as any client on the broker could, bypassing
+/// async-nats's checks.
+pub async fn raw_hpub(server: &NatsServer, subject: &str, header_block: &[u8], payload: &[u8]) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
         .await
@@ -279,13 +280,14 @@ pub async fn raw_hpub(server: &NatsServer, subject: &str, header_block: &str, pa
     let mut line = String::new();
     stream.read_line(&mut line).await.unwrap();
     assert!(line.starts_with("INFO "), "server greeted with {line:?}");
-    let headers = format!("{header_block}\r\n\r\n");
+    let headers = [header_block, b"\r\n\r\n"].concat();
     let mut frame = format!(
-        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true}}\r\nHPUB {subject} {} {}\r\n{headers}",
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true}}\r\nHPUB {subject} {} {}\r\n",
         headers.len(),
         headers.len() + payload.len()
     )
     .into_bytes();
+    frame.extend_from_slice(&headers);
     frame.extend_from_slice(payload);
     frame.extend_from_slice(b"\r\nPING\r\n");
     stream.get_mut().write_all(&frame).await.unwrap();
