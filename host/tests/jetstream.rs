@@ -485,3 +485,90 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
     );
     host.stop().await.unwrap();
 }
+
+/// On its last delivery an event whose dead letter cannot be published (the dead-letter
+/// stream is full) is nak'd, never terminated; JetStream then gives up on it, and the
+/// max-deliveries watcher publishes the dead letter once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_gives_up() {
+    let (server, client, js) = js_env(&[EVENTS]).await;
+    // Room for one message, and it is taken: a dead letter is refused until the purge.
+    js.create_stream(jetstream::stream::Config {
+        name: "DLQ".into(),
+        subjects: vec!["wasmev.dlq.>".into()],
+        max_messages: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("wasmev.dlq.filler", "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (_dir, m) = manifest(&js_manifest(
+        &server,
+        "max_deliver = 2\nbackoff = [\"100ms\", \"3s\"]\nack_wait = \"2s\"",
+    ));
+    let host = TestHost::start(&m).await;
+    let mut records = client.subscribe("chaos.seen").await.unwrap();
+    client.flush().await.unwrap();
+
+    publish_ops(
+        &js,
+        [("poison".to_string(), json!({"op": "record_then_retry"}))],
+    )
+    .await;
+    for attempt in 1..=2 {
+        let m = next_within(&mut records, WAIT)
+            .await
+            .expect("an attempt within the timeout");
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["attempt"], attempt);
+    }
+    // The second attempt's dead letter was refused, and the event nak'd for 3 s.
+    wait_for("the second attempt to be settled", WAIT, || async {
+        (host.failed("chaos", "retry") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
+        0
+    );
+    js.get_stream("DLQ").await.unwrap().purge().await.unwrap();
+
+    wait_for("the dead letter", WAIT, || async {
+        (count(&js, "DLQ").await == 1).then_some(())
+    })
+    .await;
+    let letter = read_all(&js, "DLQ").await.remove(0);
+    let get = |k: &str| {
+        letter
+            .headers
+            .get(k)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(letter.subject.as_str(), "wasmev.dlq.chaos");
+    assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
+    assert_eq!(get("Wasmev-Subject"), "js.in");
+    assert_eq!(get("Wasmev-Stream-Seq"), "1");
+    assert_eq!(get("Wasmev-Attempts"), "2");
+    assert!(
+        get("Wasmev-Error").contains("stopped delivering it after 2"),
+        "{}",
+        get("Wasmev-Error")
+    );
+    // Given up: no third attempt.
+    assert!(
+        next_within(&mut records, Duration::from_secs(3))
+            .await
+            .is_none()
+    );
+    assert_eq!(
+        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
+        1
+    );
+    host.stop().await.unwrap();
+}

@@ -1,9 +1,10 @@
 //! Messages JetStream gave up on without a host settling them, dead-lettered.
 //!
 //! A host dead-letters an event itself on its last attempt, so JetStream stops delivering
-//! a message (and says so in a max-deliveries advisory) only when no attempt of it was
-//! settled: the host stopped or crashed mid-event each time, or the client could not read
-//! the delivery at all. async-nats drops the connection on a header it cannot parse (a
+//! a message (and says so in a max-deliveries advisory) only when no attempt of it ended in
+//! an ack or a dead letter: the host stopped or crashed mid-event each time, the dead
+//! letter could not be published on the last one (it was nak'd instead), or the client
+//! could not read the delivery at all. async-nats drops the connection on a header it cannot parse (a
 //! name with a space, a value that is not UTF-8), and with it the messages behind that one
 //! on the socket: each redelivery of such a message takes its neighbours down again, until
 //! all of them have used their attempts. JetStream keeps them in the stream, but its
@@ -94,8 +95,9 @@ async fn dead_letter_one(live: &Live, nats: &NatsBroker, given_up: &MaxDeliverie
         attempts: u32::try_from(*deliveries).unwrap_or(u32::MAX),
     };
     let why = format!(
-        "JetStream stopped delivering it after {deliveries} deliveries, none of them settled \
-         by a host (it stopped mid-event, or the delivery was lost with its connection)"
+        "JetStream stopped delivering it after {deliveries} deliveries, none of them acked or \
+         dead-lettered by a host (it stopped mid-event, the delivery was lost with its \
+         connection, or the dead letter could not be published then)"
     );
     let result = match nats.stored_message(stream, *sequence).await {
         Ok(message) => send_dead_letter(&origin, Some(&message), &why).await,

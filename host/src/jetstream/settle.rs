@@ -208,11 +208,18 @@ async fn give_up(at: &StreamEvent<'_>, why: &str) -> AckKind {
     match dead_letter(at, why).await {
         Ok(()) => AckKind::Term,
         Err(e) => {
-            // Never terminate a message that is not safely dead-lettered.
+            // Never terminate a message that is not safely dead-lettered. On its last
+            // delivery the nak makes JetStream give up on it, and its max-deliveries
+            // advisory brings it to `given_up`, which tries the dead letter again.
+            let then = if at.attempt >= at.spec.max_deliver {
+                "this was its last delivery; it is tried again when JetStream reports giving up on it"
+            } else {
+                "it will be redelivered"
+            };
             tracing::error!(
                 handler = %at.handler.spec.name,
                 dead_letter = %at.spec.dead_letter,
-                "could not dead-letter stream sequence {}: {e}; it will be redelivered",
+                "could not dead-letter stream sequence {}: {e}; {then}",
                 at.sequence
             );
             AckKind::Nak(Some(backoff(at.spec, at.attempt)))
