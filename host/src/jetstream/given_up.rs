@@ -75,6 +75,30 @@ pub async fn dead_letter_given_up(
     }
 }
 
+/// A given-up letter's `Wasmev-Error`; `unread` is why the message could not be read back,
+/// when it could not.
+fn reason(given_up: &MaxDeliveries, unread: Option<&anyhow::Error>) -> String {
+    let MaxDeliveries {
+        stream,
+        stream_seq,
+        deliveries,
+    } = given_up;
+    let why = format!(
+        "JetStream stopped delivering it after {deliveries} deliveries, none of them acked or \
+         dead-lettered by a host (it stopped mid-event, the delivery was lost with its \
+         connection, or the dead letter could not be published then)"
+    );
+    match unread {
+        None => why,
+        Some(e) => format!(
+            // `{e}`, not `{e:#}`: async-nats's errors already print their source, and the
+            // chain printed it twice.
+            "{why}; it could not be read back ({e}), so this letter has no payload: it is \
+             still in stream {stream:?} at sequence {stream_seq}"
+        ),
+    }
+}
+
 /// Dead-letter stream message `given_up.stream_seq`, read back from the stream, or a
 /// letter without its payload when it cannot be read (that is why it was never handled).
 async fn dead_letter_one(live: &Live, nats: &NatsBroker, given_up: &MaxDeliveries) {
@@ -94,20 +118,9 @@ async fn dead_letter_one(live: &Live, nats: &NatsBroker, given_up: &MaxDeliverie
         sequence: *sequence,
         attempts: u32::try_from(*deliveries).unwrap_or(u32::MAX),
     };
-    let why = format!(
-        "JetStream stopped delivering it after {deliveries} deliveries, none of them acked or \
-         dead-lettered by a host (it stopped mid-event, the delivery was lost with its \
-         connection, or the dead letter could not be published then)"
-    );
     let result = match nats.stored_message(stream, *sequence).await {
-        Ok(message) => send_dead_letter(&origin, Some(&message), &why).await,
-        Err(e) => {
-            let why = format!(
-                "{why}; it could not be read back ({e:#}), so this letter has no payload: it \
-                 is still in stream {stream:?} at sequence {sequence}"
-            );
-            send_dead_letter(&origin, None, &why).await
-        }
+        Ok(message) => send_dead_letter(&origin, Some(&message), &reason(given_up, None)).await,
+        Err(e) => send_dead_letter(&origin, None, &reason(given_up, Some(&e))).await,
     };
     if let Err(e) = result {
         tracing::error!(
@@ -116,5 +129,22 @@ async fn dead_letter_one(live: &Live, nats: &NatsBroker, given_up: &MaxDeliverie
             "could not dead-letter stream sequence {sequence}, which JetStream gave up on: {e}; \
              it is still in stream {stream:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_advisory_parses_and_its_reasons_read_well() {
+        // The advisory as nats-server 2.9 sends it (fields wasmev does not read included).
+        let advisory = br#"{"type":"io.nats.jetstream.advisory.v1.max_deliver","id":"x",
+            "timestamp":"2026-12-06T06:30:00Z","stream":"EVENTS","consumer":"chaos",
+            "stream_seq":7,"deliveries":5}"#;
+        let given_up: MaxDeliveries = serde_json::from_slice(advisory).unwrap();
+        insta::assert_snapshot!(reason(&given_up, None), @"JetStream stopped delivering it after 5 deliveries, none of them acked or dead-lettered by a host (it stopped mid-event, the delivery was lost with its connection, or the dead letter could not be published then)");
+        let unread = anyhow::anyhow!("failed to get last raw message: invalid header");
+        insta::assert_snapshot!(reason(&given_up, Some(&unread)), @r#"JetStream stopped delivering it after 5 deliveries, none of them acked or dead-lettered by a host (it stopped mid-event, the delivery was lost with its connection, or the dead letter could not be published then); it could not be read back (failed to get last raw message: invalid header), so this letter has no payload: it is still in stream "EVENTS" at sequence 7"#);
     }
 }
