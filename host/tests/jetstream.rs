@@ -128,8 +128,7 @@ async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
     let letter = read_all(&js, "DLQ").await.remove(0);
     assert_eq!(letter.subject.as_str(), "wasmev.dlq.chaos");
     assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
-    let h = &letter.headers;
-    let get = |k: &str| h.get(k).map(|v| v.as_str().to_string()).unwrap_or_default();
+    let get = |k: &str| header(&letter, k);
     assert_eq!(get("Wasmev-Handler"), "chaos");
     assert_eq!(get("Wasmev-Subject"), "js.in");
     assert_eq!(get("Wasmev-Stream"), "EVENTS");
@@ -440,13 +439,7 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
     );
     let mut sequences = Vec::new();
     for letter in &letters {
-        let get = |k: &str| {
-            letter
-                .headers
-                .get(k)
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default()
-        };
+        let get = |k: &str| header(letter, k);
         assert_eq!(letter.subject.as_str(), "wasmev.dlq.chaos");
         assert_eq!(get("Wasmev-Handler"), "chaos");
         assert_eq!(get("Wasmev-Stream"), "EVENTS");
@@ -543,13 +536,7 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
     })
     .await;
     let letter = read_all(&js, "DLQ").await.remove(0);
-    let get = |k: &str| {
-        letter
-            .headers
-            .get(k)
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_default()
-    };
+    let get = |k: &str| header(&letter, k);
     assert_eq!(letter.subject.as_str(), "wasmev.dlq.chaos");
     assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
     assert_eq!(get("Wasmev-Subject"), "js.in");

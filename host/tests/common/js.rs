@@ -61,3 +61,12 @@ pub async fn publish_ops(js: &jetstream::Context, ops: impl IntoIterator<Item = 
             .unwrap();
     }
 }
+
+/// Header `name` of a stored message, or "" when it has none.
+pub fn header(message: &jetstream::message::StreamMessage, name: &str) -> String {
+    message
+        .headers
+        .get(name)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default()
+}
