@@ -27,9 +27,17 @@ async fn next_json(sub: &mut async_nats::Subscriber) -> Value {
     serde_json::from_slice(&msg.payload).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn user_created_becomes_email_sent() {
-    let server = NatsServer::start();
+/// A host running the email-sender on `server`, a client, and its subscription to
+/// `email.sent`, which is where the handler's answers go. Keep the directory: it holds the
+/// manifest.
+async fn email_sender(
+    server: &NatsServer,
+) -> (
+    tempfile::TempDir,
+    TestHost,
+    async_nats::Client,
+    async_nats::Subscriber,
+) {
     let toml = server.manifest_head()
         + &handler_block(
             "email-sender",
@@ -38,11 +46,18 @@ async fn user_created_becomes_email_sent() {
 publish = ["email.sent"]
 config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
         );
-    let (_dir, m) = manifest(&toml);
+    let (dir, m) = manifest(&toml);
     let host = TestHost::start(&m).await;
     let client = server.client().await;
-    let mut sent = client.subscribe("email.sent").await.unwrap();
+    let sent = client.subscribe("email.sent").await.unwrap();
     client.flush().await.unwrap();
+    (dir, host, client, sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_created_becomes_email_sent() {
+    let server = NatsServer::start();
+    let (_dir, host, client, mut sent) = email_sender(&server).await;
 
     publish_json(
         &client,
@@ -432,19 +447,7 @@ async fn requests_are_answered_by_a_wasm_service_and_guests_can_ask() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_value_with_a_carriage_return_does_not_stop_the_host() {
     let server = NatsServer::start();
-    let toml = server.manifest_head()
-        + &handler_block(
-            "email-sender",
-            "email-sender",
-            r#"subscribe = ["user.created"]
-publish = ["email.sent"]
-config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
-        );
-    let (_dir, m) = manifest(&toml);
-    let host = TestHost::start(&m).await;
-    let client = server.client().await;
-    let mut sent = client.subscribe("email.sent").await.unwrap();
-    client.flush().await.unwrap();
+    let (_dir, host, client, mut sent) = email_sender(&server).await;
 
     let user = json!({"id": "u-1", "name": "Ada", "email": "ada@example.com"});
     raw_hpub(
@@ -478,19 +481,7 @@ config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_the_client_cannot_parse_costs_a_reconnect_not_the_host() {
     let server = NatsServer::start();
-    let toml = server.manifest_head()
-        + &handler_block(
-            "email-sender",
-            "email-sender",
-            r#"subscribe = ["user.created"]
-publish = ["email.sent"]
-config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
-        );
-    let (_dir, m) = manifest(&toml);
-    let host = TestHost::start(&m).await;
-    let client = server.client().await;
-    let mut sent = client.subscribe("email.sent").await.unwrap();
-    client.flush().await.unwrap();
+    let (_dir, host, client, mut sent) = email_sender(&server).await;
 
     let user = |id: &str| json!({"id": id, "name": "Ada", "email": "ada@example.com"});
     let unparsable: [&[u8]; 3] = [
