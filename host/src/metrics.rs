@@ -167,6 +167,7 @@ pub struct Metrics {
     output_dropped: Family<HandlerLabel, Counter>,
     dead_lettered: Family<HandlerLabel, Counter>,
     pulls_restarted: Family<HandlerLabel, Counter>,
+    given_up: Family<HandlerLabel, Counter>,
     /// 1 once every subscription is confirmed.
     pub ready: Gauge,
     reloads: Family<ReloadLabels, Counter>,
@@ -199,6 +200,9 @@ pub struct HandlerMetrics {
     pub dead_lettered: Counter,
     /// JetStream pulls started again after a stall or an end (see `jetstream::consume`).
     pub pulls_restarted: Counter,
+    /// Messages JetStream stopped delivering without a host acking or dead-lettering them
+    /// (see `jetstream::given_up`).
+    pub given_up: Counter,
 }
 
 impl HandlerMetrics {
@@ -229,6 +233,7 @@ impl Metrics {
         let output_dropped = Family::<HandlerLabel, Counter>::default();
         let dead_lettered = Family::<HandlerLabel, Counter>::default();
         let pulls_restarted = Family::<HandlerLabel, Counter>::default();
+        let given_up = Family::<HandlerLabel, Counter>::default();
         let ready = Gauge::default();
         registry.register(
             "events_received",
@@ -266,6 +271,13 @@ impl Metrics {
             "JetStream pulls started again because the last one stalled (missed heartbeats) \
              or ended",
             pulls_restarted.clone(),
+        );
+        registry.register(
+            "jetstream_given_up",
+            "JetStream messages the server stopped delivering without a host acking or \
+             dead-lettering them (host stopped mid-event, delivery lost with its connection, \
+             dead letter refused on the last attempt); each is dead-lettered from the advisory",
+            given_up.clone(),
         );
         registry.register(
             "ready",
@@ -327,6 +339,7 @@ impl Metrics {
             output_dropped,
             dead_lettered,
             pulls_restarted,
+            given_up,
             ready,
         })
     }
@@ -359,6 +372,7 @@ impl Metrics {
             output_dropped: self.output_dropped.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
             pulls_restarted: self.pulls_restarted.get_or_create(&label).clone(),
+            given_up: self.given_up.get_or_create(&label).clone(),
         }
     }
 

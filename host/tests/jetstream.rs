@@ -153,6 +153,11 @@ async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
         1
     );
     assert_eq!(host.failed("chaos", "retry"), 3);
+    // The host dead-lettered and terminated it itself: JetStream never gave up on it.
+    assert_eq!(
+        host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\""),
+        0
+    );
     host.stop().await.unwrap();
 }
 
@@ -476,6 +481,10 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
         host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
         letters.len() as u64
     );
+    assert_eq!(
+        host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\""),
+        letters.len() as u64
+    );
     host.stop().await.unwrap();
 }
 
@@ -555,6 +564,10 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
     );
     assert_eq!(
         host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
+        1
+    );
+    assert_eq!(
+        host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\""),
         1
     );
     host.stop().await.unwrap();

@@ -106,6 +106,7 @@ async fn dead_letter_one(live: &Live, nats: &NatsBroker, given_up: &MaxDeliverie
     let Some(spec) = handler.spec.jetstream.as_ref() else {
         return;
     };
+    handler.metrics.given_up.inc();
     let MaxDeliveries {
         stream,
         stream_seq: sequence,
