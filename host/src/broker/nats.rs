@@ -138,6 +138,23 @@ fn header_pairs(h: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Where JetStream announces the messages a consumer stopped delivering:
+/// `<this>.<stream>.<consumer>`.
+const MAX_DELIVERIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES";
+
+/// What to tell the operator when the server refused this host's subscription to the
+/// max-deliveries advisories (the NATS user may not subscribe there); `None` for any other
+/// server error. The server's text stays in it: it names the subject.
+fn advisories_refused(error: &str) -> Option<String> {
+    (error.contains("Permissions Violation") && error.contains(MAX_DELIVERIES)).then(|| {
+        format!(
+            "nats refused the subscription to JetStream's max-deliveries advisories ({error}): \
+             messages JetStream stops delivering unsettled will stay in their stream without \
+             a dead letter; allow this user to subscribe to \"{MAX_DELIVERIES}.>\""
+        )
+    })
+}
+
 /// The hop header's name, on every guest publish: built once, not parsed each time.
 const HOPS_NAME: HeaderName = HeaderName::from_static(HOPS);
 
@@ -254,6 +271,11 @@ impl NatsBroker {
                         // client dropped at shutdown): nothing to warn about.
                         async_nats::Event::Closed => {
                             tracing::debug!(%url, "nats connection closed")
+                        }
+                        async_nats::Event::ServerError(async_nats::ServerError::Other(
+                            ref error,
+                        )) if let Some(what) = advisories_refused(error) => {
+                            tracing::warn!(%url, "{what}")
                         }
                         other => tracing::warn!(%url, "nats: {other}"),
                     }
@@ -466,10 +488,7 @@ impl NatsBroker {
         &self,
         spec: &JetStreamSpec,
     ) -> anyhow::Result<async_nats::Subscriber> {
-        let subject = format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
-            spec.stream, spec.durable
-        );
+        let subject = format!("{MAX_DELIVERIES}.{}.{}", spec.stream, spec.durable);
         self.client
             .queue_subscribe(subject, format!("wasmev-given-up-{}", spec.durable))
             .await
@@ -542,6 +561,18 @@ pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refused_advisory_subscription_says_what_is_lost_and_what_to_allow() {
+        let refused = r#"Permissions Violation for Subscription to "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender" using queue "wasmev-given-up-email-sender""#;
+        insta::assert_snapshot!(advisories_refused(refused).unwrap(), @r#"nats refused the subscription to JetStream's max-deliveries advisories (Permissions Violation for Subscription to "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender" using queue "wasmev-given-up-email-sender"): messages JetStream stops delivering unsettled will stay in their stream without a dead letter; allow this user to subscribe to "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>""#);
+        // Other refusals and other errors keep the client's own text.
+        assert_eq!(
+            advisories_refused(r#"Permissions Violation for Subscription to "user.created""#),
+            None
+        );
+        assert_eq!(advisories_refused("Maximum Payload Violation"), None);
+    }
+
     use super::*;
 
     fn of(headers: Vec<(String, String)>, hops: Option<u32>) -> Outgoing {
