@@ -103,22 +103,37 @@ async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
-    let (server, client, js) = js_env(&[EVENTS, DLQ]).await;
-    let (_dir, m) = manifest(&js_manifest(
-        &server,
-        "max_deliver = 3\nbackoff = [\"100ms\", \"200ms\"]\nack_wait = \"2s\"",
-    ));
+/// A host running `chaos` with `jetstream` settings, and one stored event it retries on
+/// every attempt; each attempt is recorded on the returned subscription. Keep the
+/// directory: it holds the manifest.
+async fn poison(
+    server: &NatsServer,
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    jetstream: &str,
+) -> (tempfile::TempDir, TestHost, async_nats::Subscriber) {
+    let (dir, m) = manifest(&js_manifest(server, jetstream));
     let host = TestHost::start(&m).await;
     // Attempts are watched on a core subscription: a stream capturing `chaos.seen` would
     // (rightly) drop the repeats, which carry the same Nats-Msg-Id on every attempt.
-    let mut records = client.subscribe("chaos.seen").await.unwrap();
+    let records = client.subscribe("chaos.seen").await.unwrap();
     client.flush().await.unwrap();
-
     publish_ops(
-        &js,
+        js,
         [("poison".to_string(), json!({"op": "record_then_retry"}))],
+    )
+    .await;
+    (dir, host, records)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
+    let (server, client, js) = js_env(&[EVENTS, DLQ]).await;
+    let (_dir, host, mut records) = poison(
+        &server,
+        &client,
+        &js,
+        "max_deliver = 3\nbackoff = [\"100ms\", \"200ms\"]\nack_wait = \"2s\"",
     )
     .await;
     wait_for("the dead letter", WAIT, || async {
@@ -509,17 +524,11 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
         .unwrap()
         .await
         .unwrap();
-    let (_dir, m) = manifest(&js_manifest(
+    let (_dir, host, mut records) = poison(
         &server,
-        "max_deliver = 2\nbackoff = [\"100ms\", \"3s\"]\nack_wait = \"2s\"",
-    ));
-    let host = TestHost::start(&m).await;
-    let mut records = client.subscribe("chaos.seen").await.unwrap();
-    client.flush().await.unwrap();
-
-    publish_ops(
+        &client,
         &js,
-        [("poison".to_string(), json!({"op": "record_then_retry"}))],
+        "max_deliver = 2\nbackoff = [\"100ms\", \"3s\"]\nack_wait = \"2s\"",
     )
     .await;
     for attempt in 1..=2 {

@@ -357,11 +357,6 @@ impl NatsBroker {
         Ok(captured)
     }
 
-    /// See [`super::Broker::known_uncaptured`].
-    pub fn known_uncaptured(&self, subject: &str) -> bool {
-        self.captured.get(subject) == Some(false)
-    }
-
     /// Whether a stream may capture `subject`: false only when the capture cache knows
     /// (within its TTL) that none does.
     pub fn may_capture(&self, subject: &str) -> bool {
@@ -561,6 +556,8 @@ pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_refused_advisory_subscription_says_what_is_lost_and_what_to_allow() {
         let refused = r#"Permissions Violation for Subscription to "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender" using queue "wasmev-given-up-email-sender""#;
@@ -572,8 +569,6 @@ mod tests {
         );
         assert_eq!(advisories_refused("Maximum Payload Violation"), None);
     }
-
-    use super::*;
 
     fn of(headers: Vec<(String, String)>, hops: Option<u32>) -> Outgoing {
         Outgoing {

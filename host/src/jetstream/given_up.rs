@@ -4,11 +4,12 @@
 //! a message (and says so in a max-deliveries advisory) only when no attempt of it ended in
 //! an ack or a dead letter: the host stopped or crashed mid-event each time, the dead
 //! letter could not be published on the last one (it was nak'd instead), or the client
-//! could not read the delivery at all. async-nats drops the connection on a header it cannot parse (a
-//! name with a space, a value that is not UTF-8), and with it the messages behind that one
-//! on the socket: each redelivery of such a message takes its neighbours down again, until
-//! all of them have used their attempts. JetStream keeps them in the stream, but its
-//! consumer never delivers them again; without this they would be gone without a word.
+//! could not read the delivery at all. async-nats drops the connection on a header it
+//! cannot parse (a name with a space, a value that is not UTF-8), and with it the messages
+//! behind that one on the socket: each redelivery of such a message takes its neighbours
+//! down again, until all of them have used their attempts. JetStream keeps them in the
+//! stream, but its consumer never delivers them again; without this they would be gone
+//! without a word.
 
 use std::sync::Arc;
 

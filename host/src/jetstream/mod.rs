@@ -146,11 +146,11 @@ pub async fn consume(
                 // and adds the batch to its count only when that task reports back; a
                 // message of the new batch read before then is counted off a count already
                 // at 0, which saturates, so the count ends one too high for each. Past
-                // half a batch too high, the client asks
-                // again only once its own timer fires, `expires` + 5 s after its last
-                // pull. A new pull now (after two missed heartbeats). Should the server
-                // still have the old one after all, what it sends there comes back after
-                // `ack_wait`, as for any message that was never acked.
+                // half a batch too high, the client asks again only once its own timer
+                // fires, `expires` + 5 s after its last pull. A new pull now (after two
+                // missed heartbeats). Should the server still have the old one after all,
+                // what it sends there comes back after `ack_wait`, as for any message that
+                // was never acked.
                 Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
                     tracing::warn!(
                         handler = %current.spec.name,
