@@ -166,6 +166,7 @@ pub struct Metrics {
     publishes: Family<PublishLabels, Counter>,
     output_dropped: Family<HandlerLabel, Counter>,
     dead_lettered: Family<HandlerLabel, Counter>,
+    dead_letters_refused: Family<HandlerLabel, Counter>,
     pulls_restarted: Family<HandlerLabel, Counter>,
     given_up: Family<HandlerLabel, Counter>,
     /// 1 once every subscription is confirmed.
@@ -198,6 +199,8 @@ pub struct HandlerMetrics {
     publishes: [Counter; PublishResult::ALL.len()],
     pub output_dropped: Counter,
     pub dead_lettered: Counter,
+    /// Attempts to publish a dead letter that failed (see `jetstream::settle`).
+    pub dead_letters_refused: Counter,
     /// JetStream pulls started again after a stall or an end (see `jetstream::consume`).
     pub pulls_restarted: Counter,
     /// Messages JetStream stopped delivering without a host acking or dead-lettering them
@@ -232,6 +235,7 @@ impl Metrics {
         let publishes = Family::<PublishLabels, Counter>::default();
         let output_dropped = Family::<HandlerLabel, Counter>::default();
         let dead_lettered = Family::<HandlerLabel, Counter>::default();
+        let dead_letters_refused = Family::<HandlerLabel, Counter>::default();
         let pulls_restarted = Family::<HandlerLabel, Counter>::default();
         let given_up = Family::<HandlerLabel, Counter>::default();
         let ready = Gauge::default();
@@ -265,6 +269,13 @@ impl Metrics {
             "dead_letters",
             "JetStream events sent to the dead-letter subject",
             dead_lettered.clone(),
+        );
+        registry.register(
+            "dead_letters_refused",
+            "Attempts to publish a dead letter that failed (dead-letter stream full, broker \
+             unreachable, no permission); the event is nak'd or the letter tried again, not \
+             dropped, but a rising count means dead letters are piling up unsent",
+            dead_letters_refused.clone(),
         );
         registry.register(
             "jetstream_pulls_restarted",
@@ -338,6 +349,7 @@ impl Metrics {
             publishes,
             output_dropped,
             dead_lettered,
+            dead_letters_refused,
             pulls_restarted,
             given_up,
             ready,
@@ -371,6 +383,7 @@ impl Metrics {
             }),
             output_dropped: self.output_dropped.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+            dead_letters_refused: self.dead_letters_refused.get_or_create(&label).clone(),
             pulls_restarted: self.pulls_restarted.get_or_create(&label).clone(),
             given_up: self.given_up.get_or_create(&label).clone(),
         }

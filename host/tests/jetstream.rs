@@ -505,7 +505,7 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
 
 /// On its last delivery an event whose dead letter cannot be published (the dead-letter
 /// stream is full) is nak'd, never terminated; JetStream then gives up on it, and the
-/// max-deliveries watcher publishes the dead letter once it can.
+/// max-deliveries watcher tries the dead letter again until it is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_gives_up() {
     let (server, client, js) = js_env(&[EVENTS]).await;
@@ -538,15 +538,26 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
         let v: Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(v["attempt"], attempt);
     }
+    let refused = || host.metric("wasmev_dead_letters_refused_total", "handler=\"chaos\"");
+    let given_up = || host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\"");
     // The second attempt's dead letter was refused, and the event nak'd for 3 s.
-    wait_for("the second attempt to be settled", WAIT, || async {
-        (host.failed("chaos", "retry") == 2).then_some(())
+    wait_for("the second attempt's dead letter to be refused", WAIT, || async {
+        (host.failed("chaos", "retry") == 2 && refused() == 1).then_some(())
     })
     .await;
     assert_eq!(
         host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
         0
     );
+    assert_eq!(given_up(), 0);
+    // JetStream gives up on it once the nak's 3 s are over; the watcher's letter is
+    // refused too, and tried again. The advisory comes only once: what was refused then
+    // must not be lost.
+    wait_for("the watcher's letter to be refused", WAIT, || async {
+        (given_up() == 1 && refused() >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(count(&js, "DLQ").await, 1, "only the filler");
     js.get_stream("DLQ").await.unwrap().purge().await.unwrap();
 
     wait_for("the dead letter", WAIT, || async {

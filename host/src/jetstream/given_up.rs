@@ -12,6 +12,7 @@
 //! without a word.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde::Deserialize;
@@ -20,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use super::PULL_RETRY;
 use super::settle::{Origin, send_dead_letter};
 use crate::broker::nats::NatsBroker;
+use crate::handler::Handler;
 use crate::live::Live;
+use crate::manifest::JetStreamSpec;
 
 /// The fields wasmev reads of JetStream's `io.nats.jetstream.advisory.v1.max_deliver`.
 #[derive(Debug, Deserialize)]
@@ -46,7 +49,7 @@ pub async fn dead_letter_given_up(
         };
         if let Some(advisory) = advisory {
             match serde_json::from_slice::<MaxDeliveries>(&advisory.payload) {
-                Ok(given_up) => dead_letter_one(&live, &nats, &given_up).await,
+                Ok(given_up) => dead_letter_one(&live, &nats, &given_up, &token).await,
                 Err(e) => tracing::warn!(
                     handler = %live.current().spec.name,
                     "ignoring a max-deliveries advisory that does not parse: {e}"
@@ -100,38 +103,103 @@ fn reason(given_up: &MaxDeliveries, unread: Option<&anyhow::Error>) -> String {
     }
 }
 
+/// The wait before a refused given-up letter is tried again, doubling on each refusal up to
+/// [`LETTER_RETRY_MAX`].
+///
+/// Why these: the advisory comes once, so a letter refused here (dead-letter stream full,
+/// broker away, no permission) is tried until it goes out or the host stops. What refuses
+/// it is mended by a person or a restart, in seconds to hours; starting at 1 s and capping
+/// at 30 s sends the letter within 30 s of that, and asks a refusing broker at most twice
+/// a minute meanwhile. Advisories that come in the meantime wait in the subscription.
+const LETTER_RETRY_FIRST: Duration = Duration::from_secs(1);
+const LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Dead-letter stream message `given_up.stream_seq`, read back from the stream, or a
 /// letter without its payload when it cannot be read (that is why it was never handled).
-async fn dead_letter_one(live: &Live, nats: &NatsBroker, given_up: &MaxDeliveries) {
-    let handler = live.current();
-    let Some(spec) = handler.spec.jetstream.as_ref() else {
-        return;
-    };
-    handler.metrics.given_up.inc();
+/// A refused letter is tried again (read and all) until it goes out or `token` is
+/// cancelled.
+async fn dead_letter_one(
+    live: &Live,
+    nats: &NatsBroker,
+    given_up: &MaxDeliveries,
+    token: &CancellationToken,
+) {
+    live.current().metrics.given_up.inc();
+    let MaxDeliveries {
+        stream,
+        stream_seq: sequence,
+        ..
+    } = given_up;
+    let mut wait = LETTER_RETRY_FIRST;
+    loop {
+        // The live version each time: a reload while retrying may change the dead-letter
+        // subject (to one that works).
+        let handler = live.current();
+        let Some(spec) = handler.spec.jetstream.as_ref() else {
+            return;
+        };
+        let Err(e) = try_dead_letter(&handler, spec, nats, given_up).await else {
+            return;
+        };
+        tracing::error!(
+            handler = %handler.spec.name,
+            dead_letter = %spec.dead_letter,
+            "could not dead-letter sequence {sequence} of stream {stream:?}, which JetStream gave \
+             up on: {e}; trying again in {}",
+            humantime::format_duration(wait)
+        );
+        tokio::select! {
+            () = token.cancelled() => {
+                tracing::error!(
+                    handler = %handler.spec.name,
+                    "{}",
+                    unsent_at_stop(given_up)
+                );
+                return;
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(LETTER_RETRY_MAX);
+    }
+}
+
+/// One try at dead-lettering what `given_up` names.
+async fn try_dead_letter(
+    handler: &Handler,
+    spec: &JetStreamSpec,
+    nats: &NatsBroker,
+    given_up: &MaxDeliveries,
+) -> Result<(), crate::broker::PublishError> {
     let MaxDeliveries {
         stream,
         stream_seq: sequence,
         deliveries,
     } = given_up;
     let origin = Origin {
-        handler: &handler,
+        handler,
         spec,
         stream,
         sequence: *sequence,
         attempts: u32::try_from(*deliveries).unwrap_or(u32::MAX),
     };
-    let result = match nats.stored_message(stream, *sequence).await {
+    match nats.stored_message(stream, *sequence).await {
         Ok(message) => send_dead_letter(&origin, Some(&message), &reason(given_up, None)).await,
         Err(e) => send_dead_letter(&origin, None, &reason(given_up, Some(&e))).await,
-    };
-    if let Err(e) = result {
-        tracing::error!(
-            handler = %handler.spec.name,
-            dead_letter = %spec.dead_letter,
-            "could not dead-letter stream sequence {sequence}, which JetStream gave up on: {e}; \
-             it is still in stream {stream:?}"
-        );
     }
+}
+
+/// What the log says of a given-up message whose letter was still refused when its intake
+/// stopped.
+fn unsent_at_stop(given_up: &MaxDeliveries) -> String {
+    let MaxDeliveries {
+        stream, stream_seq, ..
+    } = given_up;
+    format!(
+        "gave up dead-lettering sequence {stream_seq} of stream {stream:?}: the intake stopped \
+         (the host is stopping, or a reload changed or removed the handler's JetStream \
+         settings) while the letter was refused. JetStream will not deliver that message \
+         again; it is still in the stream"
+    )
 }
 
 #[cfg(test)]
@@ -147,6 +215,7 @@ mod tests {
         let given_up: MaxDeliveries = serde_json::from_slice(advisory).unwrap();
         insta::assert_snapshot!(reason(&given_up, None), @"JetStream stopped delivering it after 5 deliveries, none of them acked or dead-lettered by a host (it stopped mid-event, the delivery was lost with its connection, or the dead letter could not be published then)");
         let unread = anyhow::anyhow!("failed to get last raw message: invalid header");
+        insta::assert_snapshot!(unsent_at_stop(&given_up), @r#"gave up dead-lettering sequence 7 of stream "EVENTS": the intake stopped (the host is stopping, or a reload changed or removed the handler's JetStream settings) while the letter was refused. JetStream will not deliver that message again; it is still in the stream"#);
         insta::assert_snapshot!(reason(&given_up, Some(&unread)), @r#"JetStream stopped delivering it after 5 deliveries, none of them acked or dead-lettered by a host (it stopped mid-event, the delivery was lost with its connection, or the dead letter could not be published then); it could not be read back (failed to get last raw message: invalid header), so this letter has no payload: it is still in stream "EVENTS" at sequence 7"#);
     }
 }

@@ -315,10 +315,14 @@ pub(super) async fn send_dead_letter(
         ),
     ]);
     let payload = message.map(|m| m.payload.clone()).unwrap_or_default();
-    handler
+    let sent = handler
         .broker
         .publish_durable(Outgoing::new(spec.dead_letter.clone(), payload).with_headers(headers))
-        .await?;
+        .await;
+    if sent.is_err() {
+        handler.metrics.dead_letters_refused.inc();
+    }
+    sent?;
     handler.metrics.dead_lettered.inc();
     tracing::warn!(
         handler = %handler.spec.name,
