@@ -541,9 +541,11 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
     let refused = || host.metric("wasmev_dead_letters_refused_total", "handler=\"chaos\"");
     let given_up = || host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\"");
     // The second attempt's dead letter was refused, and the event nak'd for 3 s.
-    wait_for("the second attempt's dead letter to be refused", WAIT, || async {
-        (host.failed("chaos", "retry") == 2 && refused() == 1).then_some(())
-    })
+    wait_for(
+        "the second attempt's dead letter to be refused",
+        WAIT,
+        || async { (host.failed("chaos", "retry") == 2 && refused() == 1).then_some(()) },
+    )
     .await;
     assert_eq!(
         host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
@@ -591,4 +593,62 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
         1
     );
     host.stop().await.unwrap();
+}
+
+/// Two hosts on one consumer: JetStream's max-deliveries advisory is dead-lettered by one of
+/// them, not by each. (A dead-letter stream's duplicate window would hide a second letter,
+/// so the letters are counted as published, on a core subscription.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_hosts_a_message_jetstream_gives_up_on_is_dead_lettered_once() {
+    let (server, client, _js) = js_env(&[EVENTS]).await;
+    let (_dir, m) = manifest(&js_manifest(&server, "max_deliver = 2\nack_wait = \"2s\""));
+    let hosts = [TestHost::start(&m).await, TestHost::start(&m).await];
+    let mut letters = client.subscribe("wasmev.dlq.chaos").await.unwrap();
+    client.flush().await.unwrap();
+
+    // Unreadable by the hosts' client: each delivery of it costs a connection, until
+    // JetStream gives up on it.
+    raw_hpub(
+        &server,
+        "js.in",
+        b"NATS/1.0\r\nBad Name: x",
+        br#"{"op":"record"}"#,
+    )
+    .await;
+
+    let letter = next_within(&mut letters, WAIT)
+        .await
+        .expect("a dead letter within the timeout");
+    let get = |k: &str| {
+        letter
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(k))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(get("Wasmev-Stream-Seq"), "1");
+    assert!(
+        get("Wasmev-Error").contains("could not be read back"),
+        "{}",
+        get("Wasmev-Error")
+    );
+    // Both watchers would have had the advisory at once; give a second letter time to come.
+    assert!(
+        next_within(&mut letters, Duration::from_secs(3))
+            .await
+            .is_none(),
+        "dead-lettered twice"
+    );
+    let sum = |name: &str| -> u64 {
+        hosts
+            .iter()
+            .map(|h| h.metric(name, "handler=\"chaos\""))
+            .sum()
+    };
+    assert_eq!(sum("wasmev_jetstream_given_up_total"), 1);
+    assert_eq!(sum("wasmev_dead_letters_total"), 1);
+    for host in hosts {
+        host.stop().await.unwrap();
+    }
 }
