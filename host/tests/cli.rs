@@ -188,6 +188,25 @@ fn sigterm_stops_intake_and_exits_zero() {
 }
 
 #[test]
+fn an_unreachable_nats_is_one_line_that_names_it() {
+    // Nothing listens on a port just found free.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        format!(
+            "version = 1\n[broker]\nurl = \"nats://127.0.0.1:{port}\"\n{}",
+            handler_block("audit-log", "audit-log", "subscribe = [\"user.>\"]")
+        ),
+    )
+    .unwrap();
+    let out = wasmev(&["run"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&port.to_string(), "[port]");
+    insta::assert_snapshot!(stderr, @"error: failed to connect to nats at nats://127.0.0.1:[port]: IO error: Connection refused (os error 111)");
+}
+
+#[test]
 fn sigterm_on_nats_stops_without_a_warning() {
     // An orderly stop closes the NATS connection itself; async-nats reports that as an
     // event, which the host used to log as a warning after "stopped".

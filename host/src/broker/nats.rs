@@ -158,6 +158,14 @@ fn advisories_refused(error: &str) -> Option<String> {
 /// The hop header's name, on every guest publish: built once, not parsed each time.
 const HOPS_NAME: HeaderName = HeaderName::from_static(HOPS);
 
+/// An async-nats error as one `anyhow` error without a source: its text already ends with
+/// its source's, so an error chain printed with `{:#}` said that twice ("failed to connect
+/// to nats at …: IO error: Connection refused (os error 111): Connection refused (os error
+/// 111)").
+fn flat(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
 /// The client's header map for `message`, refusing (never panicking on) what NATS would
 /// reject; `None` when it has no headers at all (a plain PUB is sent). Takes the message's
 /// headers and message id: they move into the map.
@@ -284,6 +292,7 @@ impl NatsBroker {
         let client = options
             .connect(url.as_str())
             .await
+            .map_err(flat)
             .with_context(|| format!("failed to connect to nats at {url}"))?;
         Ok(Self {
             jetstream: async_nats::jetstream::new(client.clone()),
@@ -307,6 +316,7 @@ impl NatsBroker {
             None => self.client.subscribe(subject).await,
             Some(q) => self.client.queue_subscribe(subject, q.to_string()).await,
         }
+        .map_err(flat)
         .with_context(|| format!("failed to subscribe to {:?}", pattern.as_str()))?;
         Ok(NatsSubscription { inner })
     }
@@ -446,6 +456,7 @@ impl NatsBroker {
                     ..Default::default()
                 })
                 .await
+                .map_err(flat)
                 .with_context(|| format!("failed to create stream {:?}", spec.stream))?,
         };
         let mut config = pull::Config {
@@ -468,6 +479,7 @@ impl NatsBroker {
         stream
             .get_or_create_consumer(&spec.durable, config)
             .await
+            .map_err(flat)
             .with_context(|| {
                 format!(
                     "failed to get or create consumer {:?} on stream {:?}",
@@ -487,6 +499,7 @@ impl NatsBroker {
         self.client
             .queue_subscribe(subject, format!("wasmev-given-up-{}", spec.durable))
             .await
+            .map_err(flat)
             .with_context(|| {
                 format!(
                     "failed to subscribe to the max-deliveries advisories of consumer {:?}",
@@ -497,8 +510,12 @@ impl NatsBroker {
 
     /// Message `sequence` of `stream`, read back through the JetStream API.
     pub async fn stored_message(&self, stream: &str, sequence: u64) -> anyhow::Result<Message> {
-        let stream = self.jetstream.get_stream_no_info(stream).await?;
-        let m = stream.get_raw_message(sequence).await?;
+        let stream = self
+            .jetstream
+            .get_stream_no_info(stream)
+            .await
+            .map_err(flat)?;
+        let m = stream.get_raw_message(sequence).await.map_err(flat)?;
         Ok(Message {
             subject: m.subject.into_string(),
             reply: None,
@@ -518,7 +535,11 @@ impl NatsBroker {
 
     /// Flush buffered publishes before shutdown so nothing handlers published is lost.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.client.flush().await.context("failed to flush nats")
+        self.client
+            .flush()
+            .await
+            .map_err(flat)
+            .context("failed to flush nats")
     }
 
     /// A round trip through the server on this connection ([`round_trip`]).
@@ -542,10 +563,12 @@ pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
     let mut probe = client
         .subscribe(inbox.clone())
         .await
+        .map_err(flat)
         .context("failed to subscribe a round-trip inbox")?;
     client
         .publish(inbox, Bytes::new())
         .await
+        .map_err(flat)
         .context("failed to publish a round-trip probe")?;
     probe
         .next()
