@@ -261,12 +261,13 @@ pub(super) fn parse_raw(path: &Path, src: &str) -> Result<RawManifest, Diagnosti
             .replace(".$__serde_spanned_private_value", "");
         let key = if key == "." { String::new() } else { key };
         let inner = e.into_inner();
-        Diagnostic::new(
-            path,
-            src,
-            inner.span().unwrap_or(0..0),
-            &key,
-            inner.message().trim_end().to_string(),
-        )
+        let mut message = inner.message().trim_end().to_string();
+        if key.is_empty() && message == "missing field `version`" {
+            // What a manifest started from a copied `[[handler]]` block lacks.
+            message.push_str(
+                "; add `version = 1` at the top of the file (the manifest format this wasmev reads)",
+            );
+        }
+        Diagnostic::new(path, src, inner.span().unwrap_or(0..0), &key, message)
     })
 }
