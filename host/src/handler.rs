@@ -25,12 +25,12 @@ use crate::warm::WarmPool;
 /// Why a handler's module could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("handler {handler:?}: cannot read module {}: {source}", path.display())]
+    // The io error is in the text, not a `source` (see `ManifestError::Read`).
+    #[error("handler {handler:?}: cannot read module {}: {error}", path.display())]
     Read {
         handler: String,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "handler {handler:?}: {} is a core WebAssembly module, not a component; \
@@ -178,10 +178,10 @@ impl Compiler {
 
 /// The module's bytes, refusing core modules with a hint on how to make a component.
 pub fn read(spec: &HandlerSpec) -> Result<Vec<u8>, LoadError> {
-    let bytes = std::fs::read(&spec.module).map_err(|source| LoadError::Read {
+    let bytes = std::fs::read(&spec.module).map_err(|error| LoadError::Read {
         handler: spec.name.clone(),
         path: spec.module.clone(),
-        source,
+        error,
     })?;
     // Core modules carry version 1 in the preamble; components a different layer/version.
     if bytes.starts_with(b"\0asm\x01\0\0\0") {

@@ -188,6 +188,20 @@ fn sigterm_stops_intake_and_exits_zero() {
 }
 
 #[test]
+fn publish_with_nowhere_to_publish_says_what_to_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wasmev_command()
+        .args(["publish", "user.created", "{}"])
+        .current_dir(dir.path())
+        .env_remove("NATS_URL")
+        .env_remove("WASMEV_ADMIN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    insta::assert_snapshot!(String::from_utf8_lossy(&out.stderr), @r#"error: no --url or --admin given, and the manifest runtime.toml could not be used to find the broker: cannot read manifest "runtime.toml": No such file or directory (os error 2)"#);
+}
+
+#[test]
 fn an_unreachable_nats_is_one_line_that_names_it() {
     // Nothing listens on a port just found free.
     let port = free_port();

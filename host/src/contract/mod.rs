@@ -222,10 +222,11 @@ impl<S: tracing::Subscriber> Layer<S> for GuestLogs {
 /// Why a case file could not be run at all (as opposed to a case failing).
 #[derive(Debug, thiserror::Error)]
 pub enum CaseFileError {
-    #[error("cannot read {}: {source}", path.display())]
+    // The io error is in the text, not a `source` (see `ManifestError::Read`).
+    #[error("cannot read {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
@@ -247,9 +248,9 @@ pub async fn run_file(
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| CaseFileError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| CaseFileError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let file: CaseFile = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?

@@ -10,11 +10,12 @@ use unicode_width::UnicodeWidthChar;
 /// Why a manifest could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read manifest {path:?}: {source}")]
+    // The io error is in the text, not a `source`: chained (`{:#}`) it said its cause
+    // twice ("…: No such file or directory (os error 2): No such file or directory …").
+    #[error("cannot read manifest {path:?}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// One or more problems, each with its location.
     #[error("{}", render_all(.0))]

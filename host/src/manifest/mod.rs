@@ -202,9 +202,9 @@ impl Manifest {
     }
 
     fn read(path: &Path, require_modules: bool) -> Result<Manifest, ManifestError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        let src = std::fs::read_to_string(path).map_err(|error| ManifestError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         validate::validate(
             path,
