@@ -619,14 +619,7 @@ async fn with_two_hosts_a_message_jetstream_gives_up_on_is_dead_lettered_once() 
     let letter = next_within(&mut letters, WAIT)
         .await
         .expect("a dead letter within the timeout");
-    let get = |k: &str| {
-        letter
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(k))
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_default()
-    };
+    let get = |k: &str| header_in(letter.headers.as_ref(), k);
     assert_eq!(get("Wasmev-Stream-Seq"), "1");
     assert!(
         get("Wasmev-Error").contains("could not be read back"),

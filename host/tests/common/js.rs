@@ -64,9 +64,13 @@ pub async fn publish_ops(js: &jetstream::Context, ops: impl IntoIterator<Item = 
 
 /// Header `name` of a stored message, or "" when it has none.
 pub fn header(message: &jetstream::message::StreamMessage, name: &str) -> String {
-    message
-        .headers
-        .get(name)
+    header_in(Some(&message.headers), name)
+}
+
+/// Header `name` in `headers` (a core message's), or "" when there is none.
+pub fn header_in(headers: Option<&async_nats::HeaderMap>, name: &str) -> String {
+    headers
+        .and_then(|h| h.get(name))
         .map(|v| v.as_str().to_string())
         .unwrap_or_default()
 }
