@@ -503,13 +503,13 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
     host.stop().await.unwrap();
 }
 
-/// On its last delivery an event whose dead letter cannot be published (the dead-letter
-/// stream is full) is nak'd, never terminated; JetStream then gives up on it, and the
-/// max-deliveries watcher tries the dead letter again until it is taken.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_gives_up() {
-    let (server, client, js) = js_env(&[EVENTS]).await;
-    // Room for one message, and it is taken: a dead letter is refused until the purge.
+/// Two deliveries, the second 100 ms after the first; JetStream gives up 3 s after the
+/// second is nak'd.
+const GIVES_UP_SOON: &str = "max_deliver = 2\nbackoff = [\"100ms\", \"3s\"]\nack_wait = \"2s\"";
+
+/// A dead-letter stream (`DLQ`, on `wasmev.dlq.>`) with room for one message, taken: every
+/// dead letter is refused until it is purged.
+async fn full_dead_letter_stream(js: &jetstream::Context) {
     js.create_stream(jetstream::stream::Config {
         name: "DLQ".into(),
         subjects: vec!["wasmev.dlq.>".into()],
@@ -524,13 +524,27 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
         .unwrap()
         .await
         .unwrap();
-    let (_dir, host, mut records) = poison(
-        &server,
-        &client,
-        &js,
-        "max_deliver = 2\nbackoff = [\"100ms\", \"3s\"]\nack_wait = \"2s\"",
-    )
+}
+
+/// Wait until JetStream has given up on the poison event and the watcher's letter for it
+/// was refused (after the last delivery's own).
+async fn given_up_and_refused(host: &TestHost) {
+    let given_up = || host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\"");
+    let refused = || host.metric("wasmev_dead_letters_refused_total", "handler=\"chaos\"");
+    wait_for("the watcher's letter to be refused", WAIT, || async {
+        (given_up() == 1 && refused() >= 2).then_some(())
+    })
     .await;
+}
+
+/// On its last delivery an event whose dead letter cannot be published (the dead-letter
+/// stream is full) is nak'd, never terminated; JetStream then gives up on it, and the
+/// max-deliveries watcher tries the dead letter again until it is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_gives_up() {
+    let (server, client, js) = js_env(&[EVENTS]).await;
+    full_dead_letter_stream(&js).await;
+    let (_dir, host, mut records) = poison(&server, &client, &js, GIVES_UP_SOON).await;
     for attempt in 1..=2 {
         let m = next_within(&mut records, WAIT)
             .await
@@ -555,10 +569,7 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
     // JetStream gives up on it once the nak's 3 s are over; the watcher's letter is
     // refused too, and tried again. The advisory comes only once: what was refused then
     // must not be lost.
-    wait_for("the watcher's letter to be refused", WAIT, || async {
-        (given_up() == 1 && refused() >= 2).then_some(())
-    })
-    .await;
+    given_up_and_refused(&host).await;
     assert_eq!(count(&js, "DLQ").await, 1, "only the filler");
     js.get_stream("DLQ").await.unwrap().purge().await.unwrap();
 
@@ -644,4 +655,41 @@ async fn with_two_hosts_a_message_jetstream_gives_up_on_is_dead_lettered_once() 
     for host in hosts {
         host.stop().await.unwrap();
     }
+}
+
+/// A reload that points dead letters at another stream replaces the JetStream intake; the
+/// letter the watcher was retrying (its stream full) goes on being retried, to the new
+/// subject, and arrives there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_pointing_dead_letters_elsewhere_brings_out_a_refused_given_up_letter() {
+    let (server, client, js) = js_env(&[EVENTS, ("ELSEWHERE", &["elsewhere.>"])]).await;
+    full_dead_letter_stream(&js).await;
+    let (dir, host, _records) = poison(&server, &client, &js, GIVES_UP_SOON).await;
+    given_up_and_refused(&host).await;
+
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        js_manifest(
+            &server,
+            &format!("{GIVES_UP_SOON}\ndead_letter = \"elsewhere.chaos\""),
+        ),
+    )
+    .unwrap();
+    let report = host.reload().await;
+    assert_eq!(report.result, "ok", "{report:?}");
+
+    wait_for("the dead letter, elsewhere", WAIT, || async {
+        (count(&js, "ELSEWHERE").await == 1).then_some(())
+    })
+    .await;
+    let letter = read_all(&js, "ELSEWHERE").await.remove(0);
+    assert_eq!(letter.subject.as_str(), "elsewhere.chaos");
+    assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
+    assert_eq!(header(&letter, "Wasmev-Stream-Seq"), "1");
+    assert_eq!(count(&js, "DLQ").await, 1, "only the filler");
+    assert_eq!(
+        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
+        1
+    );
+    host.stop().await.unwrap();
 }

@@ -35,12 +35,15 @@ struct MaxDeliveries {
 
 /// Dead-letter each message JetStream reports (on `advisories`, from
 /// [`NatsBroker::max_deliveries_advisories`]) it stopped delivering to the handler's
-/// consumer, until `token` is cancelled.
+/// consumer, until `token` (the intake's) is cancelled. A letter being retried then is
+/// retried on until it goes out or `shutdown` (the host's) is cancelled: a reload that
+/// replaces the intake, to point dead letters at a stream with room say, must not drop it.
 pub async fn dead_letter_given_up(
     live: Arc<Live>,
     nats: Arc<NatsBroker>,
     mut advisories: async_nats::Subscriber,
     token: CancellationToken,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
         let advisory = tokio::select! {
@@ -49,7 +52,7 @@ pub async fn dead_letter_given_up(
         };
         if let Some(advisory) = advisory {
             match serde_json::from_slice::<MaxDeliveries>(&advisory.payload) {
-                Ok(given_up) => dead_letter_one(&live, &nats, &given_up, &token).await,
+                Ok(given_up) => dead_letter_one(&live, &nats, &given_up, &shutdown).await,
                 Err(e) => tracing::warn!(
                     handler = %live.current().spec.name,
                     "ignoring a max-deliveries advisory that does not parse: {e}"
@@ -108,23 +111,28 @@ fn reason(given_up: &MaxDeliveries, unread: Option<&anyhow::Error>) -> String {
 ///
 /// Why these: the advisory comes once, so a letter refused here (dead-letter stream full,
 /// broker away, no permission) is tried until it goes out or the host stops. What refuses
-/// it is mended by a person or a restart, in seconds to hours; starting at 1 s and capping
-/// at 30 s sends the letter within 30 s of that, and asks a refusing broker at most twice
-/// a minute meanwhile. Advisories that come in the meantime wait in the subscription.
+/// it is mended by a person (a purge, a reload pointing dead letters elsewhere) or a
+/// restart, in seconds to hours; starting at 1 s and capping at 30 s sends the letter
+/// within 30 s of that, and asks a refusing broker at most twice a minute meanwhile.
+/// Advisories that come in the meantime wait in the subscription.
 const LETTER_RETRY_FIRST: Duration = Duration::from_secs(1);
 const LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Dead-letter stream message `given_up.stream_seq`, read back from the stream, or a
 /// letter without its payload when it cannot be read (that is why it was never handled).
-/// A refused letter is tried again (read and all) until it goes out or `token` is
+/// A refused letter is tried again (read and all) until it goes out or `shutdown` is
 /// cancelled.
 async fn dead_letter_one(
     live: &Live,
     nats: &NatsBroker,
     given_up: &MaxDeliveries,
-    token: &CancellationToken,
+    shutdown: &CancellationToken,
 ) {
-    live.current().metrics.given_up.inc();
+    let handler = live.current();
+    if handler.spec.jetstream.is_none() {
+        return;
+    }
+    handler.metrics.given_up.inc();
     let MaxDeliveries {
         stream,
         stream_seq: sequence,
@@ -132,8 +140,8 @@ async fn dead_letter_one(
     } = given_up;
     let mut wait = LETTER_RETRY_FIRST;
     loop {
-        // The live version each time: a reload while retrying may change the dead-letter
-        // subject (to one that works).
+        // The live version each time: a reload while retrying may point dead letters
+        // elsewhere (at a stream with room).
         let handler = live.current();
         let Some(spec) = handler.spec.jetstream.as_ref() else {
             return;
@@ -149,7 +157,7 @@ async fn dead_letter_one(
             humantime::format_duration(wait)
         );
         tokio::select! {
-            () = token.cancelled() => {
+            () = shutdown.cancelled() => {
                 tracing::error!(
                     handler = %handler.spec.name,
                     "{}",
@@ -188,17 +196,16 @@ async fn try_dead_letter(
     }
 }
 
-/// What the log says of a given-up message whose letter was still refused when its intake
+/// What the log says of a given-up message whose letter was still refused when the host
 /// stopped.
 fn unsent_at_stop(given_up: &MaxDeliveries) -> String {
     let MaxDeliveries {
         stream, stream_seq, ..
     } = given_up;
     format!(
-        "gave up dead-lettering sequence {stream_seq} of stream {stream:?}: the intake stopped \
-         (the host is stopping, or a reload changed or removed the handler's JetStream \
-         settings) while the letter was refused. JetStream will not deliver that message \
-         again; it is still in the stream"
+        "stopping with the dead letter of sequence {stream_seq} of stream {stream:?} still \
+         refused: JetStream will not deliver that message again, and it stays in the stream \
+         unhandled"
     )
 }
 
@@ -215,7 +222,7 @@ mod tests {
         let given_up: MaxDeliveries = serde_json::from_slice(advisory).unwrap();
         insta::assert_snapshot!(reason(&given_up, None), @"JetStream stopped delivering it after 5 deliveries, none of them acked or dead-lettered by a host (it stopped mid-event, the delivery was lost with its connection, or the dead letter could not be published then)");
         let unread = anyhow::anyhow!("failed to get last raw message: invalid header");
-        insta::assert_snapshot!(unsent_at_stop(&given_up), @r#"gave up dead-lettering sequence 7 of stream "EVENTS": the intake stopped (the host is stopping, or a reload changed or removed the handler's JetStream settings) while the letter was refused. JetStream will not deliver that message again; it is still in the stream"#);
+        insta::assert_snapshot!(unsent_at_stop(&given_up), @r#"stopping with the dead letter of sequence 7 of stream "EVENTS" still refused: JetStream will not deliver that message again, and it stays in the stream unhandled"#);
         insta::assert_snapshot!(reason(&given_up, Some(&unread)), @r#"JetStream stopped delivering it after 5 deliveries, none of them acked or dead-lettered by a host (it stopped mid-event, the delivery was lost with its connection, or the dead letter could not be published then); it could not be read back (failed to get last raw message: invalid header), so this letter has no payload: it is still in stream "EVENTS" at sequence 7"#);
     }
 }

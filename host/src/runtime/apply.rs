@@ -250,6 +250,7 @@ impl Host {
                     nats.clone(),
                     advisories,
                     stop.clone(),
+                    self.token.clone(),
                 ));
                 self.tasks.spawn(crate::jetstream::consume(
                     live.clone(),
