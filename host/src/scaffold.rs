@@ -104,10 +104,11 @@ pub enum ScaffoldError {
     Name(String),
     #[error("{} already exists and is not empty; pick another name or --dir", .0.display())]
     Exists(PathBuf),
-    #[error("cannot write {}: {source}", path.display())]
+    // The io error is in the text, not a `source` (see `ManifestError::Read`).
+    #[error("cannot write {}: {error}", path.display())]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -242,9 +243,9 @@ fn slashed(path: &Path) -> String {
 }
 
 fn write(path: &Path, contents: &str) -> Result<(), ScaffoldError> {
-    let failed = |source| ScaffoldError::Write {
+    let failed = |error| ScaffoldError::Write {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(failed)?;
@@ -279,6 +280,18 @@ mod tests {
         ] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_write_error_says_its_cause_once_even_chained() {
+        // A directory under a file cannot be made.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let err = create("greeter", Lang::Rust, &file.join("h")).unwrap_err();
+        let chained =
+            format!("{:#}", anyhow::Error::new(err)).replace(&file.display().to_string(), "[file]");
+        insta::assert_snapshot!(chained, @"cannot write [file]/h/Cargo.toml: Not a directory (os error 20)");
     }
 
     #[test]

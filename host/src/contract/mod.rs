@@ -230,11 +230,9 @@ pub enum CaseFileError {
     },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
-    #[error("{}: {source:#}", path.display())]
-    Handler {
-        path: PathBuf,
-        source: anyhow::Error,
-    },
+    // The chain is in the text, not a `source` (see `ManifestError::Read`).
+    #[error("{}: {error:#}", path.display())]
+    Handler { path: PathBuf, error: anyhow::Error },
 }
 
 /// Run every case in the file at `path`; `filter` keeps only cases whose name contains it.
@@ -267,9 +265,9 @@ pub async fn run_file(
         .collect::<Result<Vec<_>, _>>()?;
 
     let manifest_path = path.parent().unwrap_or(Path::new("")).join(&file.manifest);
-    let handler_error = |source: anyhow::Error| CaseFileError::Handler {
+    let handler_error = |error: anyhow::Error| CaseFileError::Handler {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let manifest = Manifest::load(&manifest_path).map_err(|e| handler_error(e.into()))?;
     let spec = match (&file.handler, manifest.handlers.as_slice()) {
