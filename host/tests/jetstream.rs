@@ -61,6 +61,11 @@ async fn seen(js: &jetstream::Context) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// `metric`'s value for the `chaos` handler on `host`.
+fn chaos(host: &TestHost, metric: &str) -> u64 {
+    host.metric(metric, "handler=\"chaos\"")
+}
+
 fn js_manifest(server: &NatsServer, jetstream: &str) -> String {
     server.manifest_head()
         + &handler_block(
@@ -92,10 +97,7 @@ async fn a_thousand_events_are_all_processed_and_none_dead_lettered() {
     let ids: HashSet<String> = seen(&js).await.into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids.len(), N, "every id was processed");
     assert_eq!(count(&js, "DLQ").await, 0);
-    assert_eq!(
-        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
-        0
-    );
+    assert_eq!(chaos(&host, "wasmev_dead_letters_total"), 0);
     host.stop().await.unwrap();
     // Everything was acked: the consumer has nothing pending.
     let mut consumer = chaos_consumer(&js).await;
@@ -163,16 +165,10 @@ async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
     }
     assert_eq!(attempts, [1, 2, 3], "exactly three attempts, numbered");
     assert_eq!(count(&js, "DLQ").await, 1, "exactly one dead letter");
-    assert_eq!(
-        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
-        1
-    );
+    assert_eq!(chaos(&host, "wasmev_dead_letters_total"), 1);
     assert_eq!(host.failed("chaos", "retry"), 3);
     // The host dead-lettered and terminated it itself: JetStream never gave up on it.
-    assert_eq!(
-        host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\""),
-        0
-    );
+    assert_eq!(chaos(&host, "wasmev_jetstream_given_up_total"), 0);
     host.stop().await.unwrap();
 }
 
@@ -281,12 +277,7 @@ async fn a_pull_without_heartbeats_is_started_again_and_nothing_is_lost() {
         (host.ok("chaos") >= N as u64).then_some(())
     })
     .await;
-    let restarts = || {
-        host.metric(
-            "wasmev_jetstream_pulls_restarted_total",
-            "handler=\"chaos\"",
-        )
-    };
+    let restarts = || chaos(&host, "wasmev_jetstream_pulls_restarted_total");
     assert_eq!(restarts(), 0, "a healthy pull is not restarted");
 
     server.pause();
@@ -493,11 +484,11 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
     let info = consumer.info().await.unwrap();
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
     assert_eq!(
-        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
+        chaos(&host, "wasmev_dead_letters_total"),
         letters.len() as u64
     );
     assert_eq!(
-        host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\""),
+        chaos(&host, "wasmev_jetstream_given_up_total"),
         letters.len() as u64
     );
     host.stop().await.unwrap();
@@ -529,8 +520,8 @@ async fn full_dead_letter_stream(js: &jetstream::Context) {
 /// Wait until JetStream has given up on the poison event and the watcher's letter for it
 /// was refused (after the last delivery's own).
 async fn given_up_and_refused(host: &TestHost) {
-    let given_up = || host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\"");
-    let refused = || host.metric("wasmev_dead_letters_refused_total", "handler=\"chaos\"");
+    let given_up = || chaos(host, "wasmev_jetstream_given_up_total");
+    let refused = || chaos(host, "wasmev_dead_letters_refused_total");
     wait_for("the watcher's letter to be refused", WAIT, || async {
         (given_up() == 1 && refused() >= 2).then_some(())
     })
@@ -552,8 +543,8 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
         let v: Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(v["attempt"], attempt);
     }
-    let refused = || host.metric("wasmev_dead_letters_refused_total", "handler=\"chaos\"");
-    let given_up = || host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\"");
+    let refused = || chaos(&host, "wasmev_dead_letters_refused_total");
+    let given_up = || chaos(&host, "wasmev_jetstream_given_up_total");
     // The second attempt's dead letter was refused, and the event nak'd for 3 s.
     wait_for(
         "the second attempt's dead letter to be refused",
@@ -561,10 +552,7 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
         || async { (host.failed("chaos", "retry") == 2 && refused() == 1).then_some(()) },
     )
     .await;
-    assert_eq!(
-        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
-        0
-    );
+    assert_eq!(chaos(&host, "wasmev_dead_letters_total"), 0);
     assert_eq!(given_up(), 0);
     // JetStream gives up on it once the nak's 3 s are over; the watcher's letter is
     // refused too, and tried again. The advisory comes only once: what was refused then
@@ -595,14 +583,8 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
             .await
             .is_none()
     );
-    assert_eq!(
-        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
-        1
-    );
-    assert_eq!(
-        host.metric("wasmev_jetstream_given_up_total", "handler=\"chaos\""),
-        1
-    );
+    assert_eq!(chaos(&host, "wasmev_dead_letters_total"), 1);
+    assert_eq!(chaos(&host, "wasmev_jetstream_given_up_total"), 1);
     host.stop().await.unwrap();
 }
 
@@ -644,12 +626,7 @@ async fn with_two_hosts_a_message_jetstream_gives_up_on_is_dead_lettered_once() 
             .is_none(),
         "dead-lettered twice"
     );
-    let sum = |name: &str| -> u64 {
-        hosts
-            .iter()
-            .map(|h| h.metric(name, "handler=\"chaos\""))
-            .sum()
-    };
+    let sum = |name: &str| -> u64 { hosts.iter().map(|h| chaos(h, name)).sum() };
     assert_eq!(sum("wasmev_jetstream_given_up_total"), 1);
     assert_eq!(sum("wasmev_dead_letters_total"), 1);
     for host in hosts {
@@ -687,9 +664,6 @@ async fn a_reload_pointing_dead_letters_elsewhere_brings_out_a_refused_given_up_
     assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
     assert_eq!(header(&letter, "Wasmev-Stream-Seq"), "1");
     assert_eq!(count(&js, "DLQ").await, 1, "only the filler");
-    assert_eq!(
-        host.metric("wasmev_dead_letters_total", "handler=\"chaos\""),
-        1
-    );
+    assert_eq!(chaos(&host, "wasmev_dead_letters_total"), 1);
     host.stop().await.unwrap();
 }

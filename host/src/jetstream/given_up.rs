@@ -98,8 +98,6 @@ fn reason(given_up: &MaxDeliveries, unread: Option<&anyhow::Error>) -> String {
     match unread {
         None => why,
         Some(e) => format!(
-            // `{e}`, not `{e:#}`: async-nats's errors already print their source, and the
-            // chain printed it twice.
             "{why}; it could not be read back ({e}), so this letter has no payload: it is \
              still in stream {stream:?} at sequence {stream_seq}"
         ),

@@ -315,14 +315,13 @@ pub(super) async fn send_dead_letter(
         ),
     ]);
     let payload = message.map(|m| m.payload.clone()).unwrap_or_default();
-    let sent = handler
+    handler
         .broker
         .publish_durable(Outgoing::new(spec.dead_letter.clone(), payload).with_headers(headers))
-        .await;
-    if sent.is_err() {
-        handler.metrics.dead_letters_refused.inc();
-    }
-    sent?;
+        .await
+        .inspect_err(|_| {
+            handler.metrics.dead_letters_refused.inc();
+        })?;
     handler.metrics.dead_lettered.inc();
     tracing::warn!(
         handler = %handler.spec.name,
