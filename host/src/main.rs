@@ -51,6 +51,17 @@ struct HostArgs {
     /// Compile every module on every start, without the artifact cache.
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
+    /// Threads that run handlers and broker I/O [default: one per CPU core]. On a machine
+    /// shared with nats-server, 1 keeps each event on one core and can carry more events
+    /// for `reuse` handlers; `per-event` handlers want one per core (see the README's
+    /// Performance section). At most 1024: each is an OS thread, and more is a typo.
+    #[arg(
+        long,
+        env = "WASMEV_WORKER_THREADS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    worker_threads: Option<u16>,
 }
 
 impl HostArgs {
@@ -198,7 +209,7 @@ fn main() -> ExitCode {
         .with(console)
         .with(capture)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match async_runtime(&cli.command) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: failed to start the async runtime: {e}");
@@ -242,6 +253,19 @@ fn main() -> ExitCode {
             } => publish(subject, data, headers, url, admin, manifest).await,
         }
     })
+}
+
+/// The async runtime the command runs on: as many worker threads as `--worker-threads`
+/// asks for `run` and `dev`, otherwise tokio's default of one per CPU core.
+fn async_runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Run { host } | Command::Dev { host } = command
+        && let Some(threads) = host.worker_threads
+    {
+        builder.worker_threads(usize::from(threads));
+    }
+    builder.build()
 }
 
 /// The manifest at `path`, its error text as the user sees it from `check`.

@@ -115,6 +115,11 @@ impl Drop for Running {
 /// `wasmev run` in `dir` on a manifest of `handlers` with its admin endpoint on `port`,
 /// once `/healthz` answers 200.
 fn run_until_healthy(dir: &Path, port: u16, handlers: &str) -> Running {
+    run_with_until_healthy(dir, port, handlers, &[])
+}
+
+/// [`run_until_healthy`], with `args` after `run runtime.toml`.
+fn run_with_until_healthy(dir: &Path, port: u16, handlers: &str, args: &[&str]) -> Running {
     std::fs::write(
         dir.join("runtime.toml"),
         format!("version = 1\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{handlers}"),
@@ -123,6 +128,7 @@ fn run_until_healthy(dir: &Path, port: u16, handlers: &str) -> Running {
     let running = Running(Some(
         wasmev_command()
             .args(["run", "runtime.toml"])
+            .args(args)
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -185,6 +191,35 @@ fn sigterm_stops_intake_and_exits_zero() {
     let (code, stderr) = terminate(child);
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
     assert!(stderr.contains("shutting down"), "{stderr}");
+}
+
+#[test]
+fn worker_threads_sets_how_many_threads_the_host_runs_on() {
+    // 3: neither the default on the 2-core machines the tests run on, nor 1, which a
+    // broken flag could land on by accident.
+    let dir = tempfile::tempdir().unwrap();
+    let child = run_with_until_healthy(
+        dir.path(),
+        free_port(),
+        &handler_block("audit-log", "audit-log", "subscribe = [\"user.>\"]"),
+        &["--worker-threads", "3"],
+    );
+    let (code, stderr) = terminate(child);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
+    let ready = stderr.lines().find(|l| l.contains("ready on the")).unwrap();
+    assert!(ready.contains("worker_threads=3"), "{ready}");
+}
+
+#[test]
+fn worker_threads_of_zero_is_refused_with_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wasmev(&["run", "--worker-threads", "0"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    insta::assert_snapshot!(String::from_utf8_lossy(&out.stderr), @"
+    error: invalid value '0' for '--worker-threads <N>': 0 is not in 1..=1024
+
+    For more information, try '--help'.
+    ");
 }
 
 #[test]

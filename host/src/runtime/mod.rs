@@ -223,6 +223,7 @@ impl Host {
                 .values()
                 .map(|r| r.intakes.len())
                 .sum::<usize>(),
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             "ready on the {}",
             host.broker.describe()
         );
