@@ -13,7 +13,7 @@ use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repea
 use super::load::{
     Baseline, LATENCY_RUNS, LatencyRun, Measured, RUNS, Route, Running, SLOW_US, WorkersUse,
     baseline_row, cpu_row, echo_host, latency, latency_row, latency_run, measure, memory_baseline,
-    nats_baseline, nats_route, rate_row, throughput, worker_rows,
+    nats_baseline, nats_route, on_one_worker, rate_row, throughput, worker_rows,
 };
 use super::{
     ECHO, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server,
@@ -44,7 +44,17 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         |round, _| eprintln!("NATS throughput, round {round}/{RUNS} done"),
     )
     .await?;
-    let [raw, hops, per_event, reuse, small] = rounds.as_slice() else {
+    let [
+        raw,
+        hops,
+        per_event,
+        reuse,
+        small,
+        raw_one,
+        per_event_one,
+        reuse_one,
+    ] = rounds.as_slice()
+    else {
         bail!("expected a list of runs per contender");
     };
     let raw_m = Measured::summary(raw);
@@ -95,6 +105,32 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
             latency,
             raw_latency,
             &format!("p99 overhead ≤ {lat_target:.0} µs"),
+        ));
+    }
+
+    // `--worker-threads 1`: the host on one worker, against the plain subscriber on one.
+    // On this machine nats-server and the load generator share the two cores with it.
+    rows.push(round_row(
+        "NATS: the plain subscriber on one worker thread",
+        raw_one,
+        raw,
+        "",
+    ));
+    let raw_one_m = Measured::summary(raw_one);
+    for (mode, runs) in [("per-event", per_event_one), ("reuse", reuse_one)] {
+        rows.push(round_row(
+            &format!(
+                "NATS: wasmev, instances = {mode}, one worker thread (`--worker-threads 1`), \
+                 against the subscriber on one"
+            ),
+            runs,
+            raw_one,
+            "",
+        ));
+        rows.push(cpu_row(
+            &format!("NATS: worker CPU per event, {mode}, one worker thread"),
+            &Measured::summary(runs),
+            &raw_one_m,
         ));
     }
 
@@ -199,7 +235,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              the median of {RUNS} runs. On NATS the runs are made in {RUNS} rounds, each \
              starting every subscriber in turn for one run, and a ratio is the median of \
              the rounds' own ratios, so a slow spell of the machine falls on both sides of \
-             it. Worker CPU per event: CPU time of the tokio worker threads \
+             it. One worker thread: the plain subscriber and the host each on a runtime \
+             of one worker thread (`wasmev run --worker-threads 1`), taking their turns in \
+             the same rounds. Worker CPU per event: CPU time of the tokio worker threads \
              (the host, or the baseline subscriber; not the load generator, not \
              nats-server) over those runs, divided by the events, and the heap \
              allocations those threads made over the same runs, counted by the bench's \
@@ -243,12 +281,15 @@ fn jetstream_mode(mode: &str) -> Option<&'static str> {
 }
 
 /// Who answers `bench.in` on NATS in the throughput rounds, in the order they take turns.
-const CONTENDERS: [Contender; 5] = [
+const CONTENDERS: [Contender; 8] = [
     Contender::Plain,
     Contender::PlainWithHops,
     Contender::Host("per-event", ECHO),
     Contender::Host("reuse", ECHO),
     Contender::Host("per-event", ECHO_SMALL_STACK),
+    Contender::OneWorker(&Contender::Plain),
+    Contender::OneWorker(&Contender::Host("per-event", ECHO)),
+    Contender::OneWorker(&Contender::Host("reuse", ECHO)),
 ];
 
 /// One subscriber the NATS figures compare.
@@ -260,6 +301,8 @@ enum Contender {
     PlainWithHops,
     /// A host running the echo handler: its `instances` mode and its module.
     Host(&'static str, &'static str),
+    /// Another contender on a runtime with one worker thread (NATS only).
+    OneWorker(&'static Contender),
 }
 
 /// Who answers `bench.in` in the latency rounds (NATS and embedded), in turn: the baseline
@@ -290,11 +333,11 @@ impl Contender {
         match on {
             On::Nats(url, route) => {
                 let started = match self {
-                    Contender::Plain => Started::Plain(nats_baseline(url, false).await?),
-                    Contender::PlainWithHops => Started::Plain(nats_baseline(url, true).await?),
-                    Contender::Host(mode, module) => {
-                        Started::Host(echo_host(dir, module, mode, Some(url), "").await?.0)
+                    Contender::OneWorker(contender) => {
+                        let (contender, dir, url) = (*contender, dir.to_owned(), url.to_owned());
+                        on_one_worker(async move { contender.start_nats(&dir, &url).await }).await?
                     }
+                    _ => self.start_nats(dir, url).await?,
                 };
                 Ok((started, route.clone()))
             }
@@ -306,7 +349,9 @@ impl Contender {
                         Route::Memory(memory),
                     ))
                 }
-                Contender::PlainWithHops => bail!("the hop-header baseline is a NATS subscriber"),
+                Contender::PlainWithHops | Contender::OneWorker(_) => {
+                    bail!("the hop-header and one-worker contenders answer on NATS only")
+                }
                 Contender::Host(mode, module) => {
                     let (host, broker) = echo_host(dir, module, mode, None, "").await?;
                     let Broker::Memory(memory) = broker else {
@@ -316,6 +361,20 @@ impl Contender {
                 }
             },
         }
+    }
+}
+
+impl Contender {
+    /// Start answering on the nats-server at `url`, on the runtime this is called on.
+    async fn start_nats(self, dir: &Path, url: &str) -> anyhow::Result<Started> {
+        Ok(match self {
+            Contender::Plain => Started::Plain(nats_baseline(url, false).await?),
+            Contender::PlainWithHops => Started::Plain(nats_baseline(url, true).await?),
+            Contender::Host(mode, module) => {
+                Started::Host(echo_host(dir, module, mode, Some(url), "").await?.0)
+            }
+            Contender::OneWorker(_) => bail!("a one-worker contender is started by `start`"),
+        })
     }
 }
 

@@ -100,14 +100,44 @@ pub(super) static DRIVER: std::sync::LazyLock<Option<tokio::runtime::Runtime>> =
             .ok()
     });
 
+/// A runtime with one worker thread for a host (or a baseline), as `wasmev run
+/// --worker-threads 1` has: the rows pricing that flag run their contenders here. Its
+/// threads are counted like the main runtime's (tokio's default name, and the allocation
+/// tally), so their CPU and allocations per event read alike.
+pub(super) static ONE_WORKER: std::sync::LazyLock<Option<tokio::runtime::Runtime>> =
+    std::sync::LazyLock::new(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .on_thread_start(crate::alloc::mark_worker)
+            .enable_all()
+            .build()
+            .ok()
+    });
+
 /// Run `fut` on the load generator's runtime.
 pub(super) async fn on_driver<T: Send + 'static>(
     fut: impl Future<Output = anyhow::Result<T>> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let Some(driver) = DRIVER.as_ref() else {
-        bail!("cannot start the load generator's runtime");
+    on(&DRIVER, "the load generator's", fut).await
+}
+
+/// Run `fut` on the one-worker runtime: what it spawns (a host's tasks, a client's
+/// connection) stays there.
+pub(super) async fn on_one_worker<T: Send + 'static>(
+    fut: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    on(&ONE_WORKER, "the one-worker", fut).await
+}
+
+async fn on<T: Send + 'static>(
+    runtime: &std::sync::LazyLock<Option<tokio::runtime::Runtime>>,
+    which: &str,
+    fut: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    let Some(runtime) = runtime.as_ref() else {
+        bail!("cannot start {which} runtime");
     };
-    driver.spawn(fut).await?
+    runtime.spawn(fut).await?
 }
 
 /// A NATS route whose connection lives on the load generator's runtime.
