@@ -362,9 +362,7 @@ impl Contender {
             },
         }
     }
-}
 
-impl Contender {
     /// Start answering on the nats-server at `url`, on the runtime this is called on.
     async fn start_nats(self, dir: &Path, url: &str) -> anyhow::Result<Started> {
         Ok(match self {
