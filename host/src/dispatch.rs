@@ -164,7 +164,7 @@ pub fn dispatch(
         // bytes, then 672).
         let call = Box::pin(run(handler, &event, delivery, started));
         let (outcome, replied) = call.await;
-        metrics.duration.observe(started.elapsed().as_secs_f64());
+        metrics.duration.observe(started.elapsed());
         match &outcome {
             Outcome::Ok => {
                 metrics.ok.inc();

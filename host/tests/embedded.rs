@@ -97,6 +97,7 @@ async fn admin_publish_flows_through_both_handlers() {
             .unwrap();
         (metrics.contains("wasmev_events_ok_total{handler=\"email-sender\"} 1")
             && metrics.contains("wasmev_events_ok_total{handler=\"audit-log\"} 1")
+            && metrics.contains("wasmev_event_duration_seconds_count{handler=\"email-sender\"} 1")
             && metrics.contains("wasmev_ready 1"))
         .then_some(())
     })
