@@ -227,10 +227,13 @@ impl HandlerMetrics {
 /// The upper bounds of [`Durations`]' buckets, in seconds: 50 µs .. ~3.3 s in powers of 2
 /// (per-event costs start in microseconds), then everything above.
 fn duration_bounds() -> Vec<f64> {
-    exponential_buckets(0.000_05, 2.0, 17)
+    exponential_buckets(0.000_05, 2.0, DURATION_BUCKETS as u16 - 1)
         .chain(std::iter::once(f64::MAX))
         .collect()
 }
+
+/// Buckets of a [`Durations`], the last one unbounded.
+const DURATION_BUCKETS: usize = 18;
 
 /// Shards of a [`Durations`]. Why 8: one per worker thread on the machines the host runs
 /// on (2-8 cores); with more workers, threads share shards, which stays correct and costs
@@ -260,8 +263,9 @@ struct DurationsInner {
 #[derive(Debug)]
 struct DurationShard {
     /// Observations per bucket, each counted in the first bucket whose bound it is within
-    /// (the encoder makes them cumulative).
-    buckets: Vec<AtomicU64>,
+    /// (the encoder makes them cumulative). In the shard itself, not behind a pointer: a
+    /// heap array of each shard would sit next to another's.
+    buckets: [AtomicU64; DURATION_BUCKETS],
     /// Nanoseconds: no float to add atomically, and 584 years of event time before it
     /// wraps.
     sum_nanos: AtomicU64,
@@ -272,7 +276,7 @@ impl Default for Durations {
         let bounds = duration_bounds();
         let shards = std::array::from_fn(|_| {
             CachePadded::new(DurationShard {
-                buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+                buckets: std::array::from_fn(|_| AtomicU64::new(0)),
                 sum_nanos: AtomicU64::new(0),
             })
         });
