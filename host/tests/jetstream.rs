@@ -46,6 +46,19 @@ async fn count(js: &jetstream::Context, name: &str) -> u64 {
         .messages
 }
 
+/// The one message in stream `name` (a dead-letter stream the test emptied or filled to
+/// one), once it has arrived.
+async fn only_letter(
+    js: &jetstream::Context,
+    name: &str,
+) -> async_nats::jetstream::message::StreamMessage {
+    wait_for(&format!("the dead letter in {name}"), WAIT, || async {
+        (count(js, name).await == 1).then_some(())
+    })
+    .await;
+    read_all(js, name).await.remove(0)
+}
+
 /// `(id, attempt)` for every record in the SEEN stream.
 async fn seen(js: &jetstream::Context) -> Vec<(String, u64)> {
     read_all(js, "SEEN")
@@ -138,11 +151,7 @@ async fn a_poison_event_is_tried_max_deliver_times_then_dead_lettered_once() {
         "max_deliver = 3\nbackoff = [\"100ms\", \"200ms\"]\nack_wait = \"2s\"",
     )
     .await;
-    wait_for("the dead letter", WAIT, || async {
-        (count(&js, "DLQ").await == 1).then_some(())
-    })
-    .await;
-    let letter = read_all(&js, "DLQ").await.remove(0);
+    let letter = only_letter(&js, "DLQ").await;
     assert_eq!(letter.subject.as_str(), "wasmev.dlq.chaos");
     assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
     let get = |k: &str| header(&letter, k);
@@ -561,11 +570,7 @@ async fn a_dead_letter_refused_on_the_last_delivery_is_published_when_jetstream_
     assert_eq!(count(&js, "DLQ").await, 1, "only the filler");
     js.get_stream("DLQ").await.unwrap().purge().await.unwrap();
 
-    wait_for("the dead letter", WAIT, || async {
-        (count(&js, "DLQ").await == 1).then_some(())
-    })
-    .await;
-    let letter = read_all(&js, "DLQ").await.remove(0);
+    let letter = only_letter(&js, "DLQ").await;
     let get = |k: &str| header(&letter, k);
     assert_eq!(letter.subject.as_str(), "wasmev.dlq.chaos");
     assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
@@ -655,11 +660,7 @@ async fn a_reload_pointing_dead_letters_elsewhere_brings_out_a_refused_given_up_
     let report = host.reload().await;
     assert_eq!(report.result, "ok", "{report:?}");
 
-    wait_for("the dead letter, elsewhere", WAIT, || async {
-        (count(&js, "ELSEWHERE").await == 1).then_some(())
-    })
-    .await;
-    let letter = read_all(&js, "ELSEWHERE").await.remove(0);
+    let letter = only_letter(&js, "ELSEWHERE").await;
     assert_eq!(letter.subject.as_str(), "elsewhere.chaos");
     assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
     assert_eq!(header(&letter, "Wasmev-Stream-Seq"), "1");
