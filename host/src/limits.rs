@@ -145,6 +145,18 @@ pub const JETSTREAM_PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// heartbeat under half of `expires`.
 pub const JETSTREAM_PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How long a host may hold a max-deliveries advisory before JetStream gives it to
+/// another (or the same host's next read): the time a crashed host's advisory waits. Why
+/// 60 s: twice [`GIVEN_UP_TRY`], so a try still running is never doubled by a redelivery;
+/// a host that stops in an orderly way hands its advisory back at once.
+pub const GIVEN_UP_ACK_WAIT: Duration = Duration::from_secs(60);
+
+/// Longest one try at a given-up message's dead letter may take (looking up the
+/// dead-letter stream, reading the message back, publishing, the stream's ack; each
+/// JetStream request waits up to 5 s). Why 30 s: room for all of those with a slow
+/// server; a try that takes longer counts as refused and is tried again later.
+pub const GIVEN_UP_TRY: Duration = Duration::from_secs(30);
+
 /// Longest time a guest `request` may wait for a reply. Why 30 s: a request is a
 /// synchronous call inside an event; the event's own deadline usually ends it sooner.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -668,3 +668,80 @@ async fn a_reload_pointing_dead_letters_elsewhere_brings_out_a_refused_given_up_
     assert_eq!(chaos(&host, "wasmev_dead_letters_total"), 1);
     host.stop().await.unwrap();
 }
+
+/// The stream a host keeps the `chaos` consumer's max-deliveries advisories in.
+const GIVEN_UP: &str = "WASMEV_GIVEN_UP_EVENTS_chaos";
+
+/// A host that stops mid-event on a message's last delivery is not there when JetStream
+/// gives up on it: the advisory waits in its stream, and the next host to start
+/// dead-letters the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_given_up_while_no_host_runs_is_dead_lettered_by_the_next_host() {
+    use futures::StreamExt;
+    let (server, _client, js) = js_env(&[EVENTS, DLQ]).await;
+    let (_dir, m) = manifest(&js_manifest(&server, "max_deliver = 2\nack_wait = \"1s\""));
+    // The first host sets up the consumer, and where its advisories are kept; then stops.
+    TestHost::start(&m).await.stop().await.unwrap();
+    publish_ops(&js, [("lost".to_string(), json!({"op": "record"}))]).await;
+    // Both deliveries go to a reader that never settles them, as to a host killed
+    // mid-event; a third pull finds nothing, and JetStream gives up on the message.
+    let consumer = chaos_consumer(&js).await;
+    for delivery in 1..=3 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .unwrap();
+        match batch.next().await {
+            Some(Ok(m)) => assert_eq!(m.info().unwrap().delivered, delivery),
+            None => assert_eq!(delivery, 3, "no delivery {delivery}"),
+            Some(Err(e)) => panic!("{e}"),
+        }
+    }
+    wait_for(
+        "the advisory to be kept while no host runs",
+        WAIT,
+        || async { (count(&js, GIVEN_UP).await == 1).then_some(()) },
+    )
+    .await;
+
+    let host = TestHost::start(&m).await;
+    let letter = only_letter(&js, "DLQ").await;
+    assert_eq!(&letter.payload[..], br#"{"op":"record"}"#);
+    assert_eq!(header(&letter, "Wasmev-Stream-Seq"), "1");
+    let error = header(&letter, "Wasmev-Error");
+    assert!(error.contains("stopped delivering it after 2"), "{error}");
+    // The advisory goes once its letter is out; the handler never ran the message.
+    wait_for("the advisory to be acked", WAIT, || async {
+        (count(&js, GIVEN_UP).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(host.ok("chaos"), 0);
+    assert_eq!(chaos(&host, "wasmev_jetstream_given_up_total"), 1);
+    host.stop().await.unwrap();
+}
+
+/// A host that stops while the dead-letter stream refuses a given-up message's letter
+/// hands its advisory back; the next host sends the letter once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_up_letter_still_refused_when_the_host_stops_is_sent_by_the_next_host() {
+    let (server, client, js) = js_env(&[EVENTS]).await;
+    full_dead_letter_stream(&js).await;
+    let (dir, host, _records) = poison(&server, &client, &js, GIVES_UP_SOON).await;
+    given_up_and_refused(&host).await;
+    host.stop().await.unwrap();
+    assert_eq!(count(&js, GIVEN_UP).await, 1, "the advisory is kept");
+    js.get_stream("DLQ").await.unwrap().purge().await.unwrap();
+
+    let m = wasmev::Manifest::load(&dir.path().join("runtime.toml")).unwrap();
+    let host = TestHost::start(&m).await;
+    let letter = only_letter(&js, "DLQ").await;
+    assert_eq!(&letter.payload[..], br#"{"op":"record_then_retry"}"#);
+    assert_eq!(header(&letter, "Wasmev-Stream-Seq"), "1");
+    assert_eq!(chaos(&host, "wasmev_dead_letters_total"), 1);
+    // Counted by the host that first read the advisory, not again.
+    assert_eq!(chaos(&host, "wasmev_jetstream_given_up_total"), 0);
+    host.stop().await.unwrap();
+}

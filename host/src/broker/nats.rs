@@ -142,18 +142,22 @@ fn header_pairs(h: &HeaderMap) -> Vec<(String, String)> {
 /// `<this>.<stream>.<consumer>`.
 const MAX_DELIVERIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES";
 
-/// What to tell the operator when the server refused this host's subscription to the
-/// max-deliveries advisories (the NATS user may not subscribe there); `None` for any other
-/// server error. The server's text stays in it: it names the subject.
-fn advisories_refused(error: &str) -> Option<String> {
-    (error.contains("Permissions Violation") && error.contains(MAX_DELIVERIES)).then(|| {
-        format!(
-            "nats refused the subscription to JetStream's max-deliveries advisories ({error}): \
-             messages JetStream stops delivering unsettled will stay in their stream without \
-             a dead letter; allow this user to subscribe to \"{MAX_DELIVERIES}.>\""
-        )
-    })
+/// The stream that keeps the max-deliveries advisories of consumer `durable` on `stream`.
+fn given_up_stream(stream: &str, durable: &str) -> String {
+    format!("WASMEV_GIVEN_UP_{stream}_{durable}")
 }
+
+/// Why [`NatsBroker::given_up_consumer`] cannot use stream `name`: it exists, capturing
+/// `subjects` rather than only `subject`.
+fn given_up_stream_taken(name: &str, subjects: &[String], subject: &str) -> String {
+    format!(
+        "stream {name:?} exists on {subjects:?}; wasmev keeps max-deliveries advisories there \
+         and needs it on {subject:?} alone: delete or rename that stream"
+    )
+}
+
+/// The durable consumer hosts read those advisories with.
+const GIVEN_UP_CONSUMER: &str = "wasmev";
 
 /// The hop header's name, on every guest publish: built once, not parsed each time.
 const HOPS_NAME: HeaderName = HeaderName::from_static(HOPS);
@@ -279,11 +283,6 @@ impl NatsBroker {
                         // client dropped at shutdown): nothing to warn about.
                         async_nats::Event::Closed => {
                             tracing::debug!(%url, "nats connection closed")
-                        }
-                        async_nats::Event::ServerError(async_nats::ServerError::Other(
-                            ref error,
-                        )) if let Some(what) = advisories_refused(error) => {
-                            tracing::warn!(%url, "{what}")
                         }
                         other => tracing::warn!(%url, "nats: {other}"),
                     }
@@ -488,23 +487,55 @@ impl NatsBroker {
             })
     }
 
-    /// JetStream's max-deliveries advisories for `spec`'s consumer: one for each message
-    /// the server stops delivering. In a queue group, so when several hosts run the
-    /// consumer each advisory goes to one of them.
-    pub async fn max_deliveries_advisories(
+    /// A durable pull consumer of JetStream's max-deliveries advisories for `spec`'s
+    /// consumer (one for each message the server stops delivering), on a stream that keeps
+    /// them until a host has dead-lettered what they name.
+    ///
+    /// Why a stream and not a subscription: the server sends an advisory once, when it
+    /// stops delivering the message, and the host of its last delivery may be what stopped
+    /// (killed mid-event, say). A subscription would see only what comes while a host
+    /// runs; the stream keeps an advisory for the next host to start. Work-queue retention removes
+    /// each one once acked; with several hosts on the consumer each advisory goes to one.
+    /// No age or size limit: each is a few hundred bytes, and dropping one would leave its
+    /// message in the stream without a word.
+    pub async fn given_up_consumer(
         &self,
         spec: &JetStreamSpec,
-    ) -> anyhow::Result<async_nats::Subscriber> {
+    ) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
+        use async_nats::jetstream::consumer::{AckPolicy, pull};
+        use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
+        let name = given_up_stream(&spec.stream, &spec.durable);
         let subject = format!("{MAX_DELIVERIES}.{}.{}", spec.stream, spec.durable);
-        self.client
-            .queue_subscribe(subject, format!("wasmev-given-up-{}", spec.durable))
+        let stream = self
+            .jetstream
+            .get_or_create_stream(Config {
+                name: name.clone(),
+                subjects: vec![subject.clone()],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(flat)
+            .with_context(|| format!("failed to get or create stream {name:?}"))?;
+        let subjects = &stream.cached_info().config.subjects;
+        if subjects != std::slice::from_ref(&subject) {
+            anyhow::bail!(given_up_stream_taken(&name, subjects, &subject));
+        }
+        stream
+            .get_or_create_consumer(
+                GIVEN_UP_CONSUMER,
+                pull::Config {
+                    durable_name: Some(GIVEN_UP_CONSUMER.to_string()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: limits::GIVEN_UP_ACK_WAIT,
+                    ..Default::default()
+                },
+            )
             .await
             .map_err(flat)
             .with_context(|| {
-                format!(
-                    "failed to subscribe to the max-deliveries advisories of consumer {:?}",
-                    spec.durable
-                )
+                format!("failed to get or create consumer {GIVEN_UP_CONSUMER:?} on stream {name:?}")
             })
     }
 
@@ -582,15 +613,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_refused_advisory_subscription_says_what_is_lost_and_what_to_allow() {
-        let refused = r#"Permissions Violation for Subscription to "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender" using queue "wasmev-given-up-email-sender""#;
-        insta::assert_snapshot!(advisories_refused(refused).unwrap(), @r#"nats refused the subscription to JetStream's max-deliveries advisories (Permissions Violation for Subscription to "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender" using queue "wasmev-given-up-email-sender"): messages JetStream stops delivering unsettled will stay in their stream without a dead letter; allow this user to subscribe to "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>""#);
-        // Other refusals and other errors keep the client's own text.
+    fn a_stream_in_the_way_of_the_advisories_is_named_with_what_to_do() {
         assert_eq!(
-            advisories_refused(r#"Permissions Violation for Subscription to "user.created""#),
-            None
+            given_up_stream("USERS", "email-sender"),
+            "WASMEV_GIVEN_UP_USERS_email-sender"
         );
-        assert_eq!(advisories_refused("Maximum Payload Violation"), None);
+        insta::assert_snapshot!(
+            given_up_stream_taken(
+                "WASMEV_GIVEN_UP_USERS_email-sender",
+                &["audit.>".to_string()],
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender"
+            ),
+            @r#"stream "WASMEV_GIVEN_UP_USERS_email-sender" exists on ["audit.>"]; wasmev keeps max-deliveries advisories there and needs it on "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender" alone: delete or rename that stream"#
+        );
     }
 
     fn of(headers: Vec<(String, String)>, hops: Option<u32>) -> Outgoing {

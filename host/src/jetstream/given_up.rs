@@ -14,6 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +24,7 @@ use super::PULL_RETRY;
 use super::settle::{Origin, send_dead_letter};
 use crate::broker::nats::NatsBroker;
 use crate::handler::Handler;
+use crate::limits;
 use crate::live::Live;
 use crate::manifest::JetStreamSpec;
 
@@ -33,52 +36,149 @@ struct MaxDeliveries {
     deliveries: u64,
 }
 
-/// Dead-letter each message JetStream reports (on `advisories`, from
-/// [`NatsBroker::max_deliveries_advisories`]) it stopped delivering to the handler's
-/// consumer, until `token` (the intake's) is cancelled. A letter being retried then is
-/// retried on until it goes out or `shutdown` (the host's) is cancelled: a reload that
-/// replaces the intake, to point dead letters at a stream with room say, must not drop it.
+/// Dead-letter each message JetStream reports it stopped delivering to the handler's
+/// consumer (the advisories `advisories` reads, from [`NatsBroker::given_up_consumer`]),
+/// until `token` (the intake's) is cancelled.
+///
+/// An advisory is acked once its letter went out. One whose letter was refused
+/// (dead-letter stream full, broker away, no permission) is nak'd with a delay that
+/// doubles with each refusal, and comes back to whichever host reads the advisories then:
+/// after a reload that points dead letters at a stream with room, or a restart, it goes
+/// there. Advisories behind it do not wait for it, and one a stopping host was working on
+/// is handed back.
 pub async fn dead_letter_given_up(
     live: Arc<Live>,
     nats: Arc<NatsBroker>,
-    mut advisories: async_nats::Subscriber,
+    advisories: PullConsumer,
     token: CancellationToken,
-    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
-        let advisory = tokio::select! {
+        let messages = advisories
+            .stream()
+            // Advisories are rare and each may take a while: none waits in the client
+            // behind another.
+            .max_messages_per_batch(1)
+            .expires(limits::JETSTREAM_PULL_EXPIRES)
+            .heartbeat(limits::JETSTREAM_PULL_HEARTBEAT)
+            .messages()
+            .await;
+        match messages {
+            Ok(mut messages) => loop {
+                let next = tokio::select! {
+                    biased;
+                    () = token.cancelled() => None,
+                    next = messages.next() => Some(next),
+                };
+                let unsettled = match next {
+                    None => None,
+                    Some(Some(Ok(advisory))) => {
+                        match dead_letter_one(&live, &nats, advisory, &token).await {
+                            None => continue,
+                            unsettled => unsettled,
+                        }
+                    }
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(
+                            handler = %live.current().spec.name,
+                            "reading max-deliveries advisories failed: {e}; pulling again"
+                        );
+                        break;
+                    }
+                    Some(None) => break,
+                };
+                // Stopping (or no longer a JetStream handler): what this host holds goes
+                // back at once, for the next host, instead of after its ack_wait.
+                super::hand_back(&live.current(), messages, unsettled).await;
+                return Ok(());
+            },
+            Err(e) => tracing::warn!(
+                handler = %live.current().spec.name,
+                "pulling max-deliveries advisories failed: {e}; retrying"
+            ),
+        }
+        tokio::select! {
             () = token.cancelled() => return Ok(()),
-            advisory = advisories.next() => advisory,
-        };
-        if let Some(advisory) = advisory {
-            match serde_json::from_slice::<MaxDeliveries>(&advisory.payload) {
-                Ok(given_up) => dead_letter_one(&live, &nats, &given_up, &shutdown).await,
-                Err(e) => tracing::warn!(
-                    handler = %live.current().spec.name,
-                    "ignoring a max-deliveries advisory that does not parse: {e}"
-                ),
-            }
-            continue;
+            () = tokio::time::sleep(PULL_RETRY) => {}
         }
-        // Only a closed client ends a subscription; should one end anyway, subscribe again.
-        let handler = live.current();
-        let Some(spec) = handler.spec.jetstream.as_ref() else {
-            return Ok(());
-        };
-        tracing::warn!(handler = %handler.spec.name, "max-deliveries advisories ended; subscribing again");
-        loop {
-            tokio::select! {
-                () = token.cancelled() => return Ok(()),
-                () = tokio::time::sleep(PULL_RETRY) => {}
-            }
-            match nats.max_deliveries_advisories(spec).await {
-                Ok(again) => {
-                    advisories = again;
-                    break;
-                }
-                Err(e) => tracing::warn!(handler = %handler.spec.name, "{e:#}; retrying"),
-            }
+    }
+}
+
+/// Dead-letter the message `advisory` names, and settle the advisory: acked once the
+/// letter went out, nak'd with [`retry_wait`] when it was refused. Returned unsettled, for
+/// the caller to hand back, when `token` is cancelled first (or the handler no longer
+/// reads JetStream).
+async fn dead_letter_one(
+    live: &Live,
+    nats: &NatsBroker,
+    advisory: async_nats::jetstream::Message,
+    token: &CancellationToken,
+) -> Option<async_nats::jetstream::Message> {
+    // The live version: a reload may have pointed dead letters elsewhere (at a stream with
+    // room) since this advisory was last refused.
+    let handler = live.current();
+    let Some(spec) = handler.spec.jetstream.as_ref() else {
+        return Some(advisory);
+    };
+    let given_up = match serde_json::from_slice::<MaxDeliveries>(&advisory.payload) {
+        Ok(given_up) => given_up,
+        Err(e) => {
+            tracing::warn!(
+                handler = %handler.spec.name,
+                "ignoring a max-deliveries advisory that does not parse: {e}"
+            );
+            settle(&handler, &advisory, AckKind::Term).await;
+            return None;
         }
+    };
+    // How many times this advisory was read: more than once after a refusal, or when the
+    // host reading it stopped before it settled it. Counted once per message given up.
+    let reads = advisory.info().map_or(1, |info| info.delivered);
+    if reads <= 1 {
+        handler.metrics.given_up.inc();
+    }
+    let tried = tokio::select! {
+        biased;
+        () = token.cancelled() => return Some(advisory),
+        tried = tokio::time::timeout(
+            limits::GIVEN_UP_TRY,
+            try_dead_letter(&handler, spec, nats, &given_up),
+        ) => tried,
+    };
+    let refused = match tried {
+        Ok(Ok(())) => {
+            settle(&handler, &advisory, AckKind::Ack).await;
+            return None;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "no answer within {}",
+            humantime::format_duration(limits::GIVEN_UP_TRY)
+        ),
+    };
+    let wait = retry_wait(reads);
+    let MaxDeliveries {
+        stream, stream_seq, ..
+    } = &given_up;
+    tracing::error!(
+        handler = %handler.spec.name,
+        dead_letter = %spec.dead_letter,
+        "could not dead-letter sequence {stream_seq} of stream {stream:?}, which JetStream gave \
+         up on: {refused}; trying again in {}",
+        humantime::format_duration(wait)
+    );
+    settle(&handler, &advisory, AckKind::Nak(Some(wait))).await;
+    None
+}
+
+/// Ack, nak or term `advisory`. Should that not reach the server, the advisory comes back
+/// after [`limits::GIVEN_UP_ACK_WAIT`]: a letter already sent may then be sent again.
+async fn settle(handler: &Handler, advisory: &async_nats::jetstream::Message, kind: AckKind) {
+    if let Err(e) = advisory.ack_with(kind).await {
+        tracing::warn!(
+            handler = %handler.spec.name,
+            "could not settle a max-deliveries advisory ({e}); it comes back in {}",
+            humantime::format_duration(limits::GIVEN_UP_ACK_WAIT)
+        );
     }
 }
 
@@ -104,70 +204,20 @@ fn reason(given_up: &MaxDeliveries, unread: Option<&anyhow::Error>) -> String {
     }
 }
 
-/// The wait before a refused given-up letter is tried again, doubling on each refusal up to
-/// [`LETTER_RETRY_MAX`].
+/// The wait before a refused given-up letter is tried again: [`LETTER_RETRY_FIRST`] after
+/// the first refusal (`reads` 1), doubling on each up to [`LETTER_RETRY_MAX`].
 ///
-/// Why these: the advisory comes once, so a letter refused here (dead-letter stream full,
-/// broker away, no permission) is tried until it goes out or the host stops. What refuses
+/// Why these: the advisory is kept until its letter goes out, so a letter refused here
+/// (dead-letter stream full, broker away, no permission) is tried until then. What refuses
 /// it is mended by a person (a purge, a reload pointing dead letters elsewhere) or a
 /// restart, in seconds to hours; starting at 1 s and capping at 30 s sends the letter
 /// within 30 s of that, and asks a refusing broker at most twice a minute meanwhile.
-/// Advisories that come in the meantime wait in the subscription.
+fn retry_wait(reads: i64) -> Duration {
+    let doublings = u32::try_from(reads.saturating_sub(1).clamp(0, 5)).unwrap_or(5);
+    (LETTER_RETRY_FIRST * 2u32.pow(doublings)).min(LETTER_RETRY_MAX)
+}
 const LETTER_RETRY_FIRST: Duration = Duration::from_secs(1);
 const LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
-
-/// Dead-letter stream message `given_up.stream_seq`, read back from the stream, or a
-/// letter without its payload when it cannot be read (that is why it was never handled).
-/// A refused letter is tried again (read and all) until it goes out or `shutdown` is
-/// cancelled.
-async fn dead_letter_one(
-    live: &Live,
-    nats: &NatsBroker,
-    given_up: &MaxDeliveries,
-    shutdown: &CancellationToken,
-) {
-    let handler = live.current();
-    if handler.spec.jetstream.is_none() {
-        return;
-    }
-    handler.metrics.given_up.inc();
-    let MaxDeliveries {
-        stream,
-        stream_seq: sequence,
-        ..
-    } = given_up;
-    let mut wait = LETTER_RETRY_FIRST;
-    loop {
-        // The live version each time: a reload while retrying may point dead letters
-        // elsewhere (at a stream with room).
-        let handler = live.current();
-        let Some(spec) = handler.spec.jetstream.as_ref() else {
-            return;
-        };
-        let Err(e) = try_dead_letter(&handler, spec, nats, given_up).await else {
-            return;
-        };
-        tracing::error!(
-            handler = %handler.spec.name,
-            dead_letter = %spec.dead_letter,
-            "could not dead-letter sequence {sequence} of stream {stream:?}, which JetStream gave \
-             up on: {e}; trying again in {}",
-            humantime::format_duration(wait)
-        );
-        tokio::select! {
-            () = shutdown.cancelled() => {
-                tracing::error!(
-                    handler = %handler.spec.name,
-                    "{}",
-                    unsent_at_stop(given_up)
-                );
-                return;
-            }
-            () = tokio::time::sleep(wait) => {}
-        }
-        wait = (wait * 2).min(LETTER_RETRY_MAX);
-    }
-}
 
 /// One try at dead-lettering what `given_up` names.
 async fn try_dead_letter(
@@ -194,19 +244,6 @@ async fn try_dead_letter(
     }
 }
 
-/// What the log says of a given-up message whose letter was still refused when the host
-/// stopped.
-fn unsent_at_stop(given_up: &MaxDeliveries) -> String {
-    let MaxDeliveries {
-        stream, stream_seq, ..
-    } = given_up;
-    format!(
-        "stopping with the dead letter of sequence {stream_seq} of stream {stream:?} still \
-         refused: JetStream will not deliver that message again, and it stays in the stream \
-         unhandled"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,7 +257,13 @@ mod tests {
         let given_up: MaxDeliveries = serde_json::from_slice(advisory).unwrap();
         insta::assert_snapshot!(reason(&given_up, None), @"JetStream stopped delivering it after 5 deliveries, none of them acked or dead-lettered by a host (it stopped mid-event, the delivery was lost with its connection, or the dead letter could not be published then)");
         let unread = anyhow::anyhow!("failed to get last raw message: invalid header");
-        insta::assert_snapshot!(unsent_at_stop(&given_up), @r#"stopping with the dead letter of sequence 7 of stream "EVENTS" still refused: JetStream will not deliver that message again, and it stays in the stream unhandled"#);
         insta::assert_snapshot!(reason(&given_up, Some(&unread)), @r#"JetStream stopped delivering it after 5 deliveries, none of them acked or dead-lettered by a host (it stopped mid-event, the delivery was lost with its connection, or the dead letter could not be published then); it could not be read back (failed to get last raw message: invalid header), so this letter has no payload: it is still in stream "EVENTS" at sequence 7"#);
+    }
+
+    #[test]
+    fn a_refused_letter_is_tried_again_after_1_s_doubling_up_to_30_s() {
+        let waits: Vec<u64> = (0..=8).map(|reads| retry_wait(reads).as_secs()).collect();
+        assert_eq!(waits, [1, 1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_wait(i64::MAX), LETTER_RETRY_MAX);
     }
 }

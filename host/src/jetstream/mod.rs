@@ -205,7 +205,7 @@ const HAND_BACK_WAIT: Duration = Duration::from_secs(1);
 /// Then the stream is dropped (its subscription ends) before the naks go out, on the
 /// same connection and so in that order: a nak'd message is redelivered at once, and the
 /// server must not hand it to this pull again, whose inbox nobody reads any more.
-async fn hand_back(
+pub(super) async fn hand_back(
     handler: &Handler,
     mut messages: async_nats::jetstream::consumer::pull::Stream,
     read: Option<async_nats::jetstream::Message>,

@@ -244,13 +244,12 @@ impl Host {
                     bail!("jetstream needs a [broker]");
                 };
                 let consumer = nats.consumer(spec, &handler.spec.subscribe).await?;
-                let advisories = nats.max_deliveries_advisories(spec).await?;
+                let advisories = nats.given_up_consumer(spec).await?;
                 self.tasks.spawn(crate::jetstream::dead_letter_given_up(
                     live.clone(),
                     nats.clone(),
                     advisories,
                     stop.clone(),
-                    self.token.clone(),
                 ));
                 self.tasks.spawn(crate::jetstream::consume(
                     live.clone(),
