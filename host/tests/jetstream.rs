@@ -745,3 +745,31 @@ async fn a_given_up_letter_still_refused_when_the_host_stops_is_sent_by_the_next
     assert_eq!(chaos(&host, "wasmev_jetstream_given_up_total"), 0);
     host.stop().await.unwrap();
 }
+
+/// A stream of the advisory stream's name on other subjects is not taken over: the host
+/// refuses to start the handler and says what is in the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_in_the_way_of_the_advisories_is_a_clear_startup_error() {
+    let (server, _client, js) = js_env(&[EVENTS, (GIVEN_UP, &["other.>"])]).await;
+    let (_dir, m) = manifest(&js_manifest(&server, ""));
+    let err = match wasmev::Host::start(&m, wasmev::Options::default()).await {
+        Ok(_) => panic!("started with the advisories' stream taken"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("handler \"chaos\""), "{err}");
+    assert!(
+        err.contains(&format!("stream \"{GIVEN_UP}\" exists on [\"other.>\"]")),
+        "{err}"
+    );
+    assert!(err.contains("delete or rename that stream"), "{err}");
+    // Untouched.
+    let info = js
+        .get_stream(GIVEN_UP)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.subjects, ["other.>"]);
+}
