@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +53,7 @@ pub async fn dead_letter_given_up(
     advisories: PullConsumer,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    loop {
+    'pull: loop {
         let messages = advisories
             .stream()
             // Advisories are rare and each may take a while: none waits in the client
@@ -62,44 +63,67 @@ pub async fn dead_letter_given_up(
             .heartbeat(limits::JETSTREAM_PULL_HEARTBEAT)
             .messages()
             .await;
-        match messages {
-            Ok(mut messages) => loop {
-                let next = tokio::select! {
-                    biased;
-                    () = token.cancelled() => None,
-                    next = messages.next() => Some(next),
-                };
-                let unsettled = match next {
-                    None => None,
-                    Some(Some(Ok(advisory))) => {
-                        match dead_letter_one(&live, &nats, advisory, &token).await {
-                            None => continue,
-                            unsettled => unsettled,
-                        }
+        let mut messages = match messages {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::warn!(
+                    handler = %live.current().spec.name,
+                    "pulling max-deliveries advisories failed: {e}; retrying"
+                );
+                tokio::select! {
+                    () = token.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(PULL_RETRY) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = token.cancelled() => break,
+                next = messages.next() => next,
+            };
+            // Errors and an ended stream as `consume` takes them (see there): a missed
+            // heartbeat or an end needs a new pull; after another error the client goes on
+            // pulling.
+            match next {
+                Some(Ok(advisory)) => {
+                    if let Some(unsettled) = dead_letter_one(&live, &nats, advisory, &token).await {
+                        super::hand_back(&live.current(), messages, Some(unsettled)).await;
+                        return Ok(());
                     }
-                    Some(Some(Err(e))) => {
-                        tracing::warn!(
-                            handler = %live.current().spec.name,
-                            "reading max-deliveries advisories failed: {e}; pulling again"
-                        );
-                        break;
+                }
+                Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
+                    let handler = live.current();
+                    tracing::warn!(
+                        handler = %handler.spec.name,
+                        "max-deliveries advisories: {e}; starting a new pull"
+                    );
+                    super::hand_back(&handler, messages, None).await;
+                    continue 'pull;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(handler = %live.current().spec.name, "max-deliveries advisories: {e}");
+                    tokio::select! {
+                        () = token.cancelled() => break,
+                        () = tokio::time::sleep(PULL_RETRY) => {}
                     }
-                    Some(None) => break,
-                };
-                // Stopping (or no longer a JetStream handler): what this host holds goes
-                // back at once, for the next host, instead of after its ack_wait.
-                super::hand_back(&live.current(), messages, unsettled).await;
-                return Ok(());
-            },
-            Err(e) => tracing::warn!(
-                handler = %live.current().spec.name,
-                "pulling max-deliveries advisories failed: {e}; retrying"
-            ),
+                }
+                None => {
+                    tracing::warn!(
+                        handler = %live.current().spec.name,
+                        "max-deliveries advisories: the pull ended; pulling again"
+                    );
+                    tokio::select! {
+                        () = token.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(PULL_RETRY) => continue 'pull,
+                    }
+                }
+            }
         }
-        tokio::select! {
-            () = token.cancelled() => return Ok(()),
-            () = tokio::time::sleep(PULL_RETRY) => {}
-        }
+        // Stopped (shutdown, or a reload that no longer wants this intake): what this host
+        // holds goes back at once, for the next host, instead of after its ack_wait.
+        super::hand_back(&live.current(), messages, None).await;
+        return Ok(());
     }
 }
 
@@ -126,7 +150,7 @@ async fn dead_letter_one(
                 handler = %handler.spec.name,
                 "ignoring a max-deliveries advisory that does not parse: {e}"
             );
-            settle(&handler, &advisory, AckKind::Term).await;
+            settle_advisory(&handler, &advisory, AckKind::Term).await;
             return None;
         }
     };
@@ -146,7 +170,7 @@ async fn dead_letter_one(
     };
     let refused = match tried {
         Ok(Ok(())) => {
-            settle(&handler, &advisory, AckKind::Ack).await;
+            settle_advisory(&handler, &advisory, AckKind::Ack).await;
             return None;
         }
         Ok(Err(e)) => e.to_string(),
@@ -166,13 +190,17 @@ async fn dead_letter_one(
          up on: {refused}; trying again in {}",
         humantime::format_duration(wait)
     );
-    settle(&handler, &advisory, AckKind::Nak(Some(wait))).await;
+    settle_advisory(&handler, &advisory, AckKind::Nak(Some(wait))).await;
     None
 }
 
 /// Ack, nak or term `advisory`. Should that not reach the server, the advisory comes back
 /// after [`limits::GIVEN_UP_ACK_WAIT`]: a letter already sent may then be sent again.
-async fn settle(handler: &Handler, advisory: &async_nats::jetstream::Message, kind: AckKind) {
+async fn settle_advisory(
+    handler: &Handler,
+    advisory: &async_nats::jetstream::Message,
+    kind: AckKind,
+) {
     if let Err(e) = advisory.ack_with(kind).await {
         tracing::warn!(
             handler = %handler.spec.name,
