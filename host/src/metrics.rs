@@ -190,6 +190,8 @@ pub struct BrokerCounters {
     pub dropped: Counter,
     /// Times the connection was lost (and the client started reconnecting).
     pub disconnects: Counter,
+    /// Publishes and subscriptions the server refused this host's user.
+    pub refused: Counter,
 }
 
 /// One handler's metric handles, resolved once.
@@ -307,6 +309,13 @@ impl Metrics {
             "Times the connection to NATS was lost; the client reconnects by itself, and \
              core events on their way when it was lost are lost with it",
             broker.disconnects.clone(),
+        );
+        registry.register(
+            "broker_refused",
+            "Publishes and subscriptions the NATS server refused this host's user (a \
+             permissions violation; each is logged with its subject). A refused plain \
+             publish is a message lost",
+            broker.refused.clone(),
         );
         registry.register(
             "reloads",

@@ -6,6 +6,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod refusals;
 
 use bytes::Bytes;
 use futures::future::Either;

@@ -6,6 +6,7 @@
 //! Both cases are logged and counted, never silent.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use super::refusals::{Refusal, Refusals};
 use super::{Message, Outgoing, PublishError, RequestError, validate_header};
 use crate::limits;
 use crate::manifest::{Auth, BrokerSettings, Deliver, JetStreamSpec};
@@ -78,6 +80,10 @@ pub struct NatsBroker {
     jetstream: async_nats::jetstream::Context,
     url: Arc<str>,
     captured: Arc<CaptureCache>,
+    /// What the server refused this host's user (see [`Refusals`]).
+    refusals: Refusals,
+    /// Whether a subscribe was made since the last [`NatsBroker::confirm`].
+    subscribed: Arc<AtomicBool>,
 }
 
 pub struct NatsSubscription {
@@ -170,6 +176,19 @@ fn flat(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
+/// The JetStream API's subjects start with this. The host sets no domain or API prefix,
+/// so the client's is the default.
+const JS_API: &str = "$JS.API";
+
+/// What getting or creating consumer `durable` on `stream` publishes to: the info
+/// request, then the create request (its subject goes on with the consumer's filter).
+fn consumer_api(stream: &str, durable: &str) -> [String; 2] {
+    [
+        format!("{JS_API}.CONSUMER.INFO.{stream}.{durable}"),
+        format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}"),
+    ]
+}
+
 /// The client's header map for `message`, refusing (never panicking on) what NATS would
 /// reject; `None` when it has no headers at all (a plain PUB is sent). Takes the message's
 /// headers and message id: they move into the map.
@@ -252,6 +271,8 @@ impl NatsBroker {
         }
         let url = settings.url.clone();
         let event_url = url.clone();
+        let refusals = Refusals::default();
+        let told = refusals.clone();
         options = options
             .name("wasmev")
             .connection_timeout(CONNECT_TIMEOUT)
@@ -259,7 +280,17 @@ impl NatsBroker {
             .event_callback(move |event| {
                 let counters = counters.clone();
                 let url = event_url.clone();
+                let told = told.clone();
                 async move {
+                    if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) =
+                        &event
+                        && let Some(refusal) = Refusal::parse(text)
+                    {
+                        counters.refused.inc();
+                        tracing::warn!(%url, "{refusal}");
+                        told.tell(refusal);
+                        return;
+                    }
                     match event {
                         async_nats::Event::Connected => tracing::info!(%url, "connected to nats"),
                         async_nats::Event::Disconnected => {
@@ -298,11 +329,26 @@ impl NatsBroker {
             client,
             url: url.into(),
             captured: Arc::default(),
+            refusals,
+            subscribed: Arc::default(),
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// `call`, which publishes to `publishes`, ended at once with what the server said if
+    /// it refuses this host's user one of those (see [`Refusals`]).
+    async fn unless_refused<T, E: std::fmt::Display>(
+        &self,
+        publishes: &[String],
+        call: impl Future<Output = Result<T, E>>,
+    ) -> anyhow::Result<T> {
+        match self.refusals.unless_refused(publishes, call).await {
+            Ok(result) => result.map_err(flat),
+            Err(refusal) => Err(refusal.into()),
+        }
     }
 
     pub async fn subscribe(
@@ -311,6 +357,7 @@ impl NatsBroker {
         queue: Option<&str>,
     ) -> anyhow::Result<NatsSubscription> {
         let subject = pattern.as_str().to_string();
+        self.subscribed.store(true, Ordering::Relaxed);
         let inner = match queue {
             None => self.client.subscribe(subject).await,
             Some(q) => self.client.queue_subscribe(subject, q.to_string()).await,
@@ -322,7 +369,13 @@ impl NatsBroker {
 
     /// Prove with a server round trip ([`Self::round_trip`]) that every earlier subscribe
     /// is active.
+    ///
+    /// A subscription the server refused this host's user fails the confirmation: without
+    /// it the handler would count as running and never see an event. The server says so
+    /// before the round trip's answer; its word reaches the host within
+    /// [`limits::REFUSAL_GRACE`], waited for only when something was subscribed.
     pub async fn confirm(&self) -> anyhow::Result<()> {
+        let subscribed = self.subscribed.swap(false, Ordering::Relaxed);
         tokio::time::timeout(CONFIRM_TIMEOUT, self.round_trip())
             .await
             .with_context(|| {
@@ -332,7 +385,16 @@ impl NatsBroker {
                     CONFIRM_TIMEOUT.as_secs()
                 )
             })?
-            .context("failed to confirm subscriptions")
+            .context("failed to confirm subscriptions")?;
+        if subscribed {
+            tokio::time::sleep(limits::REFUSAL_GRACE).await;
+        }
+        let refused = self.refusals.take_subscriptions();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let each: Vec<String> = refused.iter().map(Refusal::to_string).collect();
+        Err(anyhow::anyhow!(each.join("; "))).context("failed to confirm subscriptions")
     }
 
     pub async fn publish(&self, mut message: Outgoing) -> Result<(), PublishError> {
@@ -353,7 +415,17 @@ impl NatsBroker {
         if let Some(captured) = self.captured.get(subject) {
             return Ok(captured);
         }
-        let captured = match self.jetstream.stream_by_subject(subject).await {
+        let looked_up = self
+            .refusals
+            .unless_refused(
+                &[format!("{JS_API}.STREAM.NAMES")],
+                self.jetstream.stream_by_subject(subject),
+            )
+            .await
+            .map_err(|refusal| {
+                PublishError::Unavailable(format!("stream lookup failed: {refusal}"))
+            })?;
+        let captured = match looked_up {
             Ok(_) => true,
             Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => false,
             Err(e) => {
@@ -384,12 +456,19 @@ impl NatsBroker {
         // the stream has gone (below).
         let mut durable = message.clone();
         let map = header_map(&mut durable)?.unwrap_or_default();
-        let ack = self
-            .jetstream
-            .publish_with_headers(durable.subject, map, durable.payload)
-            .await
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?
-            .await;
+        let subject = [durable.subject.clone()];
+        let acked = async {
+            let pending = self
+                .jetstream
+                .publish_with_headers(durable.subject, map, durable.payload)
+                .await
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            Ok(pending.await)
+        };
+        let ack = match self.refusals.unless_refused(&subject, acked).await {
+            Ok(ack) => ack?,
+            Err(refusal) => return Err(PublishError::Unavailable(refusal.to_string())),
+        };
         match ack {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == PublishErrorKind::StreamNotFound => self.publish(message).await,
@@ -410,11 +489,16 @@ impl NatsBroker {
         if let Some(map) = map {
             request = request.headers(map);
         }
-        match self
-            .client
-            .send_request(message.subject.clone(), request)
+        let subject = [message.subject.clone()];
+        let sent = self
+            .refusals
+            .unless_refused(
+                &subject,
+                self.client.send_request(message.subject.clone(), request),
+            )
             .await
-        {
+            .map_err(|refusal| PublishError::Unavailable(refusal.to_string()))?;
+        match sent {
             Ok(m) => Ok(convert(m)),
             Err(e) => Err(match e.kind() {
                 RequestErrorKind::NoResponders => RequestError::NoResponders(message.subject),
@@ -432,7 +516,15 @@ impl NatsBroker {
         filters: &[Pattern],
     ) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
         use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-        let stream = match self.jetstream.get_stream(&spec.stream).await {
+        let looked_up = self
+            .refusals
+            .unless_refused(
+                &[format!("{JS_API}.STREAM.INFO.{}", spec.stream)],
+                self.jetstream.get_stream(&spec.stream),
+            )
+            .await
+            .with_context(|| format!("failed to look up stream {:?}", spec.stream))?;
+        let stream = match looked_up {
             Ok(stream) => stream,
             Err(e) if spec.stream_subjects.is_empty() => {
                 return Err(anyhow::anyhow!(
@@ -443,19 +535,21 @@ impl NatsBroker {
                 ));
             }
             Err(_) => self
-                .jetstream
-                .create_stream(async_nats::jetstream::stream::Config {
-                    name: spec.stream.clone(),
-                    subjects: spec
-                        .stream_subjects
-                        .iter()
-                        .map(|p| p.as_str().to_string())
-                        .collect(),
-                    storage: async_nats::jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
+                .unless_refused(
+                    &[format!("{JS_API}.STREAM.CREATE.{}", spec.stream)],
+                    self.jetstream
+                        .create_stream(async_nats::jetstream::stream::Config {
+                            name: spec.stream.clone(),
+                            subjects: spec
+                                .stream_subjects
+                                .iter()
+                                .map(|p| p.as_str().to_string())
+                                .collect(),
+                            storage: async_nats::jetstream::stream::StorageType::File,
+                            ..Default::default()
+                        }),
+                )
                 .await
-                .map_err(flat)
                 .with_context(|| format!("failed to create stream {:?}", spec.stream))?,
         };
         let mut config = pull::Config {
@@ -475,16 +569,17 @@ impl NatsBroker {
             [one] => config.filter_subject = one.as_str().to_string(),
             many => config.filter_subjects = many.iter().map(|p| p.as_str().to_string()).collect(),
         }
-        stream
-            .get_or_create_consumer(&spec.durable, config)
-            .await
-            .map_err(flat)
-            .with_context(|| {
-                format!(
-                    "failed to get or create consumer {:?} on stream {:?}",
-                    spec.durable, spec.stream
-                )
-            })
+        self.unless_refused(
+            &consumer_api(&spec.stream, &spec.durable),
+            stream.get_or_create_consumer(&spec.durable, config),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "failed to get or create consumer {:?} on stream {:?}",
+                spec.durable, spec.stream
+            )
+        })
     }
 
     /// A durable pull consumer of JetStream's max-deliveries advisories for `spec`'s
@@ -507,23 +602,28 @@ impl NatsBroker {
         let name = given_up_stream(&spec.stream, &spec.durable);
         let subject = format!("{MAX_DELIVERIES}.{}.{}", spec.stream, spec.durable);
         let stream = self
-            .jetstream
-            .get_or_create_stream(Config {
-                name: name.clone(),
-                subjects: vec![subject.clone()],
-                retention: RetentionPolicy::WorkQueue,
-                storage: StorageType::File,
-                ..Default::default()
-            })
+            .unless_refused(
+                &[
+                    format!("{JS_API}.STREAM.INFO.{name}"),
+                    format!("{JS_API}.STREAM.CREATE.{name}"),
+                ],
+                self.jetstream.get_or_create_stream(Config {
+                    name: name.clone(),
+                    subjects: vec![subject.clone()],
+                    retention: RetentionPolicy::WorkQueue,
+                    storage: StorageType::File,
+                    ..Default::default()
+                }),
+            )
             .await
-            .map_err(flat)
             .with_context(|| format!("failed to get or create stream {name:?}"))?;
         let subjects = &stream.cached_info().config.subjects;
         if subjects != std::slice::from_ref(&subject) {
             anyhow::bail!(given_up_stream_taken(&name, subjects, &subject));
         }
-        stream
-            .get_or_create_consumer(
+        self.unless_refused(
+            &consumer_api(&name, GIVEN_UP_CONSUMER),
+            stream.get_or_create_consumer(
                 GIVEN_UP_CONSUMER,
                 pull::Config {
                     durable_name: Some(GIVEN_UP_CONSUMER.to_string()),
@@ -531,22 +631,30 @@ impl NatsBroker {
                     ack_wait: limits::GIVEN_UP_ACK_WAIT,
                     ..Default::default()
                 },
-            )
-            .await
-            .map_err(flat)
-            .with_context(|| {
-                format!("failed to get or create consumer {GIVEN_UP_CONSUMER:?} on stream {name:?}")
-            })
+            ),
+        )
+        .await
+        .with_context(|| {
+            format!("failed to get or create consumer {GIVEN_UP_CONSUMER:?} on stream {name:?}")
+        })
     }
 
-    /// Message `sequence` of `stream`, read back through the JetStream API.
-    pub async fn stored_message(&self, stream: &str, sequence: u64) -> anyhow::Result<Message> {
+    /// Message `sequence` of stream `name`, read back through the JetStream API.
+    pub async fn stored_message(&self, name: &str, sequence: u64) -> anyhow::Result<Message> {
         let stream = self
             .jetstream
-            .get_stream_no_info(stream)
+            .get_stream_no_info(name)
             .await
             .map_err(flat)?;
-        let m = stream.get_raw_message(sequence).await.map_err(flat)?;
+        let m = self
+            .unless_refused(
+                &[
+                    format!("{JS_API}.STREAM.MSG.GET.{name}"),
+                    format!("{JS_API}.DIRECT.GET.{name}"),
+                ],
+                stream.get_raw_message(sequence),
+            )
+            .await?;
         Ok(Message {
             subject: m.subject.into_string(),
             reply: None,
@@ -573,9 +681,16 @@ impl NatsBroker {
             .context("failed to flush nats")
     }
 
-    /// A round trip through the server on this connection ([`round_trip`]).
+    /// A round trip through the server on this connection ([`round_trip`]). The server
+    /// refusing the probe's publish or its inbox ends it at once, saying so.
     pub async fn round_trip(&self) -> anyhow::Result<()> {
-        round_trip(&self.client).await
+        let inbox = self.client.new_inbox();
+        self.refusals
+            .unless_refused(
+                std::slice::from_ref(&inbox),
+                round_trip_via(&self.client, inbox.clone()),
+            )
+            .await?
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -590,7 +705,11 @@ impl NatsBroker {
 /// the socket and handed to its subscriptions. `flush` is not one: async-nats's flush
 /// only writes out what the client holds and reads nothing (nats.go's is a PING/PONG).
 pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
-    let inbox = client.new_inbox();
+    round_trip_via(client, client.new_inbox()).await
+}
+
+/// [`round_trip`] through `inbox`, one of the client's.
+async fn round_trip_via(client: &async_nats::Client, inbox: String) -> anyhow::Result<()> {
     let mut probe = client
         .subscribe(inbox.clone())
         .await

@@ -1,0 +1,255 @@
+//! What the NATS server refused this host's user, passed on to the calls that wait for it.
+//!
+//! A publish the user's permissions do not allow is dropped by the server, which says so
+//! only on the connection: `-ERR 'Permissions Violation for Publish to "…"'`. async-nats
+//! hands that to the event callback and to nobody else, so a request whose publish was
+//! refused (a JetStream API call, a guest's request, the round trip that confirms
+//! subscriptions) waited out its timeout and failed as "timed out": a handler's start took
+//! 10 s to fail with an error that did not say why. The event callback now tells
+//! [`Refusals`], and a call made through [`Refusals::unless_refused`] fails at once,
+//! naming the subject the user may not use.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+/// Refusals buffered for calls that are slow to read them. Why 64: only calls in flight
+/// read them (a handful at start-up), and one that misses some for a burst of other
+/// refusals reads on, so it at worst waits for its own timeout, as it did before.
+const BUFFERED: usize = 64;
+
+/// The prefix of the inboxes async-nats makes (the host does not change it): every
+/// request's reply comes back on one.
+const INBOX_PREFIX: &str = "_INBOX.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Publish,
+    Subscribe,
+}
+
+/// One permission the server refused this connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub action: Action,
+    pub subject: String,
+}
+
+impl Refusal {
+    /// The refusal in a server error's text, if it is one. nats-server writes
+    /// `Permissions Violation for Publish to "<subject>"` and `… for Subscription to
+    /// "<subject>"` (newer servers add ` using queue "<queue>"`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let rest = text.strip_prefix("Permissions Violation for ")?;
+        let (action, rest) = if let Some(rest) = rest.strip_prefix("Publish to ") {
+            (Action::Publish, rest)
+        } else if let Some(rest) = rest.strip_prefix("Subscription to ") {
+            (Action::Subscribe, rest)
+        } else {
+            return None;
+        };
+        let subject = rest.strip_prefix('"')?.split('"').next()?;
+        Some(Self {
+            action,
+            subject: subject.to_string(),
+        })
+    }
+
+    /// Whether a call that publishes to `publishes` (each a subject, or a subject's first
+    /// tokens) and reads its answers on an inbox is stopped by this refusal.
+    fn stops(&self, publishes: &[String]) -> bool {
+        match self.action {
+            Action::Publish => publishes.iter().any(|p| {
+                self.subject
+                    .strip_prefix(p.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            }),
+            Action::Subscribe => self.subject.starts_with(INBOX_PREFIX),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (verb, kind) = match self.action {
+            Action::Publish => ("publish to", "publish"),
+            Action::Subscribe => ("subscribe to", "subscribe"),
+        };
+        write!(
+            f,
+            "the nats server refused this host's user permission to {verb} {:?}: allow it \
+             in the user's {kind} permissions (README, \"NATS permissions\", lists what a \
+             host needs)",
+            self.subject
+        )
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Refusals as the server reports them, for the calls waiting on it.
+#[derive(Clone)]
+pub struct Refusals {
+    told: broadcast::Sender<Arc<Refusal>>,
+    /// Subscriptions refused since [`Refusals::take_subscriptions`] last took them: a SUB
+    /// waits for no answer, so nothing is waiting when its refusal comes.
+    subscriptions: Arc<Mutex<Vec<Refusal>>>,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self {
+            told: broadcast::channel(BUFFERED).0,
+            subscriptions: Arc::default(),
+        }
+    }
+}
+
+impl Refusals {
+    /// Pass on a refusal the server reported (from the client's event callback).
+    pub fn tell(&self, refusal: Refusal) {
+        if refusal.action == Action::Subscribe {
+            let mut kept = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+            // Bounded like the broadcast: the first ones say what is wrong.
+            if kept.len() < BUFFERED {
+                kept.push(refusal.clone());
+            }
+        }
+        // No receiver: no call is waiting, and there is nobody to tell.
+        let _ = self.told.send(Arc::new(refusal));
+    }
+
+    /// The subscriptions refused since the last call, oldest first.
+    pub fn take_subscriptions(&self) -> Vec<Refusal> {
+        std::mem::take(&mut *self.subscriptions.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Run `call`, which publishes to `publishes` (subjects, or a subject's first tokens:
+    /// `$JS.API.CONSUMER.CREATE.S.D` stands for the same followed by a filter), and reads
+    /// its answers on an inbox. If the server refuses one of those before the call ends,
+    /// the call is dropped and the refusal returned.
+    pub async fn unless_refused<F: Future>(
+        &self,
+        publishes: &[String],
+        call: F,
+    ) -> Result<F::Output, Refusal> {
+        // Before the call starts: its publish goes out on the first poll, so a refusal of
+        // it cannot come before this receiver exists.
+        let mut told = self.told.subscribe();
+        let refused = async {
+            loop {
+                match told.recv().await {
+                    Ok(refusal) if refusal.stops(publishes) => return Refusal::clone(&refusal),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    // The broker is gone: the call ends by itself.
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            output = call => Ok(output),
+            refusal = refused => Err(refusal),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(subject: &str) -> Refusal {
+        Refusal {
+            action: Action::Publish,
+            subject: subject.to_string(),
+        }
+    }
+
+    fn subjects(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_servers_permission_violations_are_read_and_other_errors_are_not() {
+        assert_eq!(
+            Refusal::parse(r#"Permissions Violation for Publish to "$JS.API.STREAM.CREATE.USERS""#),
+            Some(publish("$JS.API.STREAM.CREATE.USERS"))
+        );
+        assert_eq!(
+            Refusal::parse(r#"Permissions Violation for Subscription to "user.>" using queue "q""#),
+            Some(Refusal {
+                action: Action::Subscribe,
+                subject: "user.>".to_string()
+            })
+        );
+        for other in [
+            "Authorization Violation",
+            "Maximum Payload Violation",
+            r#"Permissions Violation for Publish with Reply of "_INBOX.x""#,
+            "Permissions Violation for Publish to $JS.API.INFO",
+        ] {
+            assert_eq!(Refusal::parse(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_stops_the_calls_publishing_there_or_reading_an_inbox() {
+        let create = subjects(&["$JS.API.CONSUMER.CREATE.USERS.email"]);
+        // The consumer's filter follows its name in the subject.
+        assert!(publish("$JS.API.CONSUMER.CREATE.USERS.email.user.created").stops(&create));
+        assert!(publish("$JS.API.CONSUMER.CREATE.USERS.email").stops(&create));
+        // Another consumer whose name starts the same is another call's.
+        assert!(!publish("$JS.API.CONSUMER.CREATE.USERS.email-sender").stops(&create));
+        assert!(!publish("$JS.API.STREAM.INFO.USERS").stops(&create));
+        // Every request reads its answer on an inbox.
+        let inbox = Refusal {
+            action: Action::Subscribe,
+            subject: "_INBOX.abc.*".to_string(),
+        };
+        assert!(inbox.stops(&create));
+        let handlers = Refusal {
+            action: Action::Subscribe,
+            subject: "user.created".to_string(),
+        };
+        assert!(!handlers.stops(&create));
+    }
+
+    #[tokio::test]
+    async fn a_call_refused_meanwhile_ends_with_the_refusal_and_others_run_to_their_end() {
+        let refusals = Refusals::default();
+        let wanted = subjects(&["$JS.API.STREAM.INFO.USERS"]);
+
+        let (refused, _) = tokio::join!(
+            refusals.unless_refused(&wanted, std::future::pending::<()>()),
+            async {
+                tokio::task::yield_now().await;
+                refusals.tell(publish("$JS.API.STREAM.INFO.OTHER"));
+                refusals.tell(publish("$JS.API.STREAM.INFO.USERS"));
+            }
+        );
+        assert_eq!(refused, Err(publish("$JS.API.STREAM.INFO.USERS")));
+
+        let (ended, _) = tokio::join!(
+            refusals.unless_refused(&wanted, async {
+                tokio::task::yield_now().await;
+                tokio::task::yield_now().await;
+                7
+            }),
+            async { refusals.tell(publish("$JS.API.STREAM.INFO.OTHER")) }
+        );
+        assert_eq!(ended, Ok(7));
+    }
+
+    #[test]
+    fn a_refusal_names_the_subject_and_where_to_allow_it() {
+        insta::assert_snapshot!(
+            publish("$JS.API.STREAM.CREATE.USERS").to_string(),
+            @r#"the nats server refused this host's user permission to publish to "$JS.API.STREAM.CREATE.USERS": allow it in the user's publish permissions (README, "NATS permissions", lists what a host needs)"#
+        );
+        insta::assert_snapshot!(
+            Refusal { action: Action::Subscribe, subject: "user.created".to_string() }.to_string(),
+            @r#"the nats server refused this host's user permission to subscribe to "user.created": allow it in the user's subscribe permissions (README, "NATS permissions", lists what a host needs)"#
+        );
+    }
+}
