@@ -336,15 +336,3 @@ fn what_a_guest_prints_reaches_the_log_once_per_event() {
 fn metrics(port: u16) -> String {
     http_get(port, "/metrics").expect("the admin endpoint answers")
 }
-
-/// The whole HTTP/1.0 response to `GET path` on the admin endpoint at `port`; `None`
-/// while nothing listens there.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    Some(response)
-}

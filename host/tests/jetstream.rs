@@ -35,17 +35,6 @@ async fn read_all(
     out
 }
 
-async fn count(js: &jetstream::Context, name: &str) -> u64 {
-    js.get_stream(name)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages
-}
-
 /// The one message in stream `name` (a dead-letter stream the test emptied or filled to
 /// one), once it has arrived.
 async fn only_letter(

@@ -23,6 +23,18 @@ pub async fn create_stream(
     .unwrap()
 }
 
+/// Messages in stream `name` now.
+pub async fn count(js: &jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
 /// A fresh nats-server with `streams` (name, subjects) created, and a client on it.
 pub async fn js_env(
     streams: &[(&str, &[&str])],

@@ -165,6 +165,9 @@ pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
+    /// Started with a configuration file (users and their permissions, say), and logging
+    /// to [`NatsServer::log`].
+    configured: bool,
 }
 
 impl NatsServer {
@@ -176,9 +179,29 @@ impl NatsServer {
             port: 0,
             store: tempfile::tempdir().unwrap(),
             child: None,
+            configured: false,
         };
         server.spawn();
         server
+    }
+
+    /// A server as [`NatsServer::start`] makes one, reading `config` (nats-server's
+    /// configuration format) as well; the command line's port and store win over it.
+    pub fn start_with_config(config: &str) -> Self {
+        let mut server = Self {
+            port: 0,
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+            configured: true,
+        };
+        std::fs::write(server.store.path().join("nats.conf"), config).unwrap();
+        server.spawn();
+        server
+    }
+
+    /// What a server started with [`NatsServer::start_with_config`] has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.store.path().join("nats.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -201,7 +224,15 @@ impl NatsServer {
         } else {
             self.port.to_string()
         };
-        let child = Command::new(nats_server_bin())
+        let mut command = Command::new(nats_server_bin());
+        if self.configured {
+            let (config, log) = (
+                self.store.path().join("nats.conf"),
+                self.store.path().join("nats.log"),
+            );
+            command.arg("-c").arg(config).arg("-l").arg(log);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
             .arg(self.store.path())
             .arg("--ports_file_dir")
@@ -469,6 +500,18 @@ pub fn variant(tag: &str) -> Vec<u8> {
 
 pub fn sha256(bytes: &[u8]) -> String {
     wasmev::cache::Digest::of(bytes).as_str().to_string()
+}
+
+/// The whole HTTP/1.0 response to `GET path` on the admin endpoint at `port`; `None`
+/// while nothing listens there.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    Some(response)
 }
 
 /// The `wasmev` binary, with its artifact cache in a temp dir shared by the test run

@@ -1,0 +1,342 @@
+//! A host on a NATS server with authorization, run as `wasmev run` with its user and
+//! password in the environment. The README's "NATS permissions" block, filled in, is all
+//! a host needs: a JetStream handler and a core one go down every path they have, and the
+//! server logs no refusal. A permission left out stops the start with the subject the
+//! server refused.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::js::*;
+use common::*;
+use futures::StreamExt;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+const GIVEN_UP: &str = "WASMEV_GIVEN_UP_EVENTS_chaos";
+
+/// The README's permissions block, filled in for [`MANIFEST`]'s two handlers.
+fn readme_permissions() -> String {
+    let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
+    let section = readme
+        .split("### NATS permissions")
+        .nth(1)
+        .expect("the README has a \"NATS permissions\" section");
+    let block = section
+        .split("```conf\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the section has a conf block");
+    let mut filled = String::new();
+    for line in block.lines() {
+        let values: &[&str] = if line.contains("<publish>") {
+            &["chaos.>"]
+        } else if line.contains("<subscribe>") {
+            &["core.in"]
+        } else if line.contains("<dead_letter>") {
+            &["wasmev.dlq.chaos", "wasmev.dlq.core"]
+        } else {
+            &[""]
+        };
+        for value in values {
+            let line = line
+                .replace("<publish>", value)
+                .replace("<subscribe>", value)
+                .replace("<dead_letter>", value)
+                .replace("<stream>", "EVENTS")
+                .replace("<durable>", "chaos");
+            filled.push_str(&line);
+            filled.push('\n');
+        }
+    }
+    assert!(!filled.contains('<'), "a placeholder left:\n{filled}");
+    filled
+}
+
+/// A server whose user `host` has `permissions`, and whose user `admin` may do anything.
+fn server(permissions: &str) -> NatsServer {
+    NatsServer::start_with_config(&format!(
+        "authorization {{ users = [\n\
+           {{ user: admin, password: admin }}\n\
+           {{ user: host, password: host, {permissions} }}\n\
+         ] }}\n"
+    ))
+}
+
+async fn admin(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
+    let client = async_nats::ConnectOptions::with_user_and_password("admin".into(), "admin".into())
+        .connect(server.url())
+        .await
+        .unwrap();
+    let js = jetstream::new(client.clone());
+    (client, js)
+}
+
+/// A JetStream handler on EVENTS and a core one on `core.in`, both the chaos fixture;
+/// the admin endpoint on `admin`, if given.
+fn write_manifest(dir: &Path, server: &NatsServer, admin: Option<u16>) {
+    let admin = admin
+        .map(|port| format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"))
+        .unwrap_or_default();
+    let toml = format!(
+        "version = 1\n{admin}[broker]\nurl = {:?}\nuser_env = \"WASMEV_TEST_NATS_USER\"\n\
+         password_env = \"WASMEV_TEST_NATS_PASSWORD\"\n",
+        server.url()
+    ) + &handler_block(
+        "chaos",
+        "chaos",
+        "subscribe = [\"js.in\"]\npublish = [\"chaos.>\"]\n\
+         [handler.jetstream]\nstream = \"EVENTS\"\nmax_deliver = 2\nack_wait = \"1s\"",
+    ) + &handler_block(
+        "core",
+        "chaos",
+        "subscribe = [\"core.in\"]\npublish = [\"chaos.>\"]",
+    );
+    std::fs::write(dir.join("runtime.toml"), toml).unwrap();
+}
+
+/// `wasmev run` as user `host`, logging to `host.log` in `dir`; killed if a test fails
+/// before it stops.
+struct Host(Option<Child>);
+
+impl Host {
+    fn run(dir: &Path) -> Self {
+        let log = std::fs::File::create(dir.join("host.log")).unwrap();
+        Self(Some(
+            wasmev_command()
+                .args(["run", "runtime.toml"])
+                .current_dir(dir)
+                .env("WASMEV_TEST_NATS_USER", "host")
+                .env("WASMEV_TEST_NATS_PASSWORD", "host")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    /// Wait until it has logged that it is ready.
+    async fn ready(&self, dir: &Path) {
+        wait_for("the host to be ready", WAIT, || async {
+            host_log(dir).contains(" ready on the nats").then_some(())
+        })
+        .await;
+    }
+
+    /// Its exit code, once it exits (by itself, or after SIGTERM with `terminate`).
+    fn exit(mut self, terminate: bool) -> Option<i32> {
+        let child = self.0.as_mut().unwrap();
+        if terminate {
+            let pid = child.id().to_string();
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.0 = None;
+                return status.code();
+            }
+            assert!(start.elapsed() < WAIT, "the host did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn host_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("host.log")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_permissions_the_readme_lists_are_all_a_host_needs() {
+    let server = server(&readme_permissions());
+    let (client, js) = admin(&server).await;
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    create_stream(&js, "SEEN", &["chaos.seen"]).await;
+    create_stream(&js, "DLQ", &["wasmev.dlq.>"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(dir.path(), &server, None);
+
+    // A first host creates the consumers and the advisories' stream, then stops.
+    let host = Host::run(dir.path());
+    host.ready(dir.path()).await;
+    let advisories = js.get_stream(GIVEN_UP).await.unwrap();
+    advisories.consumer_info("wasmev").await.unwrap();
+    assert_eq!(host.exit(true), Some(0), "{}", host_log(dir.path()));
+
+    // A message given up while no host runs: the next host reads its advisory, reads the
+    // message back and dead-letters it.
+    publish_ops(&js, [("lost".to_string(), json!({"op": "record"}))]).await;
+    let consumer = chaos_consumer(&js).await;
+    for _ in 1..=3 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .unwrap();
+        // Taken and never settled, as by a host killed mid-event.
+        let _ = batch.next().await;
+    }
+    wait_for("the advisory to be kept", WAIT, || async {
+        (count(&js, GIVEN_UP).await == 1).then_some(())
+    })
+    .await;
+
+    let host = Host::run(dir.path());
+    host.ready(dir.path()).await;
+    // Handled and acked, publishing to a stream (the stream lookup, its ack); rejected
+    // and dead-lettered; a core event, on a subscription the round trip confirmed.
+    publish_ops(
+        &js,
+        [
+            ("kept".to_string(), json!({"op": "record"})),
+            (
+                "bad".to_string(),
+                json!({"op": "reject", "reason": "not today"}),
+            ),
+        ],
+    )
+    .await;
+    client
+        .publish("core.in", json!({"op": "record"}).to_string().into())
+        .await
+        .unwrap();
+    wait_for("both records", WAIT, || async {
+        (count(&js, "SEEN").await == 2).then_some(())
+    })
+    .await;
+    wait_for("both dead letters", WAIT, || async {
+        (count(&js, "DLQ").await == 2).then_some(())
+    })
+    .await;
+    wait_for("every event settled", WAIT, || async {
+        let info = consumer.clone().info().await.ok()?.clone();
+        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+    })
+    .await;
+    assert_eq!(count(&js, GIVEN_UP).await, 0, "the advisory was acked");
+    assert_eq!(host.exit(true), Some(0), "{}", host_log(dir.path()));
+
+    let log = host_log(dir.path());
+    assert!(!log.contains("refused"), "{log}");
+    let server_log = server.log();
+    let refused: Vec<&str> = server_log
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the server refused:\n{}",
+        refused.join("\n")
+    );
+}
+
+/// The README's permissions less the lines containing `left_out`.
+fn permissions_without(left_out: &str) -> String {
+    readme_permissions()
+        .lines()
+        .filter(|l| !l.contains(left_out))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// `wasmev run` with the README's permissions less the lines containing `left_out`:
+/// it exits by itself, failing; its log.
+async fn start_without(left_out: &str) -> String {
+    let server = server(&permissions_without(left_out));
+    let (_client, js) = admin(&server).await;
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(dir.path(), &server, None);
+    let code = Host::run(dir.path()).exit(false);
+    let log = host_log(dir.path());
+    assert_eq!(code, Some(1), "{log}");
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_permission_left_out_stops_the_start_naming_the_subject() {
+    let log = start_without("STREAM.CREATE.WASMEV_GIVEN_UP").await;
+    // Before, this waited out the request's timeout and said only "timed out".
+    assert!(
+        log.contains(
+            "error: handler \"chaos\": failed to get or create stream \"WASMEV_GIVEN_UP_EVENTS_chaos\": \
+             the nats server refused this host's user permission to publish to \
+             \"$JS.API.STREAM.CREATE.WASMEV_GIVEN_UP_EVENTS_chaos\""
+        ),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_stops_the_start_naming_the_subject() {
+    // Before, the host said it was ready, and the core handler never saw an event.
+    let log = start_without("\"core.in\"").await;
+    assert!(
+        log.contains(
+            "error: failed to confirm subscriptions: the nats server refused this host's user \
+             permission to subscribe to \"core.in\""
+        ),
+        "{log}"
+    );
+}
+
+/// Core NATS does not answer a publish, so a refused one cannot fail the guest's call;
+/// the server's word is logged and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_plain_publish_is_logged_and_counted() {
+    // Without the handlers' `publish` grants: `chaos.seen` is refused.
+    let server = server(&permissions_without("\"chaos.>\""));
+    let (client, js) = admin(&server).await;
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write_manifest(dir.path(), &server, Some(port));
+    let host = Host::run(dir.path());
+    host.ready(dir.path()).await;
+    let refused = || {
+        let metrics = http_get(port, "/metrics").expect("the admin endpoint answers");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wasmev_broker_refused_total "))
+            .map(|v| v.parse::<u64>().unwrap())
+            .expect("wasmev_broker_refused_total is exported")
+    };
+    assert_eq!(refused(), 0);
+
+    client
+        .publish("core.in", json!({"op": "record"}).to_string().into())
+        .await
+        .unwrap();
+    wait_for("the refusal to be counted", WAIT, || async {
+        (refused() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(host.exit(true), Some(0));
+    let log = host_log(dir.path());
+    assert!(
+        log.contains(
+            "WARN wasmev::broker::nats: the nats server refused this host's user permission \
+             to publish to \"chaos.seen\""
+        ),
+        "{log}"
+    );
+}
