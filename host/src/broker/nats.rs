@@ -1,5 +1,6 @@
 //! NATS core through async-nats: connect with credentials from the manifest, subscribe,
-//! confirm subscriptions with a server round-trip, publish.
+//! confirm subscriptions with a server round-trip, publish. What the server refuses the
+//! host's user ends the calls waiting on it at once (see [`super::refusals`]).
 //!
 //! Delivery on core NATS is at-most-once: a message published while the host is
 //! disconnected, or dropped because a subscription's client-side buffer is full, is gone.
@@ -181,11 +182,13 @@ fn flat(e: impl std::fmt::Display) -> anyhow::Error {
 const JS_API: &str = "$JS.API";
 
 /// What getting or creating consumer `durable` on `stream` publishes to: the info
-/// request, then the create request (its subject goes on with the consumer's filter).
-fn consumer_api(stream: &str, durable: &str) -> [String; 2] {
+/// request, then the create request (whose subject goes on with the consumer's filter,
+/// when it has one).
+fn consumer_api(stream: &str, durable: &str) -> [String; 3] {
     [
         format!("{JS_API}.CONSUMER.INFO.{stream}.{durable}"),
         format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}"),
+        format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}.>"),
     ]
 }
 

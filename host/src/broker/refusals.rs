@@ -56,14 +56,14 @@ impl Refusal {
         })
     }
 
-    /// Whether a call that publishes to `publishes` (each a subject, or a subject's first
-    /// tokens) and reads its answers on an inbox is stopped by this refusal.
+    /// Whether a call that publishes to `publishes` (each a subject, or one ending in `>`
+    /// that stands for the subjects it starts, as in NATS) and reads its answers on an
+    /// inbox is stopped by this refusal.
     fn stops(&self, publishes: &[String]) -> bool {
         match self.action {
-            Action::Publish => publishes.iter().any(|p| {
-                self.subject
-                    .strip_prefix(p.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            Action::Publish => publishes.iter().any(|p| match p.strip_suffix('>') {
+                Some(start) => self.subject.starts_with(start),
+                None => self.subject == *p,
             }),
             Action::Subscribe => self.subject.starts_with(INBOX_PREFIX),
         }
@@ -125,9 +125,8 @@ impl Refusals {
         std::mem::take(&mut *self.subscriptions.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Run `call`, which publishes to `publishes` (subjects, or a subject's first tokens:
-    /// `$JS.API.CONSUMER.CREATE.S.D` stands for the same followed by a filter), and reads
-    /// its answers on an inbox. If the server refuses one of those before the call ends,
+    /// Run `call`, which publishes to `publishes` (subjects; `$JS.API.CONSUMER.CREATE.S.D.>`
+    /// stands for that with any filter after it), and reads its answers on an inbox. If the server refuses one of those before the call ends,
     /// the call is dropped and the refusal returned.
     pub async fn unless_refused<F: Future>(
         &self,
@@ -195,13 +194,20 @@ mod tests {
 
     #[test]
     fn a_refusal_stops_the_calls_publishing_there_or_reading_an_inbox() {
-        let create = subjects(&["$JS.API.CONSUMER.CREATE.USERS.email"]);
+        let create = subjects(&[
+            "$JS.API.CONSUMER.CREATE.USERS.email",
+            "$JS.API.CONSUMER.CREATE.USERS.email.>",
+        ]);
         // The consumer's filter follows its name in the subject.
         assert!(publish("$JS.API.CONSUMER.CREATE.USERS.email.user.created").stops(&create));
         assert!(publish("$JS.API.CONSUMER.CREATE.USERS.email").stops(&create));
         // Another consumer whose name starts the same is another call's.
         assert!(!publish("$JS.API.CONSUMER.CREATE.USERS.email-sender").stops(&create));
         assert!(!publish("$JS.API.STREAM.INFO.USERS").stops(&create));
+        // A plain subject is only itself: a request to `orders` is not stopped by a refused
+        // publish to `orders.new`.
+        assert!(!publish("orders.new").stops(&subjects(&["orders"])));
+        assert!(publish("orders").stops(&subjects(&["orders"])));
         // Every request reads its answer on an inbox.
         let inbox = Refusal {
             action: Action::Subscribe,
