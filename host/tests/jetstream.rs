@@ -658,43 +658,17 @@ async fn a_reload_pointing_dead_letters_elsewhere_brings_out_a_refused_given_up_
     host.stop().await.unwrap();
 }
 
-/// The stream a host keeps the `chaos` consumer's max-deliveries advisories in.
-const GIVEN_UP: &str = "WASMEV_GIVEN_UP_EVENTS_chaos";
-
 /// A host that stops mid-event on a message's last delivery is not there when JetStream
 /// gives up on it: the advisory waits in its stream, and the next host to start
 /// dead-letters the message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_given_up_while_no_host_runs_is_dead_lettered_by_the_next_host() {
-    use futures::StreamExt;
     let (server, _client, js) = js_env(&[EVENTS, DLQ]).await;
     let (_dir, m) = manifest(&js_manifest(&server, "max_deliver = 2\nack_wait = \"1s\""));
     // The first host sets up the consumer, and where its advisories are kept; then stops.
     TestHost::start(&m).await.stop().await.unwrap();
     publish_ops(&js, [("lost".to_string(), json!({"op": "record"}))]).await;
-    // Both deliveries go to a reader that never settles them, as to a host killed
-    // mid-event; a third pull finds nothing, and JetStream gives up on the message.
-    let consumer = chaos_consumer(&js).await;
-    for delivery in 1..=3 {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .unwrap();
-        match batch.next().await {
-            Some(Ok(m)) => assert_eq!(m.info().unwrap().delivered, delivery),
-            None => assert_eq!(delivery, 3, "no delivery {delivery}"),
-            Some(Err(e)) => panic!("{e}"),
-        }
-    }
-    wait_for(
-        "the advisory to be kept while no host runs",
-        WAIT,
-        || async { (count(&js, GIVEN_UP).await == 1).then_some(()) },
-    )
-    .await;
+    given_up_unsettled(&js, WAIT).await;
 
     let host = TestHost::start(&m).await;
     let letter = only_letter(&js, "DLQ").await;

@@ -13,11 +13,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use common::js::*;
 use common::*;
-use futures::StreamExt;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
-const GIVEN_UP: &str = "WASMEV_GIVEN_UP_EVENTS_chaos";
 
 /// The README's permissions block, filled in for [`MANIFEST`]'s two handlers.
 fn readme_permissions() -> String {
@@ -183,22 +181,8 @@ async fn the_permissions_the_readme_lists_are_all_a_host_needs() {
     // A message given up while no host runs: the next host reads its advisory, reads the
     // message back and dead-letters it.
     publish_ops(&js, [("lost".to_string(), json!({"op": "record"}))]).await;
+    given_up_unsettled(&js, WAIT).await;
     let consumer = chaos_consumer(&js).await;
-    for _ in 1..=3 {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .unwrap();
-        // Taken and never settled, as by a host killed mid-event.
-        let _ = batch.next().await;
-    }
-    wait_for("the advisory to be kept", WAIT, || async {
-        (count(&js, GIVEN_UP).await == 1).then_some(())
-    })
-    .await;
 
     let host = Host::run(dir.path());
     host.ready(dir.path()).await;

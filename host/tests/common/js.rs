@@ -5,7 +5,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use serde_json::Value;
 
-use super::NatsServer;
+use super::{NatsServer, wait_for};
 
 /// A file-stored stream `name` on `subjects`.
 pub async fn create_stream(
@@ -85,4 +85,36 @@ pub fn header_in(headers: Option<&async_nats::HeaderMap>, name: &str) -> String 
         .and_then(|h| h.get(name))
         .map(|v| v.as_str().to_string())
         .unwrap_or_default()
+}
+
+/// The stream a host keeps the `chaos` consumer's max-deliveries advisories in.
+pub const GIVEN_UP: &str = "WASMEV_GIVEN_UP_EVENTS_chaos";
+
+/// With no host running, give both deliveries (`max_deliver = 2`) of the one message on
+/// the `chaos` consumer to a reader that never settles them, as to a host killed
+/// mid-event; a third pull finds nothing, and JetStream gives up on the message. Returns
+/// once its advisory is kept in [`GIVEN_UP`].
+pub async fn given_up_unsettled(js: &jetstream::Context, wait: std::time::Duration) {
+    use futures::StreamExt;
+    let consumer = chaos_consumer(js).await;
+    for delivery in 1..=3 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(std::time::Duration::from_secs(2))
+            .messages()
+            .await
+            .unwrap();
+        match batch.next().await {
+            Some(Ok(m)) => assert_eq!(m.info().unwrap().delivered, delivery),
+            None => assert_eq!(delivery, 3, "no delivery {delivery}"),
+            Some(Err(e)) => panic!("{e}"),
+        }
+    }
+    wait_for(
+        "the advisory to be kept while no host runs",
+        wait,
+        || async { (count(js, GIVEN_UP).await == 1).then_some(()) },
+    )
+    .await;
 }
