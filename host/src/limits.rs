@@ -157,15 +157,16 @@ pub const GIVEN_UP_ACK_WAIT: Duration = Duration::from_secs(60);
 /// server; a try that takes longer counts as refused and is tried again later.
 pub const GIVEN_UP_TRY: Duration = Duration::from_secs(30);
 
-/// After confirming new subscriptions on NATS, how long the host waits for the server's
-/// refusal of one of them to reach it. The round trip proves the server has said
-/// everything about the subscriptions made before it, but async-nats hands its errors to
-/// the event callback on a task of its own, so they may come a moment after the round
-/// trip's answer. Why 100 ms: that task is woken before the answer's reader and needs one
-/// poll, which takes microseconds on an idle machine and more on a loaded one; a hundred
-/// milliseconds covers a busy 2-core box, and is paid only when a start or reload made
-/// subscriptions. A refusal later than that is still logged, but no longer stops the
-/// start.
+/// After confirming new subscriptions and JetStream consumers on NATS, how long the host
+/// waits for the server's refusal of one of them (or of a consumer's first pull) to reach
+/// it. The round trip proves the server has answered every subscription made before it,
+/// but async-nats hands the server's errors to the event callback on a task of its own,
+/// so they may come a moment after the round trip's answer; and a consumer's first pull
+/// goes out from its intake's task as that starts. Why 100 ms: each needs a task polled
+/// once and a loopback reply, microseconds on an idle machine and more on a loaded one; a
+/// hundred milliseconds covers a busy 2-core box, and is paid only when a start or reload
+/// made subscriptions or consumers. A refusal later than that is still logged and
+/// counted, but no longer stops the start.
 pub const REFUSAL_GRACE: Duration = Duration::from_millis(100);
 
 /// Longest time a guest `request` may wait for a reply. Why 30 s: a request is a

@@ -271,13 +271,26 @@ async fn a_jetstream_permission_left_out_stops_the_start_naming_the_subject() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_pull_stops_the_start_naming_the_subject() {
+    // Before, the host said it was ready, and warned of a missed heartbeat every 2 s.
+    let log = start_without("CONSUMER.MSG.NEXT.EVENTS.chaos").await;
+    assert!(
+        log.contains(
+            "error: the nats server refused this host's user permission to publish to \
+             \"$JS.API.CONSUMER.MSG.NEXT.EVENTS.chaos\""
+        ),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_subscription_stops_the_start_naming_the_subject() {
     // Before, the host said it was ready, and the core handler never saw an event.
     let log = start_without("\"core.in\"").await;
     assert!(
         log.contains(
-            "error: failed to confirm subscriptions: the nats server refused this host's user \
-             permission to subscribe to \"core.in\""
+            "error: the nats server refused this host's user permission to subscribe to \
+             \"core.in\""
         ),
         "{log}"
     );

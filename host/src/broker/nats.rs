@@ -83,8 +83,9 @@ pub struct NatsBroker {
     captured: Arc<CaptureCache>,
     /// What the server refused this host's user (see [`Refusals`]).
     refusals: Refusals,
-    /// Whether a subscribe was made since the last [`NatsBroker::confirm`].
-    subscribed: Arc<AtomicBool>,
+    /// Whether a subscription or a JetStream consumer was made since the last
+    /// [`NatsBroker::confirm`].
+    intake_started: Arc<AtomicBool>,
 }
 
 pub struct NatsSubscription {
@@ -333,7 +334,7 @@ impl NatsBroker {
             url: url.into(),
             captured: Arc::default(),
             refusals,
-            subscribed: Arc::default(),
+            intake_started: Arc::default(),
         })
     }
 
@@ -360,7 +361,7 @@ impl NatsBroker {
         queue: Option<&str>,
     ) -> anyhow::Result<NatsSubscription> {
         let subject = pattern.as_str().to_string();
-        self.subscribed.store(true, Ordering::Relaxed);
+        self.intake_started.store(true, Ordering::Relaxed);
         let inner = match queue {
             None => self.client.subscribe(subject).await,
             Some(q) => self.client.queue_subscribe(subject, q.to_string()).await,
@@ -373,12 +374,13 @@ impl NatsBroker {
     /// Prove with a server round trip ([`Self::round_trip`]) that every earlier subscribe
     /// is active.
     ///
-    /// A subscription the server refused this host's user fails the confirmation: without
-    /// it the handler would count as running and never see an event. The server says so
-    /// before the round trip's answer; its word reaches the host within
-    /// [`limits::REFUSAL_GRACE`], waited for only when something was subscribed.
+    /// A subscription or a JetStream pull the server refused this host's user fails the
+    /// confirmation: without it the handler would count as running and never see an
+    /// event. The server says so before the round trip's answer (a pull goes out as its
+    /// consumer's intake starts, before this is called); its word reaches the host within
+    /// [`limits::REFUSAL_GRACE`], waited for only when a subscription or consumer was made.
     pub async fn confirm(&self) -> anyhow::Result<()> {
-        let subscribed = self.subscribed.swap(false, Ordering::Relaxed);
+        let intake_started = self.intake_started.swap(false, Ordering::Relaxed);
         tokio::time::timeout(CONFIRM_TIMEOUT, self.round_trip())
             .await
             .with_context(|| {
@@ -389,15 +391,15 @@ impl NatsBroker {
                 )
             })?
             .context("failed to confirm subscriptions")?;
-        if subscribed {
+        if intake_started {
             tokio::time::sleep(limits::REFUSAL_GRACE).await;
         }
-        let refused = self.refusals.take_subscriptions();
+        let refused = self.refusals.take_intake();
         if refused.is_empty() {
             return Ok(());
         }
         let each: Vec<String> = refused.iter().map(Refusal::to_string).collect();
-        Err(anyhow::anyhow!(each.join("; "))).context("failed to confirm subscriptions")
+        Err(anyhow::anyhow!(each.join("; ")))
     }
 
     pub async fn publish(&self, mut message: Outgoing) -> Result<(), PublishError> {
@@ -519,6 +521,8 @@ impl NatsBroker {
         filters: &[Pattern],
     ) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
         use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        // Its intake pulls as it starts: confirm waits for a refusal of that.
+        self.intake_started.store(true, Ordering::Relaxed);
         let looked_up = self
             .refusals
             .unless_refused(

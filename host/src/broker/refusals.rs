@@ -19,6 +19,10 @@ use tokio::sync::broadcast;
 /// refusals reads on, so it at worst waits for its own timeout, as it did before.
 const BUFFERED: usize = 64;
 
+/// The subjects of JetStream pull requests (`<stream>.<durable>` follows): the host's
+/// JetStream API prefix is the default.
+const PULL_PREFIX: &str = "$JS.API.CONSUMER.MSG.NEXT.";
+
 /// The prefix of the inboxes async-nats makes (the host does not change it): every
 /// request's reply comes back on one.
 const INBOX_PREFIX: &str = "_INBOX.";
@@ -54,6 +58,15 @@ impl Refusal {
             action,
             subject: subject.to_string(),
         })
+    }
+
+    /// Whether this refuses what brings a handler its events: a subscription, or a
+    /// JetStream pull. Neither waits for an answer, so no call sees it fail.
+    fn stops_intake(&self) -> bool {
+        match self.action {
+            Action::Subscribe => true,
+            Action::Publish => self.subject.starts_with(PULL_PREFIX),
+        }
     }
 
     /// Whether a call that publishes to `publishes` (each a subject, or one ending in `>`
@@ -92,16 +105,16 @@ impl std::error::Error for Refusal {}
 #[derive(Clone)]
 pub struct Refusals {
     told: broadcast::Sender<Arc<Refusal>>,
-    /// Subscriptions refused since [`Refusals::take_subscriptions`] last took them: a SUB
-    /// waits for no answer, so nothing is waiting when its refusal comes.
-    subscriptions: Arc<Mutex<Vec<Refusal>>>,
+    /// Subscriptions and pulls refused since [`Refusals::take_intake`] last took them
+    /// (see [`Refusal::stops_intake`]).
+    intake: Arc<Mutex<Vec<Refusal>>>,
 }
 
 impl Default for Refusals {
     fn default() -> Self {
         Self {
             told: broadcast::channel(BUFFERED).0,
-            subscriptions: Arc::default(),
+            intake: Arc::default(),
         }
     }
 }
@@ -109,8 +122,8 @@ impl Default for Refusals {
 impl Refusals {
     /// Pass on a refusal the server reported (from the client's event callback).
     pub fn tell(&self, refusal: Refusal) {
-        if refusal.action == Action::Subscribe {
-            let mut kept = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+        if refusal.stops_intake() {
+            let mut kept = self.intake.lock().unwrap_or_else(|e| e.into_inner());
             // Bounded like the broadcast: the first ones say what is wrong.
             if kept.len() < BUFFERED {
                 kept.push(refusal.clone());
@@ -120,9 +133,9 @@ impl Refusals {
         let _ = self.told.send(Arc::new(refusal));
     }
 
-    /// The subscriptions refused since the last call, oldest first.
-    pub fn take_subscriptions(&self) -> Vec<Refusal> {
-        std::mem::take(&mut *self.subscriptions.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The subscriptions and pulls refused since the last call, oldest first.
+    pub fn take_intake(&self) -> Vec<Refusal> {
+        std::mem::take(&mut *self.intake.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Run `call`, which publishes to `publishes` (subjects; `$JS.API.CONSUMER.CREATE.S.D.>`
@@ -219,6 +232,22 @@ mod tests {
             subject: "user.created".to_string(),
         };
         assert!(!handlers.stops(&create));
+    }
+
+    #[test]
+    fn refused_subscriptions_and_pulls_are_kept_until_taken_and_other_refusals_are_not() {
+        let refusals = Refusals::default();
+        let subscription = Refusal {
+            action: Action::Subscribe,
+            subject: "user.created".to_string(),
+        };
+        let pull = publish("$JS.API.CONSUMER.MSG.NEXT.USERS.email-sender");
+        refusals.tell(subscription.clone());
+        refusals.tell(publish("email.sent"));
+        refusals.tell(publish("$JS.API.STREAM.INFO.USERS"));
+        refusals.tell(pull.clone());
+        assert_eq!(refusals.take_intake(), [subscription, pull]);
+        assert_eq!(refusals.take_intake(), []);
     }
 
     #[tokio::test]
