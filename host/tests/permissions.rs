@@ -34,7 +34,7 @@ fn readme_permissions() -> String {
         let values: &[&str] = if line.contains("<publish>") {
             &["chaos.>"]
         } else if line.contains("<subscribe>") {
-            &["core.in"]
+            &["core.>"]
         } else if line.contains("<dead_letter>") {
             &["wasmev.dlq.chaos", "wasmev.dlq.core"]
         } else {
@@ -57,12 +57,17 @@ fn readme_permissions() -> String {
 
 /// A server whose user `host` has `permissions`, and whose user `admin` may do anything.
 fn server(permissions: &str) -> NatsServer {
-    NatsServer::start_with_config(&format!(
+    NatsServer::start_with_config(&users(permissions))
+}
+
+/// The server configuration of [`server`].
+fn users(permissions: &str) -> String {
+    format!(
         "authorization {{ users = [\n\
            {{ user: admin, password: admin }}\n\
            {{ user: host, password: host, {permissions} }}\n\
          ] }}\n"
-    ))
+    )
 }
 
 async fn admin(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
@@ -286,7 +291,7 @@ async fn a_refused_pull_stops_the_start_naming_the_subject() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_subscription_stops_the_start_naming_the_subject() {
     // Before, the host said it was ready, and the core handler never saw an event.
-    let log = start_without("\"core.in\"").await;
+    let log = start_without("\"core.>\"").await;
     assert!(
         log.contains(
             "error: the nats server refused this host's user permission to subscribe to \
@@ -336,4 +341,60 @@ async fn a_refused_plain_publish_is_logged_and_counted() {
         ),
         "{log}"
     );
+}
+
+/// Pulls refused while a host runs (the user's permissions changed on the server) are
+/// logged and counted; once allowed again, they are not held against a later reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_refused_a_while_ago_do_not_fail_a_later_reload() {
+    let allowed = readme_permissions();
+    let server = server(&allowed);
+    let (client, js) = admin(&server).await;
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    create_stream(&js, "SEEN", &["chaos.seen"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(dir.path(), &server, None);
+    let host = Host::run(dir.path());
+    host.ready(dir.path()).await;
+
+    let pull = "CONSUMER.MSG.NEXT.EVENTS.chaos";
+    server.reconfigure(&users(&permissions_without(pull)));
+    wait_for("a refused pull", WAIT, || async {
+        host_log(dir.path())
+            .contains(&format!("permission to publish to \"$JS.API.{pull}\""))
+            .then_some(())
+    })
+    .await;
+    server.reconfigure(&users(&allowed));
+    publish_ops(&js, [("after".to_string(), json!({"op": "record"}))]).await;
+    wait_for("the pulls to work again", WAIT, || async {
+        (count(&js, "SEEN").await == 1).then_some(())
+    })
+    .await;
+
+    // A reload that subscribes: a handler added to the manifest, seen by the watcher.
+    let manifest = dir.path().join("runtime.toml");
+    let mut toml = std::fs::read_to_string(&manifest).unwrap();
+    toml += &handler_block(
+        "more",
+        "chaos",
+        "subscribe = [\"core.more\"]\npublish = [\"chaos.>\"]",
+    );
+    std::fs::write(&manifest, toml).unwrap();
+    wait_for("the reload", WAIT, || async {
+        let log = host_log(dir.path());
+        (log.contains("handler added") || log.contains("reload refused")).then_some(())
+    })
+    .await;
+    client
+        .publish("core.more", json!({"op": "record"}).to_string().into())
+        .await
+        .unwrap();
+    wait_for("the added handler's event", WAIT, || async {
+        (count(&js, "SEEN").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(host.exit(true), Some(0));
+    let log = host_log(dir.path());
+    assert!(!log.contains("reload refused"), "{log}");
 }

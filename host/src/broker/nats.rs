@@ -355,13 +355,23 @@ impl NatsBroker {
         }
     }
 
+    /// A subscription or consumer is about to be made, for [`NatsBroker::confirm`] to
+    /// check. The first since the last confirm forgets the refusals kept until now: those
+    /// were of earlier intakes (a running consumer's pulls, refused every few seconds),
+    /// and a permission granted since would have confirm fail on them.
+    fn intake_starts(&self) {
+        if !self.intake_started.swap(true, Ordering::Relaxed) {
+            drop(self.refusals.take_intake());
+        }
+    }
+
     pub async fn subscribe(
         &self,
         pattern: &Pattern,
         queue: Option<&str>,
     ) -> anyhow::Result<NatsSubscription> {
         let subject = pattern.as_str().to_string();
-        self.intake_started.store(true, Ordering::Relaxed);
+        self.intake_starts();
         let inner = match queue {
             None => self.client.subscribe(subject).await,
             Some(q) => self.client.queue_subscribe(subject, q.to_string()).await,
@@ -522,7 +532,7 @@ impl NatsBroker {
     ) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
         use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
         // Its intake pulls as it starts: confirm waits for a refusal of that.
-        self.intake_started.store(true, Ordering::Relaxed);
+        self.intake_starts();
         let looked_up = self
             .refusals
             .unless_refused(

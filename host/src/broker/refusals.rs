@@ -139,8 +139,9 @@ impl Refusals {
     }
 
     /// Run `call`, which publishes to `publishes` (subjects; `$JS.API.CONSUMER.CREATE.S.D.>`
-    /// stands for that with any filter after it), and reads its answers on an inbox. If the server refuses one of those before the call ends,
-    /// the call is dropped and the refusal returned.
+    /// stands for that with any filter after it) and reads its answers on an inbox. If the
+    /// server refuses one of those before the call ends, the call is dropped and the
+    /// refusal returned.
     pub async fn unless_refused<F: Future>(
         &self,
         publishes: &[String],

@@ -194,9 +194,28 @@ impl NatsServer {
             child: None,
             configured: true,
         };
-        std::fs::write(server.store.path().join("nats.conf"), config).unwrap();
+        server.write_config(config);
         server.spawn();
         server
+    }
+
+    /// `config` as the server's configuration file, with JetStream on in the temp store.
+    /// In the file, not on the command line: a reload reads only the file, and refuses
+    /// one whose store differs from the running server's.
+    fn write_config(&self, config: &str) {
+        let store = self.store.path().display().to_string();
+        std::fs::write(
+            self.store.path().join("nats.conf"),
+            format!("{config}\njetstream {{ store_dir: {store:?} }}\n"),
+        )
+        .unwrap();
+    }
+
+    /// Have a server started with [`NatsServer::start_with_config`] take `config` instead,
+    /// as nats-server does on SIGHUP (users' permissions change for connected clients too).
+    pub fn reconfigure(&self, config: &str) {
+        self.write_config(config);
+        self.signal("-HUP");
     }
 
     /// What a server started with [`NatsServer::start_with_config`] has logged so far.
@@ -226,15 +245,17 @@ impl NatsServer {
         };
         let mut command = Command::new(nats_server_bin());
         if self.configured {
+            // JetStream and its store are in the file (see `write_config`).
             let (config, log) = (
                 self.store.path().join("nats.conf"),
                 self.store.path().join("nats.log"),
             );
             command.arg("-c").arg(config).arg("-l").arg(log);
+        } else {
+            command.arg("-js").arg("-sd").arg(self.store.path());
         }
         let child = command
-            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
-            .arg(self.store.path())
+            .args(["-a", "127.0.0.1", "-p", &port])
             .arg("--ports_file_dir")
             .arg(&ports_dir)
             .stdout(Stdio::null())
