@@ -66,6 +66,11 @@ pub struct Report {
     /// Handlers whose change could not be applied; their old version (if any) runs on.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<Refusal>,
+    /// The changes went in, but the broker did not confirm the subscriptions and pulls
+    /// they made (the server refused one, or did not answer): a handler added or changed
+    /// may see no events.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed: Vec<String>,
     /// Settings that changed but only take effect after a restart.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restart_needed: Vec<String>,
@@ -106,7 +111,7 @@ impl Refusal {
 
 impl Report {
     pub fn is_ok(&self) -> bool {
-        self.errors.is_empty() && self.refused.is_empty()
+        self.errors.is_empty() && self.refused.is_empty() && self.unconfirmed.is_empty()
     }
 
     /// Every problem, one entry each.
@@ -115,6 +120,7 @@ impl Report {
             .iter()
             .map(String::as_str)
             .chain(self.refused.iter().map(|r| r.error.as_str()))
+            .chain(self.unconfirmed.iter().map(String::as_str))
             .collect()
     }
 
@@ -142,6 +148,9 @@ impl Report {
         }
         for e in &self.errors {
             tracing::error!(%cause, "reload refused, nothing changed:\n{e}");
+        }
+        for e in &self.unconfirmed {
+            tracing::error!(%cause, "reload applied, but the broker did not confirm its subscriptions and pulls: {e}");
         }
         for setting in &self.restart_needed {
             tracing::warn!(%cause, "[{setting}] changed; it takes effect after a restart");

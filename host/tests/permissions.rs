@@ -343,6 +343,39 @@ async fn a_refused_plain_publish_is_logged_and_counted() {
     );
 }
 
+/// A reload whose new subscription the server refuses went in, and says it is not
+/// confirmed (it used to say "reload refused, nothing changed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_subscription_is_refused_says_so() {
+    let server = server(&readme_permissions());
+    let (_client, js) = admin(&server).await;
+    create_stream(&js, "EVENTS", &["js.in"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(dir.path(), &server, None);
+    let host = Host::run(dir.path());
+    host.ready(dir.path()).await;
+
+    let manifest = dir.path().join("runtime.toml");
+    let mut toml = std::fs::read_to_string(&manifest).unwrap();
+    toml += &handler_block("other", "chaos", "subscribe = [\"other.in\"]");
+    std::fs::write(&manifest, toml).unwrap();
+    wait_for("the reload", WAIT, || async {
+        let log = host_log(dir.path());
+        log.contains("reload applied, but").then_some(())
+    })
+    .await;
+    assert_eq!(host.exit(true), Some(0));
+    let log = host_log(dir.path());
+    assert!(
+        log.contains(
+            "reload applied, but the broker did not confirm its subscriptions and pulls: the \
+             nats server refused this host's user permission to subscribe to \"other.in\""
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("nothing changed"), "{log}");
+}
+
 /// Pulls refused while a host runs (the user's permissions changed on the server) are
 /// logged and counted; once allowed again, they are not held against a later reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,7 +195,7 @@ impl Host {
         if (!report.added.is_empty() || !report.swapped.is_empty())
             && let Err(e) = self.broker.confirm().await
         {
-            report.errors.push(format!("{e:#}"));
+            report.unconfirmed.push(format!("{e:#}"));
         }
         // Only now, with every new subscription confirmed by the server, do the old ones
         // go: an event is always covered by one or the other.
