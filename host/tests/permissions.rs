@@ -2,7 +2,8 @@
 //! password in the environment. The README's "NATS permissions" block, filled in, is all
 //! a host needs: a JetStream handler and a core one go down every path they have, and the
 //! server logs no refusal. A permission left out stops the start with the subject the
-//! server refused.
+//! server refused; one refused while the host runs is logged and counted, a reload it
+//! stops says so, and it is not held against a reload once allowed again.
 
 mod common;
 
@@ -17,7 +18,8 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The README's permissions block, filled in for [`MANIFEST`]'s two handlers.
+/// The README's permissions block, filled in for [`write_manifest`]'s handlers (and the
+/// ones tests add on `core.*`).
 fn readme_permissions() -> String {
     let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
     let section = readme
