@@ -73,10 +73,10 @@ fn users(permissions: &str) -> String {
 }
 
 async fn admin(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
-    let client = async_nats::ConnectOptions::with_user_and_password("admin".into(), "admin".into())
-        .connect(server.url())
-        .await
-        .unwrap();
+    let connect =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), "admin".into())
+            .connect(server.url());
+    let client = within("connect as admin", WAIT, connect).await.unwrap();
     let js = jetstream::new(client.clone());
     (client, js)
 }

@@ -37,6 +37,13 @@ struct MaxDeliveries {
     deliveries: u64,
 }
 
+/// How the advisories are pulled. Advisories are rare and each may take a while: none
+/// waits in the client behind another.
+const ADVISORY_PULL: super::PullShape = super::PullShape {
+    batch: 1,
+    expires: limits::JETSTREAM_PULL_EXPIRES,
+};
+
 /// Dead-letter each message JetStream reports it stopped delivering to the handler's
 /// consumer (the advisories `advisories` reads, from [`NatsBroker::given_up_consumer`]),
 /// until `token` (the intake's) is cancelled.
@@ -54,15 +61,7 @@ pub async fn dead_letter_given_up(
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     'pull: loop {
-        let messages = advisories
-            .stream()
-            // Advisories are rare and each may take a while: none waits in the client
-            // behind another.
-            .max_messages_per_batch(1)
-            .expires(limits::JETSTREAM_PULL_EXPIRES)
-            .heartbeat(limits::JETSTREAM_PULL_HEARTBEAT)
-            .messages()
-            .await;
+        let messages = ADVISORY_PULL.open(&advisories).await;
         let mut messages = match messages {
             Ok(messages) => messages,
             Err(e) => {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use futures::{FutureExt as _, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -54,13 +54,7 @@ pub async fn consume(
         let handler = live.current();
         let shape = PullShape::of(&handler.spec);
         let mut shaped_by = handler.clone();
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(shape.batch)
-            .expires(shape.expires)
-            .heartbeat(limits::JETSTREAM_PULL_HEARTBEAT)
-            .messages()
-            .await;
+        let messages = shape.open(&consumer).await;
         let mut messages = match messages {
             Ok(messages) => messages,
             Err(e) => {
@@ -258,6 +252,20 @@ impl PullShape {
             batch: pull_batch(spec.max_in_flight, spec.deadline, ack_wait),
             expires: spec.deadline.max(limits::JETSTREAM_PULL_EXPIRES),
         }
+    }
+
+    /// A pull of this shape on `consumer`, with the host's idle heartbeat.
+    async fn open(
+        self,
+        consumer: &PullConsumer,
+    ) -> Result<pull::Stream, async_nats::jetstream::consumer::StreamError> {
+        consumer
+            .stream()
+            .max_messages_per_batch(self.batch)
+            .expires(self.expires)
+            .heartbeat(limits::JETSTREAM_PULL_HEARTBEAT)
+            .messages()
+            .await
     }
 }
 
