@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use crate::broker::nats::NatsBroker;
 use crate::broker::{Outgoing, validate_header};
-use crate::manifest::{Auth, BrokerSettings, Manifest};
+use crate::manifest::{BrokerSettings, Manifest};
 use crate::subject::Subject;
 
 /// Where `wasmev publish` sends to.
@@ -31,11 +31,7 @@ impl Target {
         manifest: &std::path::Path,
     ) -> anyhow::Result<Target> {
         if let Some(url) = url {
-            return Ok(Target::Nats(BrokerSettings {
-                url,
-                auth: Auth::None,
-                tls_ca: None,
-            }));
+            return Ok(Target::Nats(BrokerSettings::at(url)));
         }
         if let Some(admin) = admin {
             return Ok(Target::Admin(admin));

@@ -165,6 +165,32 @@ pub struct BrokerSettings {
     pub url: String,
     pub auth: Auth,
     pub tls_ca: Option<PathBuf>,
+    /// The host's reply inboxes are `<this>.<id>`: every request's answer, the JetStream
+    /// API's among them, comes back on one.
+    pub inbox_prefix: String,
+    /// The JetStream API's subjects start with this: `$JS.API`, or `$JS.<domain>.API` with
+    /// `jetstream_domain`.
+    pub jetstream_api: String,
+}
+
+/// async-nats's inbox prefix, and NATS's: a user allowed `_INBOX.>` can read every other
+/// such user's replies, so a server shared by several users gives each one its own.
+pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
+
+/// Where a server's own JetStream answers, in the connection's account and domain.
+pub const DEFAULT_JETSTREAM_API: &str = "$JS.API";
+
+impl BrokerSettings {
+    /// NATS at `url`, without credentials, TLS or prefixes of its own.
+    pub fn at(url: String) -> Self {
+        Self {
+            url,
+            auth: Auth::None,
+            tls_ca: None,
+            inbox_prefix: DEFAULT_INBOX_PREFIX.to_string(),
+            jetstream_api: DEFAULT_JETSTREAM_API.to_string(),
+        }
+    }
 }
 
 /// Credentials, resolved at load time from files or the environment; never inline.
@@ -243,6 +269,27 @@ mod tests {
         assert!(m.broker.is_none());
         assert!(m.admin.is_none());
         assert!(m.handlers.is_empty());
+    }
+
+    #[test]
+    fn a_broker_uses_the_default_prefixes_unless_it_sets_its_own() {
+        let url = "version = 1\n[broker]\nurl = \"nats://127.0.0.1:4222\"\n";
+        let plain = parse(url).unwrap().broker.unwrap();
+        assert_eq!(plain, BrokerSettings::at("nats://127.0.0.1:4222".into()));
+        assert_eq!(
+            (plain.inbox_prefix.as_str(), plain.jetstream_api.as_str()),
+            ("_INBOX", "$JS.API")
+        );
+        let own = parse(&format!(
+            "{url}inbox_prefix = \"_INBOX_orders\"\njetstream_domain = \"hub\"\n"
+        ))
+        .unwrap()
+        .broker
+        .unwrap();
+        assert_eq!(
+            (own.inbox_prefix.as_str(), own.jetstream_api.as_str()),
+            ("_INBOX_orders", "$JS.hub.API")
+        );
     }
 
     #[test]

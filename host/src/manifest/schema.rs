@@ -34,6 +34,8 @@ pub(super) struct RawBroker {
     pub(super) user_env: Option<Spanned<String>>,
     pub(super) password_env: Option<Spanned<String>>,
     pub(super) tls_ca: Option<Spanned<PathBuf>>,
+    pub(super) inbox_prefix: Option<InboxPrefix>,
+    pub(super) jetstream_domain: Option<Name>,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +110,23 @@ impl TryFrom<String> for ConcreteSubject {
         crate::subject::Subject::new(s.clone())
             .map(|_| Self(s.clone()))
             .map_err(|e| format!("invalid subject {s:?}: {e}"))
+    }
+}
+
+/// The start of a host's inbox subjects: the client adds `.<id>` to it.
+pub(super) struct InboxPrefix(pub(super) String);
+
+impl TryFrom<String> for InboxPrefix {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match crate::subject::Subject::new(s.clone()) {
+            Ok(_) => Ok(Self(s)),
+            Err(crate::subject::SubjectError::Wildcard) => Err(format!(
+                "invalid inbox prefix {s:?}: write where the inbox subjects start, without \
+                 wildcards, like \"_INBOX_orders\"; the host adds `.<id>` to it"
+            )),
+            Err(e) => Err(format!("invalid inbox prefix {s:?}: {e}")),
+        }
     }
 }
 
@@ -216,6 +235,7 @@ deserialize_from_string!(
     ListenAddr,
     NatsUrl,
     ConcreteSubject,
+    InboxPrefix,
     Name,
     SubscribePattern,
     HumanDuration,

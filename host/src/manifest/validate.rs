@@ -12,8 +12,8 @@ use super::schema::{
     InstancesMode, RawBroker, RawHandler, RawJetStream, RawManifest, Size, parse_raw,
 };
 use super::{
-    Auth, BrokerSettings, Deliver, DevSpec, Diagnostic, Guards, HandlerSpec, Instances,
-    JetStreamSpec, Manifest, ManifestError, VERSION,
+    Auth, BrokerSettings, DEFAULT_INBOX_PREFIX, DEFAULT_JETSTREAM_API, Deliver, DevSpec,
+    Diagnostic, Guards, HandlerSpec, Instances, JetStreamSpec, Manifest, ManifestError, VERSION,
 };
 use crate::engine::EngineKey;
 use crate::limits;
@@ -572,6 +572,13 @@ impl Validator<'_> {
             url: b.url.into_inner().0,
             auth,
             tls_ca: b.tls_ca.map(|p| self.dir.join(p.into_inner())),
+            inbox_prefix: b
+                .inbox_prefix
+                .map_or_else(|| DEFAULT_INBOX_PREFIX.to_string(), |p| p.0),
+            jetstream_api: b.jetstream_domain.map_or_else(
+                || DEFAULT_JETSTREAM_API.to_string(),
+                |domain| format!("$JS.{}.API", domain.0),
+            ),
         }
     }
 }
