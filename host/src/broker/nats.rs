@@ -79,6 +79,9 @@ impl CaptureCache {
 pub struct NatsBroker {
     client: async_nats::Client,
     jetstream: async_nats::jetstream::Context,
+    /// The JetStream API's subject prefix (`$JS.API` unless the manifest sets a domain):
+    /// the calls that wait on the server name their subjects with it.
+    jetstream_api: Arc<str>,
     url: Arc<str>,
     captured: Arc<CaptureCache>,
     /// What the server refused this host's user (see [`Refusals`]).
@@ -178,18 +181,14 @@ fn flat(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
-/// The JetStream API's subjects start with this. The host sets no domain or API prefix,
-/// so the client's is the default.
-const JS_API: &str = "$JS.API";
-
-/// What getting or creating consumer `durable` on `stream` publishes to: the info
-/// request, then the create request (whose subject goes on with the consumer's filter,
-/// when it has one).
-fn consumer_api(stream: &str, durable: &str) -> [String; 3] {
+/// What getting or creating consumer `durable` on `stream` publishes to, under the
+/// JetStream API prefix `api`: the info request, then the create request (whose subject
+/// goes on with the consumer's filter, when it has one).
+fn consumer_api(api: &str, stream: &str, durable: &str) -> [String; 3] {
     [
-        format!("{JS_API}.CONSUMER.INFO.{stream}.{durable}"),
-        format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}"),
-        format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}.>"),
+        format!("{api}.CONSUMER.INFO.{stream}.{durable}"),
+        format!("{api}.CONSUMER.CREATE.{stream}.{durable}"),
+        format!("{api}.CONSUMER.CREATE.{stream}.{durable}.>"),
     ]
 }
 
@@ -275,10 +274,11 @@ impl NatsBroker {
         }
         let url = settings.url.clone();
         let event_url = url.clone();
-        let refusals = Refusals::default();
+        let refusals = Refusals::new(&settings.jetstream_api, &settings.inbox_prefix);
         let told = refusals.clone();
         options = options
             .name("wasmev")
+            .custom_inbox_prefix(&settings.inbox_prefix)
             .connection_timeout(CONNECT_TIMEOUT)
             .subscription_capacity(64 * 1024)
             .event_callback(move |event| {
@@ -329,7 +329,8 @@ impl NatsBroker {
             .map_err(flat)
             .with_context(|| format!("failed to connect to nats at {url}"))?;
         Ok(Self {
-            jetstream: async_nats::jetstream::new(client.clone()),
+            jetstream: async_nats::jetstream::with_prefix(client.clone(), &settings.jetstream_api),
+            jetstream_api: settings.jetstream_api.as_str().into(),
             client,
             url: url.into(),
             captured: Arc::default(),
@@ -433,7 +434,7 @@ impl NatsBroker {
         let looked_up = self
             .refusals
             .unless_refused(
-                &[format!("{JS_API}.STREAM.NAMES")],
+                &[format!("{}.STREAM.NAMES", self.jetstream_api)],
                 self.jetstream.stream_by_subject(subject),
             )
             .await
@@ -536,7 +537,10 @@ impl NatsBroker {
         let looked_up = self
             .refusals
             .unless_refused(
-                &[format!("{JS_API}.STREAM.INFO.{}", spec.stream)],
+                &[format!(
+                    "{}.STREAM.INFO.{}",
+                    self.jetstream_api, spec.stream
+                )],
                 self.jetstream.get_stream(&spec.stream),
             )
             .await
@@ -553,7 +557,10 @@ impl NatsBroker {
             }
             Err(_) => self
                 .unless_refused(
-                    &[format!("{JS_API}.STREAM.CREATE.{}", spec.stream)],
+                    &[format!(
+                        "{}.STREAM.CREATE.{}",
+                        self.jetstream_api, spec.stream
+                    )],
                     self.jetstream
                         .create_stream(async_nats::jetstream::stream::Config {
                             name: spec.stream.clone(),
@@ -587,7 +594,7 @@ impl NatsBroker {
             many => config.filter_subjects = many.iter().map(|p| p.as_str().to_string()).collect(),
         }
         self.unless_refused(
-            &consumer_api(&spec.stream, &spec.durable),
+            &consumer_api(&self.jetstream_api, &spec.stream, &spec.durable),
             stream.get_or_create_consumer(&spec.durable, config),
         )
         .await
@@ -621,8 +628,8 @@ impl NatsBroker {
         let stream = self
             .unless_refused(
                 &[
-                    format!("{JS_API}.STREAM.INFO.{name}"),
-                    format!("{JS_API}.STREAM.CREATE.{name}"),
+                    format!("{}.STREAM.INFO.{name}", self.jetstream_api),
+                    format!("{}.STREAM.CREATE.{name}", self.jetstream_api),
                 ],
                 self.jetstream.get_or_create_stream(Config {
                     name: name.clone(),
@@ -639,7 +646,7 @@ impl NatsBroker {
             anyhow::bail!(given_up_stream_taken(&name, subjects, &subject));
         }
         self.unless_refused(
-            &consumer_api(&name, GIVEN_UP_CONSUMER),
+            &consumer_api(&self.jetstream_api, &name, GIVEN_UP_CONSUMER),
             stream.get_or_create_consumer(
                 GIVEN_UP_CONSUMER,
                 pull::Config {
@@ -666,8 +673,8 @@ impl NatsBroker {
         let m = self
             .unless_refused(
                 &[
-                    format!("{JS_API}.STREAM.MSG.GET.{name}"),
-                    format!("{JS_API}.DIRECT.GET.{name}"),
+                    format!("{}.STREAM.MSG.GET.{name}", self.jetstream_api),
+                    format!("{}.DIRECT.GET.{name}", self.jetstream_api),
                 ],
                 stream.get_raw_message(sequence),
             )

@@ -9,6 +9,7 @@
 //! [`Refusals`], and a call made through [`Refusals::unless_refused`] fails at once,
 //! naming the subject the user may not use.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -19,13 +20,34 @@ use tokio::sync::broadcast;
 /// refusals reads on, so it at worst waits for its own timeout, as it did before.
 const BUFFERED: usize = 64;
 
-/// The subjects of JetStream pull requests (`<stream>.<durable>` follows): the host's
-/// JetStream API prefix is the default.
-const PULL_PREFIX: &str = "$JS.API.CONSUMER.MSG.NEXT.";
+/// The subject prefixes of this host's connection that a refusal is read against.
+#[derive(Debug)]
+struct Prefixes {
+    /// The JetStream API's, with its dot, when it is not the default `$JS.API.` (a
+    /// `jetstream_domain`): see [`Prefixes::in_host_api`].
+    domain_api: Option<String>,
+    /// JetStream pull requests: `<JetStream API prefix>.CONSUMER.MSG.NEXT.`, and
+    /// `<stream>.<durable>` follows.
+    pull: String,
+    /// The inboxes the client makes, `<inbox prefix>.`: every request's reply comes back
+    /// on one.
+    inbox: String,
+}
 
-/// The prefix of the inboxes async-nats makes (the host does not change it): every
-/// request's reply comes back on one.
-const INBOX_PREFIX: &str = "_INBOX.";
+/// The default JetStream API prefix, with its dot.
+const DEFAULT_API: &str = "$JS.API.";
+
+impl Prefixes {
+    /// A refused `subject` as this host's calls name it. A server in the JetStream domain
+    /// the host asks for maps the domain's API subjects (`$JS.<domain>.API.…`) to its own
+    /// (`$JS.API.…`) before it checks permissions, and refuses the mapped subject.
+    fn in_host_api<'a>(&self, subject: &'a str) -> Cow<'a, str> {
+        match (&self.domain_api, subject.strip_prefix(DEFAULT_API)) {
+            (Some(api), Some(rest)) => Cow::Owned(format!("{api}{rest}")),
+            _ => Cow::Borrowed(subject),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -62,23 +84,28 @@ impl Refusal {
 
     /// Whether this refuses what brings a handler its events: a subscription, or a
     /// JetStream pull. Neither waits for an answer, so no call sees it fail.
-    fn stops_intake(&self) -> bool {
+    fn stops_intake(&self, prefixes: &Prefixes) -> bool {
         match self.action {
             Action::Subscribe => true,
-            Action::Publish => self.subject.starts_with(PULL_PREFIX),
+            Action::Publish => prefixes
+                .in_host_api(&self.subject)
+                .starts_with(&prefixes.pull),
         }
     }
 
     /// Whether a call that publishes to `publishes` (each a subject, or one ending in `>`
     /// that stands for the subjects it starts, as in NATS) and reads its answers on an
     /// inbox is stopped by this refusal.
-    fn stops(&self, publishes: &[String]) -> bool {
+    fn stops(&self, publishes: &[String], prefixes: &Prefixes) -> bool {
         match self.action {
-            Action::Publish => publishes.iter().any(|p| match p.strip_suffix('>') {
-                Some(start) => self.subject.starts_with(start),
-                None => self.subject == *p,
-            }),
-            Action::Subscribe => self.subject.starts_with(INBOX_PREFIX),
+            Action::Publish => {
+                let subject = prefixes.in_host_api(&self.subject);
+                publishes.iter().any(|p| match p.strip_suffix('>') {
+                    Some(start) => subject.starts_with(start),
+                    None => subject == p.as_str(),
+                })
+            }
+            Action::Subscribe => self.subject.starts_with(&prefixes.inbox),
         }
     }
 }
@@ -108,21 +135,29 @@ pub struct Refusals {
     /// Subscriptions and pulls refused since [`Refusals::take_intake`] last took them
     /// (see [`Refusal::stops_intake`]).
     intake: Arc<Mutex<Vec<Refusal>>>,
-}
-
-impl Default for Refusals {
-    fn default() -> Self {
-        Self {
-            told: broadcast::channel(BUFFERED).0,
-            intake: Arc::default(),
-        }
-    }
+    /// The connection's JetStream API and inbox prefixes, from the manifest.
+    prefixes: Arc<Prefixes>,
 }
 
 impl Refusals {
+    /// Refusals on a connection whose JetStream API prefix is `jetstream_api` (`$JS.API`
+    /// by default) and whose inboxes start `inbox_prefix` (`_INBOX`).
+    pub fn new(jetstream_api: &str, inbox_prefix: &str) -> Self {
+        let api = format!("{jetstream_api}.");
+        Self {
+            told: broadcast::channel(BUFFERED).0,
+            intake: Arc::default(),
+            prefixes: Arc::new(Prefixes {
+                pull: format!("{api}CONSUMER.MSG.NEXT."),
+                domain_api: (api != DEFAULT_API).then_some(api),
+                inbox: format!("{inbox_prefix}."),
+            }),
+        }
+    }
+
     /// Pass on a refusal the server reported (from the client's event callback).
     pub fn tell(&self, refusal: Refusal) {
-        if refusal.stops_intake() {
+        if refusal.stops_intake(&self.prefixes) {
             let mut kept = self.intake.lock().unwrap_or_else(|e| e.into_inner());
             // Bounded like the broadcast: the first ones say what is wrong.
             if kept.len() < BUFFERED {
@@ -153,7 +188,9 @@ impl Refusals {
         let refused = async {
             loop {
                 match told.recv().await {
-                    Ok(refusal) if refusal.stops(publishes) => return Refusal::clone(&refusal),
+                    Ok(refusal) if refusal.stops(publishes, &self.prefixes) => {
+                        return Refusal::clone(&refusal);
+                    }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     // The broker is gone: the call ends by itself.
                     Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
@@ -171,6 +208,12 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::{DEFAULT_INBOX_PREFIX, DEFAULT_JETSTREAM_API};
+
+    /// Refusals on a connection with the default prefixes.
+    fn refusals() -> Refusals {
+        Refusals::new(DEFAULT_JETSTREAM_API, DEFAULT_INBOX_PREFIX)
+    }
 
     fn publish(subject: &str) -> Refusal {
         Refusal {
@@ -208,36 +251,72 @@ mod tests {
 
     #[test]
     fn a_refusal_stops_the_calls_publishing_there_or_reading_an_inbox() {
+        let prefixes = &refusals().prefixes;
         let create = subjects(&[
             "$JS.API.CONSUMER.CREATE.USERS.email",
             "$JS.API.CONSUMER.CREATE.USERS.email.>",
         ]);
         // The consumer's filter follows its name in the subject.
-        assert!(publish("$JS.API.CONSUMER.CREATE.USERS.email.user.created").stops(&create));
-        assert!(publish("$JS.API.CONSUMER.CREATE.USERS.email").stops(&create));
+        assert!(
+            publish("$JS.API.CONSUMER.CREATE.USERS.email.user.created").stops(&create, prefixes)
+        );
+        assert!(publish("$JS.API.CONSUMER.CREATE.USERS.email").stops(&create, prefixes));
         // Another consumer whose name starts the same is another call's.
-        assert!(!publish("$JS.API.CONSUMER.CREATE.USERS.email-sender").stops(&create));
-        assert!(!publish("$JS.API.STREAM.INFO.USERS").stops(&create));
+        assert!(!publish("$JS.API.CONSUMER.CREATE.USERS.email-sender").stops(&create, prefixes));
+        assert!(!publish("$JS.API.STREAM.INFO.USERS").stops(&create, prefixes));
         // A plain subject is only itself: a request to `orders` is not stopped by a refused
         // publish to `orders.new`.
-        assert!(!publish("orders.new").stops(&subjects(&["orders"])));
-        assert!(publish("orders").stops(&subjects(&["orders"])));
+        assert!(!publish("orders.new").stops(&subjects(&["orders"]), prefixes));
+        assert!(publish("orders").stops(&subjects(&["orders"]), prefixes));
         // Every request reads its answer on an inbox.
         let inbox = Refusal {
             action: Action::Subscribe,
             subject: "_INBOX.abc.*".to_string(),
         };
-        assert!(inbox.stops(&create));
+        assert!(inbox.stops(&create, prefixes));
         let handlers = Refusal {
             action: Action::Subscribe,
             subject: "user.created".to_string(),
         };
-        assert!(!handlers.stops(&create));
+        assert!(!handlers.stops(&create, prefixes));
+    }
+
+    #[test]
+    fn a_connection_with_prefixes_of_its_own_reads_refusals_by_them() {
+        // `jetstream_domain = "hub"` and `inbox_prefix = "_INBOX_wasmev"`.
+        let refusals = Refusals::new("$JS.hub.API", "_INBOX_wasmev");
+        let prefixes = &refusals.prefixes;
+        let inbox = |subject: &str| Refusal {
+            action: Action::Subscribe,
+            subject: subject.to_string(),
+        };
+        let info = subjects(&["$JS.hub.API.STREAM.INFO.USERS"]);
+        assert!(inbox("_INBOX_wasmev.abc.*").stops(&info, prefixes));
+        // Someone else's inboxes are not this host's.
+        assert!(!inbox("_INBOX.abc.*").stops(&info, prefixes));
+        assert!(!inbox("_INBOX_wasmevil.abc.*").stops(&info, prefixes));
+
+        // Refused as the host asked (a leaf node passing the domain's API on), or as the
+        // server whose domain it is mapped it.
+        assert!(publish("$JS.hub.API.STREAM.INFO.USERS").stops(&info, prefixes));
+        assert!(publish("$JS.API.STREAM.INFO.USERS").stops(&info, prefixes));
+        assert!(!publish("$JS.other.API.STREAM.INFO.USERS").stops(&info, prefixes));
+        let pulls = [
+            publish("$JS.hub.API.CONSUMER.MSG.NEXT.USERS.email-sender"),
+            publish("$JS.API.CONSUMER.MSG.NEXT.USERS.email-sender"),
+        ];
+        for pull in &pulls {
+            refusals.tell(pull.clone());
+        }
+        refusals.tell(publish(
+            "$JS.other.API.CONSUMER.MSG.NEXT.USERS.email-sender",
+        ));
+        assert_eq!(refusals.take_intake(), pulls);
     }
 
     #[test]
     fn refused_subscriptions_and_pulls_are_kept_until_taken_and_other_refusals_are_not() {
-        let refusals = Refusals::default();
+        let refusals = refusals();
         let subscription = Refusal {
             action: Action::Subscribe,
             subject: "user.created".to_string(),
@@ -253,7 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_refused_meanwhile_ends_with_the_refusal_and_others_run_to_their_end() {
-        let refusals = Refusals::default();
+        let refusals = refusals();
         let wanted = subjects(&["$JS.API.STREAM.INFO.USERS"]);
 
         let (refused, _) = tokio::join!(
