@@ -1,9 +1,10 @@
 //! A host on a NATS server with authorization, run as `wasmev run` with its user and
 //! password in the environment. The README's "NATS permissions" block, filled in, is all
 //! a host needs: a JetStream handler and a core one go down every path they have, and the
-//! server logs no refusal. A permission left out stops the start with the subject the
-//! server refused; one refused while the host runs is logged and counted, a reload it
-//! stops says so, and it is not held against a reload once allowed again.
+//! server logs no refusal; the same on a leaf node, with the host's own inbox prefix and
+//! the hub's JetStream domain written in. A permission left out stops the start with the
+//! subject the server refused; one refused while the host runs is logged and counted, a
+//! reload it stops says so, and it is not held against a reload once allowed again.
 
 mod common;
 
@@ -21,6 +22,28 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The README's permissions block, filled in for [`write_manifest`]'s handlers (and the
 /// ones tests add on `core.*`).
 fn readme_permissions() -> String {
+    readme_permissions_for(&Prefixes::DEFAULT)
+}
+
+/// The inbox and JetStream API prefixes of a host's connection: what `broker_keys` set in
+/// its manifest.
+struct Prefixes {
+    broker_keys: &'static str,
+    inbox: &'static str,
+    jetstream_api: &'static str,
+}
+
+impl Prefixes {
+    const DEFAULT: Self = Self {
+        broker_keys: "",
+        inbox: "_INBOX",
+        jetstream_api: "$JS.API",
+    };
+}
+
+/// [`readme_permissions`] for a host connecting with `prefixes`, as the README says to
+/// write them: each in place of its default.
+fn readme_permissions_for(prefixes: &Prefixes) -> String {
     let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
     let section = readme
         .split("### NATS permissions")
@@ -48,7 +71,9 @@ fn readme_permissions() -> String {
                 .replace("<subscribe>", value)
                 .replace("<dead_letter>", value)
                 .replace("<stream>", "EVENTS")
-                .replace("<durable>", "chaos");
+                .replace("<durable>", "chaos")
+                .replace("\"_INBOX.", &format!("\"{}.", prefixes.inbox))
+                .replace("\"$JS.API.", &format!("\"{}.", prefixes.jetstream_api));
             filled.push_str(&line);
             filled.push('\n');
         }
@@ -84,12 +109,17 @@ async fn admin(server: &NatsServer) -> (async_nats::Client, jetstream::Context) 
 /// A JetStream handler on EVENTS and a core one on `core.in`, both the chaos fixture;
 /// the admin endpoint on `admin`, if given.
 fn write_manifest(dir: &Path, server: &NatsServer, admin: Option<u16>) {
+    write_manifest_with(dir, server, admin, "");
+}
+
+/// [`write_manifest`]'s manifest, with `broker_keys` in its `[broker]`.
+fn write_manifest_with(dir: &Path, server: &NatsServer, admin: Option<u16>, broker_keys: &str) {
     let admin = admin
         .map(|port| format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"))
         .unwrap_or_default();
     let toml = format!(
         "version = 1\n{admin}[broker]\nurl = {:?}\nuser_env = \"WASMEV_TEST_NATS_USER\"\n\
-         password_env = \"WASMEV_TEST_NATS_PASSWORD\"\n",
+         password_env = \"WASMEV_TEST_NATS_PASSWORD\"\n{broker_keys}",
         server.url()
     ) + &handler_block(
         "chaos",
@@ -124,12 +154,20 @@ impl Host {
         ))
     }
 
-    /// Wait until it has logged that it is ready.
+    /// Wait until it has logged that it is ready; fail with its log if it does not.
     async fn ready(&self, dir: &Path) {
-        wait_for("the host to be ready", WAIT, || async {
-            host_log(dir).contains(" ready on the nats").then_some(())
-        })
-        .await;
+        let start = Instant::now();
+        loop {
+            let log = host_log(dir);
+            if log.contains(" ready on the nats") {
+                return;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "the host was not ready within {WAIT:?}; its log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Its exit code, once it exits (by itself, or after SIGTERM with `terminate`).
@@ -171,12 +209,59 @@ fn host_log(dir: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_permissions_the_readme_lists_are_all_a_host_needs() {
     let server = server(&readme_permissions());
-    let (client, js) = admin(&server).await;
+    runs_every_path_refused_nothing(&server, &server, &Prefixes::DEFAULT).await;
+}
+
+/// A host at the edge: connected to a leaf node, with JetStream on the hub the leaf
+/// connects to (`jetstream_domain`) and an inbox prefix of its own, its user needs no
+/// permission on `_INBOX.>` (where it could read other users' replies) or `$JS.API.>`:
+/// the README's block with those prefixes written in is all it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_on_a_leaf_node_with_its_own_inbox_prefix_needs_only_those() {
+    let prefixes = Prefixes {
+        broker_keys: "inbox_prefix = \"_INBOX_wasmev\"\njetstream_domain = \"hub\"\n",
+        inbox: "_INBOX_wasmev",
+        jetstream_api: "$JS.hub.API",
+    };
+    let permissions = readme_permissions_for(&prefixes);
+    assert!(!permissions.contains("\"_INBOX.") && !permissions.contains("\"$JS.API."));
+    let hub = NatsServer::start_in_domain(
+        "authorization { users = [ { user: admin, password: admin } ] }\n\
+         leafnodes { port: -1 }\n",
+        "hub",
+    );
+    let remote = hub.leafnode_url().replace("://", "://admin:admin@");
+    let leaf = NatsServer::start_in_domain(
+        &format!(
+            "{}leafnodes {{ remotes = [ {{ url: {remote:?} }} ] }}\n",
+            users(&permissions)
+        ),
+        "leaf",
+    );
+    wait_for("the leaf node to connect", WAIT, || async {
+        hub.log()
+            .contains("Leafnode connection created")
+            .then_some(())
+    })
+    .await;
+    runs_every_path_refused_nothing(&leaf, &hub, &prefixes).await;
+}
+
+/// A host on `server`, connecting with `prefixes`, goes down every path a JetStream
+/// handler and a core one have, and the server refuses it nothing. The streams are made
+/// and the events published on `admin_server` (`server` itself, or the hub it is a leaf
+/// node of).
+async fn runs_every_path_refused_nothing(
+    server: &NatsServer,
+    admin_server: &NatsServer,
+    prefixes: &Prefixes,
+) {
+    let (client, js) = admin(admin_server).await;
     create_stream(&js, "EVENTS", &["js.in"]).await;
     create_stream(&js, "SEEN", &["chaos.seen"]).await;
     create_stream(&js, "DLQ", &["wasmev.dlq.>"]).await;
     let dir = tempfile::tempdir().unwrap();
-    write_manifest(dir.path(), &server, None);
+    write_manifest_with(dir.path(), server, None, prefixes.broker_keys);
 
     // A first host creates the consumers and the advisories' stream, then stops.
     let host = Host::run(dir.path());
@@ -186,10 +271,16 @@ async fn the_permissions_the_readme_lists_are_all_a_host_needs() {
     assert_eq!(host.exit(true), Some(0), "{}", host_log(dir.path()));
 
     // A message given up while no host runs: the next host reads its advisory, reads the
-    // message back and dead-letters it.
+    // message back and dead-letters it. Once the stopped host's pull is gone: through a
+    // leaf node, the hub hears late that nobody reads its inbox any more, and would
+    // deliver the message there.
+    let consumer = chaos_consumer(&js).await;
+    wait_for("no pull waiting", WAIT, || async {
+        (consumer.clone().info().await.ok()?.num_waiting == 0).then_some(())
+    })
+    .await;
     publish_ops(&js, [("lost".to_string(), json!({"op": "record"}))]).await;
     given_up_unsettled(&js, WAIT).await;
-    let consumer = chaos_consumer(&js).await;
 
     let host = Host::run(dir.path());
     host.ready(dir.path()).await;
@@ -252,11 +343,16 @@ fn permissions_without(left_out: &str) -> String {
 /// `wasmev run` with the README's permissions less the lines containing `left_out`
 /// exits by itself, failing, and its log has `error`.
 async fn start_fails_without(left_out: &str, error: &str) {
-    let server = server(&permissions_without(left_out));
+    start_fails_on(server(&permissions_without(left_out)), "", error).await;
+}
+
+/// `wasmev run` on `server`, with `broker_keys` in its manifest's `[broker]`, exits by
+/// itself, failing, and its log has `error`.
+async fn start_fails_on(server: NatsServer, broker_keys: &str, error: &str) {
     let (_client, js) = admin(&server).await;
     create_stream(&js, "EVENTS", &["js.in"]).await;
     let dir = tempfile::tempdir().unwrap();
-    write_manifest(dir.path(), &server, None);
+    write_manifest_with(dir.path(), &server, None, broker_keys);
     let code = Host::run(dir.path()).exit(false);
     let log = host_log(dir.path());
     assert_eq!(code, Some(1), "{log}");
@@ -268,6 +364,21 @@ async fn a_jetstream_permission_left_out_stops_the_start_naming_the_subject() {
     // Before, this waited out the request's timeout and said only "timed out".
     start_fails_without(
         "STREAM.CREATE.WASMEV_GIVEN_UP",
+        "error: handler \"chaos\": failed to get or create stream \"WASMEV_GIVEN_UP_EVENTS_chaos\": \
+         the nats server refused this host's user permission to publish to \
+         \"$JS.API.STREAM.CREATE.WASMEV_GIVEN_UP_EVENTS_chaos\"",
+    )
+    .await;
+}
+
+/// A server in the JetStream domain the host asks for checks the domain's API subjects
+/// as its own (`$JS.API`), and refuses those: the host still names the refusal at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_servers_own_domain_a_refusal_names_the_subject_it_checked() {
+    let left_out = "STREAM.CREATE.WASMEV_GIVEN_UP";
+    start_fails_on(
+        NatsServer::start_in_domain(&users(&permissions_without(left_out)), "hub"),
+        "jetstream_domain = \"hub\"\n",
         "error: handler \"chaos\": failed to get or create stream \"WASMEV_GIVEN_UP_EVENTS_chaos\": \
          the nats server refused this host's user permission to publish to \
          \"$JS.API.STREAM.CREATE.WASMEV_GIVEN_UP_EVENTS_chaos\"",

@@ -168,6 +168,8 @@ pub struct NatsServer {
     /// Started with a configuration file (users and their permissions, say), and logging
     /// to [`NatsServer::log`].
     configured: bool,
+    /// The JetStream domain of a server started with [`NatsServer::start_in_domain`].
+    domain: Option<String>,
 }
 
 impl NatsServer {
@@ -180,6 +182,7 @@ impl NatsServer {
             store: tempfile::tempdir().unwrap(),
             child: None,
             configured: false,
+            domain: None,
         };
         server.spawn();
         server
@@ -188,11 +191,22 @@ impl NatsServer {
     /// A server as [`NatsServer::start`] makes one, reading `config` (nats-server's
     /// configuration format) as well; the command line's port and store win over it.
     pub fn start_with_config(config: &str) -> Self {
+        Self::configured(config, None)
+    }
+
+    /// A server as [`NatsServer::start_with_config`] makes one, whose JetStream is in
+    /// `domain`: its API answers on `$JS.<domain>.API` as well as on `$JS.API`.
+    pub fn start_in_domain(config: &str, domain: &str) -> Self {
+        Self::configured(config, Some(domain.to_string()))
+    }
+
+    fn configured(config: &str, domain: Option<String>) -> Self {
         let mut server = Self {
             port: 0,
             store: tempfile::tempdir().unwrap(),
             child: None,
             configured: true,
+            domain,
         };
         server.write_config(config);
         server.spawn();
@@ -204,9 +218,14 @@ impl NatsServer {
     /// one whose store differs from the running server's.
     fn write_config(&self, config: &str) {
         let store = self.store.path().display().to_string();
+        let domain = self
+            .domain
+            .as_ref()
+            .map(|d| format!(", domain: {d:?}"))
+            .unwrap_or_default();
         std::fs::write(
             self.store.path().join("nats.conf"),
-            format!("{config}\njetstream {{ store_dir: {store:?} }}\n"),
+            format!("{config}\njetstream {{ store_dir: {store:?}{domain} }}\n"),
         )
         .unwrap();
     }
@@ -225,6 +244,27 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Where leaf nodes connect to a server started with [`NatsServer::start_with_config`]
+    /// whose configuration has `leafnodes { port: -1 }`: the port it chose is only in its
+    /// log (2.9's ports file leaves it out).
+    pub fn leafnode_url(&self) -> String {
+        let start = Instant::now();
+        loop {
+            let port = self.log().lines().find_map(|l| {
+                let (_, addr) = l.split_once("Listening for leafnode connections on ")?;
+                addr.rsplit(':').next()?.trim().parse::<u16>().ok()
+            });
+            if let Some(port) = port {
+                return format!("nats-leaf://127.0.0.1:{port}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server logged no leafnode port"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The top of a manifest whose broker is this server.
