@@ -181,6 +181,32 @@ fn flat(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
+/// What to do about a TLS handshake that failed with `error` (rustls's words, which
+/// async-nats passes on), given the TLS settings the host connected with: rustls names
+/// the check that failed, not the manifest key that would fix it.
+fn tls_hint(error: &str, settings: &BrokerSettings) -> Option<&'static str> {
+    if error.contains("invalid peer certificate") {
+        Some(if settings.tls_ca.is_some() {
+            "the server's certificate did not verify against tls_ca; it must be signed by \
+             that CA and name the host in the broker url"
+        } else {
+            "the server's certificate did not verify against the system's CAs; set tls_ca \
+             to the CA that signed it"
+        })
+    } else if error.contains("received fatal alert: BadCertificate")
+        || error.contains("received fatal alert: CertificateRequired")
+    {
+        Some(if settings.tls_client.is_some() {
+            "the server refused tls_cert; it must be signed by a CA the server trusts (its \
+             tls ca_file)"
+        } else {
+            "the server asks for a client certificate; set tls_cert and tls_key"
+        })
+    } else {
+        None
+    }
+}
+
 /// What getting or creating consumer `durable` on `stream` publishes to, under the
 /// JetStream API prefix `api`: the info request, then the create request (whose subject
 /// goes on with the consumer's filter, when it has one).
@@ -272,6 +298,11 @@ impl NatsBroker {
         if let Some(ca) = &settings.tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
+        if let Some(client) = &settings.tls_client {
+            options = options
+                .add_client_certificate(client.cert.clone(), client.key.clone())
+                .require_tls(true);
+        }
         let url = settings.url.clone();
         let event_url = url.clone();
         let refusals = Refusals::new(&settings.jetstream_api, &settings.inbox_prefix);
@@ -326,7 +357,13 @@ impl NatsBroker {
         let client = options
             .connect(url.as_str())
             .await
-            .map_err(flat)
+            .map_err(|e| {
+                let text = e.to_string();
+                match tls_hint(&text, settings) {
+                    Some(hint) => anyhow::anyhow!("{text}: {hint}"),
+                    None => anyhow::anyhow!(text),
+                }
+            })
             .with_context(|| format!("failed to connect to nats at {url}"))?;
         Ok(Self {
             jetstream: async_nats::jetstream::with_prefix(client.clone(), &settings.jetstream_api),

@@ -165,6 +165,8 @@ pub struct BrokerSettings {
     pub url: String,
     pub auth: Auth,
     pub tls_ca: Option<PathBuf>,
+    /// A certificate and key the host shows the server (mutual TLS).
+    pub tls_client: Option<TlsClient>,
     /// The host's reply inboxes are `<this>.<id>`: every request's answer, the JetStream
     /// API's among them, comes back on one.
     pub inbox_prefix: String,
@@ -187,10 +189,18 @@ impl BrokerSettings {
             url,
             auth: Auth::None,
             tls_ca: None,
+            tls_client: None,
             inbox_prefix: DEFAULT_INBOX_PREFIX.to_string(),
             jetstream_api: DEFAULT_JETSTREAM_API.to_string(),
         }
     }
+}
+
+/// The client certificate (PEM) and its private key (PEM) of `tls_cert` and `tls_key`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsClient {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Credentials, resolved at load time from files or the environment; never inline.

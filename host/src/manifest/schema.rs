@@ -34,6 +34,8 @@ pub(super) struct RawBroker {
     pub(super) user_env: Option<Spanned<String>>,
     pub(super) password_env: Option<Spanned<String>>,
     pub(super) tls_ca: Option<Spanned<PathBuf>>,
+    pub(super) tls_cert: Option<Spanned<PathBuf>>,
+    pub(super) tls_key: Option<Spanned<PathBuf>>,
     pub(super) inbox_prefix: Option<InboxPrefix>,
     pub(super) jetstream_domain: Option<Name>,
 }

@@ -13,7 +13,8 @@ use super::schema::{
 };
 use super::{
     Auth, BrokerSettings, DEFAULT_INBOX_PREFIX, DEFAULT_JETSTREAM_API, Deliver, DevSpec,
-    Diagnostic, Guards, HandlerSpec, Instances, JetStreamSpec, Manifest, ManifestError, VERSION,
+    Diagnostic, Guards, HandlerSpec, Instances, JetStreamSpec, Manifest, ManifestError, TlsClient,
+    VERSION,
 };
 use crate::engine::EngineKey;
 use crate::limits;
@@ -556,7 +557,29 @@ impl Validator<'_> {
                 Auth::None
             }
         };
-        for (field, path) in [("creds_file", &b.creds_file), ("tls_ca", &b.tls_ca)] {
+        let tls_client = match (&b.tls_cert, &b.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsClient {
+                cert: self.dir.join(cert.get_ref()),
+                key: self.dir.join(key.get_ref()),
+            }),
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => {
+                self.report(
+                    one.span(),
+                    "broker".into(),
+                    "tls_cert and tls_key must be set together: the client certificate \
+                     and its private key"
+                        .into(),
+                );
+                None
+            }
+        };
+        for (field, path) in [
+            ("creds_file", &b.creds_file),
+            ("tls_ca", &b.tls_ca),
+            ("tls_cert", &b.tls_cert),
+            ("tls_key", &b.tls_key),
+        ] {
             if let Some(p) = path {
                 let resolved = self.dir.join(p.get_ref());
                 if !resolved.is_file() {
@@ -572,6 +595,7 @@ impl Validator<'_> {
             url: b.url.into_inner().0,
             auth,
             tls_ca: b.tls_ca.map(|p| self.dir.join(p.into_inner())),
+            tls_client,
             inbox_prefix: b
                 .inbox_prefix
                 .map_or_else(|| DEFAULT_INBOX_PREFIX.to_string(), |p| p.0),
