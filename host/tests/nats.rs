@@ -526,3 +526,54 @@ async fn a_header_the_client_cannot_parse_costs_a_reconnect_not_the_host() {
     }
     host.stop().await.unwrap();
 }
+
+/// A host whose user authenticates with an nkey: the seed comes from the environment
+/// variable `nkey_seed_env` names, and the server knows only the public key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_authenticates_with_the_nkey_seed_in_its_environment() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    let server = NatsServer::start_with_config(&format!(
+        "authorization {{ users = [ {{ nkey: {:?} }} ] }}\n",
+        user.public_key()
+    ));
+    let toml = server.manifest_head()
+        + "nkey_seed_env = \"WASMEV_TEST_NKEY_SEED\"\n"
+        + &handler_block(
+            "email-sender",
+            "email-sender",
+            "subscribe = [\"user.created\"]\npublish = [\"email.sent\"]",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let env = |name: &str| (name == "WASMEV_TEST_NKEY_SEED").then(|| seed.clone());
+    let m = wasmev::Manifest::parse(&dir.path().join("runtime.toml"), &toml, &env).unwrap();
+    let host = TestHost::start(&m).await;
+
+    let connect = async_nats::ConnectOptions::with_nkey(seed.clone()).connect(server.url());
+    let client = within("connect with the nkey", WAIT, connect)
+        .await
+        .unwrap();
+    let mut sent = client.subscribe("email.sent").await.unwrap();
+    client.flush().await.unwrap();
+    publish_json(
+        &client,
+        "user.created",
+        json!({"id": "u-1", "name": "Ada", "email": "ada@example.com"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut sent).await["to"], "ada@example.com");
+    host.stop().await.unwrap();
+
+    // Another user's seed: the server refuses the connection, and the start says so.
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+    let env = |name: &str| (name == "WASMEV_TEST_NKEY_SEED").then(|| stranger.clone());
+    let m = wasmev::Manifest::parse(&dir.path().join("runtime.toml"), &toml, &env).unwrap();
+    let started = within(
+        "the start to fail",
+        WAIT,
+        wasmev::Host::start(&m, wasmev::Options::default()),
+    )
+    .await;
+    let error = format!("{:#}", started.err().expect("the start fails"));
+    insta::assert_snapshot!(error.replace(&server.url(), "nats://127.0.0.1:<port>"), @r#"failed to connect to nats at nats://127.0.0.1:<port>: the server refused this host's credentials: the nkey nkey_seed_env holds (the server lists users by public key)"#);
+}

@@ -181,6 +181,40 @@ fn flat(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
+/// A failed connect as the user reads it: async-nats's text, with what to change in the
+/// manifest where that text names only the check that failed.
+fn connect_error(e: &async_nats::ConnectError, settings: &BrokerSettings) -> anyhow::Error {
+    if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
+        // The client's own text says "authorization violation" twice, and nothing more.
+        return anyhow::anyhow!("{}", refused_credentials(&settings.auth));
+    }
+    let text = e.to_string();
+    match tls_hint(&text, settings) {
+        Some(hint) => anyhow::anyhow!("{text}: {hint}"),
+        None => anyhow::anyhow!(text),
+    }
+}
+
+/// Why the server turned the host's connection away, for an authorization violation.
+fn refused_credentials(auth: &Auth) -> String {
+    let given = match auth {
+        Auth::None => {
+            return "the server requires credentials: set creds_file, token_env, \
+                    nkey_seed_env, or user_env with password_env in [broker]"
+                .to_string();
+        }
+        Auth::CredsFile(path) => format!("the credentials in creds_file {}", path.display()),
+        Auth::Token(_) => "the token token_env holds".to_string(),
+        Auth::UserPassword { user, .. } => {
+            format!("user {user:?} with the password password_env holds")
+        }
+        Auth::NKey(_) => {
+            "the nkey nkey_seed_env holds (the server lists users by public key)".to_string()
+        }
+    };
+    format!("the server refused this host's credentials: {given}")
+}
+
 /// What to do about a TLS handshake that failed with `error` (rustls's words, which
 /// async-nats passes on), given the TLS settings the host connected with: rustls names
 /// the check that failed, not the manifest key that would fix it.
@@ -294,6 +328,7 @@ impl NatsBroker {
             Auth::UserPassword { user, password } => {
                 ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
+            Auth::NKey(seed) => ConnectOptions::with_nkey(seed.clone()),
         };
         if let Some(ca) = &settings.tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -357,13 +392,7 @@ impl NatsBroker {
         let client = options
             .connect(url.as_str())
             .await
-            .map_err(|e| {
-                let text = e.to_string();
-                match tls_hint(&text, settings) {
-                    Some(hint) => anyhow::anyhow!("{text}: {hint}"),
-                    None => anyhow::anyhow!(text),
-                }
-            })
+            .map_err(|e| connect_error(&e, settings))
             .with_context(|| format!("failed to connect to nats at {url}"))?;
         Ok(Self {
             jetstream: async_nats::jetstream::with_prefix(client.clone(), &settings.jetstream_api),
@@ -806,6 +835,32 @@ mod tests {
             ),
             @r#"stream "WASMEV_GIVEN_UP_USERS_email-sender" exists on ["audit.>"]; wasmev keeps max-deliveries advisories there and needs it on "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender" alone: delete or rename that stream"#
         );
+    }
+
+    #[test]
+    fn refused_credentials_name_the_key_they_came_from() {
+        let each = [
+            Auth::None,
+            Auth::CredsFile("/etc/wasmev/host.creds".into()),
+            Auth::Token("secret".into()),
+            Auth::UserPassword {
+                user: "host".into(),
+                password: "secret".into(),
+            },
+            Auth::NKey("SUsecret".into()),
+        ]
+        .map(|auth| refused_credentials(&auth));
+        assert!(
+            each.iter().all(|text| !text.contains("secret")),
+            "{each:#?}"
+        );
+        insta::assert_snapshot!(each.join("\n"), @r#"
+            the server requires credentials: set creds_file, token_env, nkey_seed_env, or user_env with password_env in [broker]
+            the server refused this host's credentials: the credentials in creds_file /etc/wasmev/host.creds
+            the server refused this host's credentials: the token token_env holds
+            the server refused this host's credentials: user "host" with the password password_env holds
+            the server refused this host's credentials: the nkey nkey_seed_env holds (the server lists users by public key)
+        "#);
     }
 
     fn of(headers: Vec<(String, String)>, hops: Option<u32>) -> Outgoing {

@@ -209,7 +209,12 @@ pub enum Auth {
     None,
     CredsFile(PathBuf),
     Token(String),
-    UserPassword { user: String, password: String },
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    /// A user nkey's seed (`SU…`): the client signs the server's nonce with it.
+    NKey(String),
 }
 
 impl fmt::Debug for Auth {
@@ -220,6 +225,7 @@ impl fmt::Debug for Auth {
             Auth::CredsFile(p) => f.debug_tuple("CredsFile").field(p).finish(),
             Auth::Token(_) => f.write_str("Token(<redacted>)"),
             Auth::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, <redacted>)"),
+            Auth::NKey(_) => f.write_str("NKey(<redacted>)"),
         }
     }
 }
@@ -303,6 +309,30 @@ mod tests {
     }
 
     #[test]
+    fn an_nkey_seed_is_read_from_the_environment_and_checked() {
+        let src = "version = 1\n[broker]\nurl = \"nats://127.0.0.1:4222\"\n\
+                   nkey_seed_env = \"NATS_NKEY_SEED\"\n";
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let path = Path::new("runtime.toml");
+        let given =
+            |value: String| move |name: &str| (name == "NATS_NKEY_SEED").then(|| value.clone());
+        let m = Manifest::parse(path, src, &given(seed.clone())).unwrap();
+        assert_eq!(m.broker.unwrap().auth, Auth::NKey(seed));
+
+        let err = Manifest::parse(path, src, &given("not-a-seed".into())).unwrap_err();
+        insta::assert_snapshot!(err.to_string(), @r#"
+            runtime.toml:4:17: `broker.nkey_seed_env`: environment variable "NATS_NKEY_SEED" does not hold an nkey seed (a user's starts with "SU", as `nsc` or `nk -gen user` write it)
+              |
+            4 | nkey_seed_env = "NATS_NKEY_SEED"
+              |                 ^^^^^^^^^^^^^^^^
+        "#);
+        assert!(
+            !err.to_string().contains("not-a-seed"),
+            "the value stays out of the error"
+        );
+    }
+
+    #[test]
     fn secrets_never_appear_in_debug_output() {
         let auth = Auth::UserPassword {
             user: "u".into(),
@@ -310,6 +340,7 @@ mod tests {
         };
         assert!(!format!("{auth:?}").contains("hunter2"));
         assert!(!format!("{:?}", Auth::Token("tok-secret".into())).contains("tok-secret"));
+        assert!(!format!("{:?}", Auth::NKey("SUseed".into())).contains("SUseed"));
     }
 
     #[test]

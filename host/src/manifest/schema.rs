@@ -33,6 +33,7 @@ pub(super) struct RawBroker {
     pub(super) token_env: Option<Spanned<String>>,
     pub(super) user_env: Option<Spanned<String>>,
     pub(super) password_env: Option<Spanned<String>>,
+    pub(super) nkey_seed_env: Option<Spanned<String>>,
     pub(super) tls_ca: Option<Spanned<PathBuf>>,
     pub(super) tls_cert: Option<Spanned<PathBuf>>,
     pub(super) tls_key: Option<Spanned<PathBuf>>,

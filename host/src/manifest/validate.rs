@@ -530,15 +530,38 @@ impl Validator<'_> {
                 String::new()
             })
         };
-        let auth = match (&b.creds_file, &b.token_env, &b.user_env, &b.password_env) {
-            (None, None, None, None) => Auth::None,
-            (Some(f), None, None, None) => Auth::CredsFile(self.dir.join(f.get_ref())),
-            (None, Some(t), None, None) => Auth::Token(var(t, "token_env")),
-            (None, None, Some(u), Some(p)) => Auth::UserPassword {
+        let auth = match (
+            &b.creds_file,
+            &b.token_env,
+            &b.user_env,
+            &b.password_env,
+            &b.nkey_seed_env,
+        ) {
+            (None, None, None, None, None) => Auth::None,
+            (Some(f), None, None, None, None) => Auth::CredsFile(self.dir.join(f.get_ref())),
+            (None, Some(t), None, None, None) => Auth::Token(var(t, "token_env")),
+            (None, None, Some(u), Some(p), None) => Auth::UserPassword {
                 user: var(u, "user_env"),
                 password: var(p, "password_env"),
             },
-            (None, None, Some(one), None) | (None, None, None, Some(one)) => {
+            (None, None, None, None, Some(k)) => {
+                let seed = var(k, "nkey_seed_env");
+                // Checked here, not at connect: the client's error for a bad seed does
+                // not say where the seed came from.
+                if !seed.is_empty() && nkeys::KeyPair::from_seed(&seed).is_err() {
+                    self.report(
+                        k.span(),
+                        "broker.nkey_seed_env".into(),
+                        format!(
+                            "environment variable {:?} does not hold an nkey seed (a user's \
+                             starts with \"SU\", as `nsc` or `nk -gen user` write it)",
+                            k.get_ref()
+                        ),
+                    );
+                }
+                Auth::NKey(seed)
+            }
+            (None, None, Some(one), None, None) | (None, None, None, Some(one), None) => {
                 self.report(
                     one.span(),
                     "broker".into(),
@@ -550,8 +573,8 @@ impl Validator<'_> {
                 self.report(
                     b.url.span(),
                     "broker".into(),
-                    "choose one way to authenticate: creds_file, token_env, or \
-                     user_env with password_env"
+                    "choose one way to authenticate: creds_file, token_env, nkey_seed_env, \
+                     or user_env with password_env"
                         .into(),
                 );
                 Auth::None
