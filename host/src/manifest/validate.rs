@@ -520,6 +520,42 @@ impl Validator<'_> {
     }
 
     fn broker(&mut self, b: RawBroker, env: &dyn Fn(&str) -> Option<String>) -> BrokerSettings {
+        let auth = self.auth(&b, env);
+        let tls_client = self.tls_client(&b);
+        for (field, path) in [
+            ("creds_file", &b.creds_file),
+            ("tls_ca", &b.tls_ca),
+            ("tls_cert", &b.tls_cert),
+            ("tls_key", &b.tls_key),
+        ] {
+            if let Some(p) = path {
+                let resolved = self.dir.join(p.get_ref());
+                if !resolved.is_file() {
+                    self.report(
+                        p.span(),
+                        format!("broker.{field}"),
+                        format!("file {} does not exist", resolved.display()),
+                    );
+                }
+            }
+        }
+        BrokerSettings {
+            url: b.url.into_inner().0,
+            auth,
+            tls_ca: b.tls_ca.map(|p| self.dir.join(p.into_inner())),
+            tls_client,
+            inbox_prefix: b
+                .inbox_prefix
+                .map_or_else(|| DEFAULT_INBOX_PREFIX.to_string(), |p| p.0),
+            jetstream_api: b.jetstream_domain.map_or_else(
+                || DEFAULT_JETSTREAM_API.to_string(),
+                |domain| format!("$JS.{}.API", domain.0),
+            ),
+        }
+    }
+
+    /// The one way to authenticate `b` chooses, its secrets read through `env`.
+    fn auth(&mut self, b: &RawBroker, env: &dyn Fn(&str) -> Option<String>) -> Auth {
         let mut var = |v: &Spanned<String>, field: &str| -> String {
             env(v.get_ref()).unwrap_or_else(|| {
                 self.report(
@@ -530,7 +566,7 @@ impl Validator<'_> {
                 String::new()
             })
         };
-        let auth = match (
+        match (
             &b.creds_file,
             &b.token_env,
             &b.user_env,
@@ -579,8 +615,12 @@ impl Validator<'_> {
                 );
                 Auth::None
             }
-        };
-        let tls_client = match (&b.tls_cert, &b.tls_key) {
+        }
+    }
+
+    /// The client certificate and key of `b`, if it gives both.
+    fn tls_client(&mut self, b: &RawBroker) -> Option<TlsClient> {
+        match (&b.tls_cert, &b.tls_key) {
             (Some(cert), Some(key)) => Some(TlsClient {
                 cert: self.dir.join(cert.get_ref()),
                 key: self.dir.join(key.get_ref()),
@@ -596,36 +636,6 @@ impl Validator<'_> {
                 );
                 None
             }
-        };
-        for (field, path) in [
-            ("creds_file", &b.creds_file),
-            ("tls_ca", &b.tls_ca),
-            ("tls_cert", &b.tls_cert),
-            ("tls_key", &b.tls_key),
-        ] {
-            if let Some(p) = path {
-                let resolved = self.dir.join(p.get_ref());
-                if !resolved.is_file() {
-                    self.report(
-                        p.span(),
-                        format!("broker.{field}"),
-                        format!("file {} does not exist", resolved.display()),
-                    );
-                }
-            }
-        }
-        BrokerSettings {
-            url: b.url.into_inner().0,
-            auth,
-            tls_ca: b.tls_ca.map(|p| self.dir.join(p.into_inner())),
-            tls_client,
-            inbox_prefix: b
-                .inbox_prefix
-                .map_or_else(|| DEFAULT_INBOX_PREFIX.to_string(), |p| p.0),
-            jetstream_api: b.jetstream_domain.map_or_else(
-                || DEFAULT_JETSTREAM_API.to_string(),
-                |domain| format!("$JS.{}.API", domain.0),
-            ),
         }
     }
 }
