@@ -13,8 +13,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 mod durations;
+mod shards;
 
 pub use durations::Durations;
+pub use shards::Count;
 
 /// Why an event did not end in `ok`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -162,11 +164,11 @@ struct VersionLabels {
 /// The host's metric registry.
 pub struct Metrics {
     registry: Registry,
-    received: Family<HandlerLabel, Counter>,
-    ok: Family<HandlerLabel, Counter>,
-    failed: Family<FailLabels, Counter>,
+    received: Family<HandlerLabel, Count>,
+    ok: Family<HandlerLabel, Count>,
+    failed: Family<FailLabels, Count>,
     duration: Family<HandlerLabel, Durations>,
-    publishes: Family<PublishLabels, Counter>,
+    publishes: Family<PublishLabels, Count>,
     output_dropped: Family<HandlerLabel, Counter>,
     dead_lettered: Family<HandlerLabel, Counter>,
     dead_letters_refused: Family<HandlerLabel, Counter>,
@@ -197,11 +199,11 @@ pub struct BrokerCounters {
 /// One handler's metric handles, resolved once.
 #[derive(Clone)]
 pub struct HandlerMetrics {
-    pub received: Counter,
-    pub ok: Counter,
-    failed: [Counter; FailReason::ALL.len()],
+    pub received: Count,
+    pub ok: Count,
+    failed: [Count; FailReason::ALL.len()],
     pub duration: Durations,
-    publishes: [Counter; PublishResult::ALL.len()],
+    publishes: [Count; PublishResult::ALL.len()],
     pub output_dropped: Counter,
     pub dead_lettered: Counter,
     /// Attempts to publish a dead letter that failed (see `jetstream::settle`).
@@ -214,11 +216,11 @@ pub struct HandlerMetrics {
 }
 
 impl HandlerMetrics {
-    pub fn failed(&self, reason: FailReason) -> &Counter {
+    pub fn failed(&self, reason: FailReason) -> &Count {
         &self.failed[reason as usize]
     }
 
-    pub fn publish(&self, result: PublishResult) -> &Counter {
+    pub fn publish(&self, result: PublishResult) -> &Count {
         &self.publishes[result as usize]
     }
 }
@@ -226,11 +228,11 @@ impl HandlerMetrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("wasmev");
-        let received = Family::<HandlerLabel, Counter>::default();
-        let ok = Family::<HandlerLabel, Counter>::default();
-        let failed = Family::<FailLabels, Counter>::default();
+        let received = Family::<HandlerLabel, Count>::default();
+        let ok = Family::<HandlerLabel, Count>::default();
+        let failed = Family::<FailLabels, Count>::default();
         let duration = Family::<HandlerLabel, Durations>::default();
-        let publishes = Family::<PublishLabels, Counter>::default();
+        let publishes = Family::<PublishLabels, Count>::default();
         let output_dropped = Family::<HandlerLabel, Counter>::default();
         let dead_lettered = Family::<HandlerLabel, Counter>::default();
         let dead_letters_refused = Family::<HandlerLabel, Counter>::default();

@@ -1,7 +1,7 @@
 //! Event durations: a histogram each worker thread adds to without a lock, encoded as
 //! prometheus-client's `Histogram` is.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -9,6 +9,8 @@ use crossbeam_utils::CachePadded;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::metrics::{MetricType, TypedMetric};
+
+use super::shards::{SHARDS, shard};
 
 /// The upper bounds of [`Durations`]' buckets, in seconds: 50 µs .. ~3.3 s in powers of 2
 /// (per-event costs start in microseconds), then everything above. Made once: every
@@ -27,11 +29,6 @@ static DURATION_BOUNDS: LazyLock<[f64; DURATION_BUCKETS]> = LazyLock::new(|| {
 /// Buckets of a [`Durations`]: 17 bounded, the last unbounded.
 const DURATION_BUCKETS: usize = 18;
 
-/// Shards of a [`Durations`]. Why 8: one per worker thread on the machines the host runs
-/// on (2-8 cores); with more workers, threads share shards, which stays correct and costs
-/// only some of the contention the shards avoid.
-const DURATION_SHARDS: usize = 8;
-
 /// A histogram of event durations, encoded as prometheus-client's `Histogram` is, without
 /// its lock.
 ///
@@ -44,7 +41,7 @@ const DURATION_SHARDS: usize = 8;
 /// during observations may read a sum and a count a few events apart (as the `metrics`
 /// crate's atomic buckets may); each figure is exact once they stop.
 #[derive(Clone, Debug)]
-pub struct Durations(Arc<[CachePadded<DurationShard>; DURATION_SHARDS]>);
+pub struct Durations(Arc<[CachePadded<DurationShard>; SHARDS]>);
 
 #[derive(Debug)]
 struct DurationShard {
@@ -70,14 +67,7 @@ impl Default for Durations {
 
 impl Durations {
     pub fn observe(&self, elapsed: Duration) {
-        thread_local! {
-            /// This thread's shard, handed out round-robin as threads first observe.
-            static SHARD: usize = {
-                static NEXT: AtomicUsize = AtomicUsize::new(0);
-                NEXT.fetch_add(1, Relaxed) % DURATION_SHARDS
-            };
-        }
-        let shard = &self.0[SHARD.with(|shard| *shard)];
+        let shard = &self.0[shard()];
         let seconds = elapsed.as_secs_f64();
         // The first bound at or above the value; the last bound is f64::MAX.
         let bucket = DURATION_BOUNDS.partition_point(|bound| *bound < seconds);
