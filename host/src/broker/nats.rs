@@ -354,7 +354,7 @@ impl NatsBroker {
                 async move {
                     if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) =
                         &event
-                        && let Some(refusal) = Refusal::parse(text)
+                        && let Some(refusal) = told.read(text)
                     {
                         counters.refused.inc();
                         tracing::warn!(%url, "{refusal}");

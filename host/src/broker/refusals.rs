@@ -60,6 +60,9 @@ pub enum Action {
 pub struct Refusal {
     pub action: Action,
     pub subject: String,
+    /// A subscription to one of this host's inboxes, where its requests' answers come
+    /// back (see [`Refusals::read`]).
+    pub inbox: bool,
 }
 
 impl Refusal {
@@ -79,6 +82,7 @@ impl Refusal {
         Some(Self {
             action,
             subject: subject.to_string(),
+            inbox: false,
         })
     }
 
@@ -118,10 +122,22 @@ impl fmt::Display for Refusal {
         };
         write!(
             f,
-            "the nats server refused this host's user permission to {verb} {:?}: allow it \
-             in the user's {kind} permissions (README, \"NATS permissions\", lists what a \
-             host needs)",
+            "the nats server refused this host's user permission to {verb} {:?}",
             self.subject
+        )?;
+        if self.inbox {
+            write!(
+                f,
+                ", the inbox its requests' answers come back on: allow it in the user's \
+                 subscribe permissions, or set [broker] inbox_prefix to inboxes the user \
+                 may read"
+            )?;
+        } else {
+            write!(f, ": allow it in the user's {kind} permissions")?;
+        }
+        write!(
+            f,
+            " (README, \"NATS permissions\", lists what a host needs)"
         )
     }
 }
@@ -153,6 +169,15 @@ impl Refusals {
                 inbox: format!("{inbox_prefix}."),
             }),
         }
+    }
+
+    /// The refusal in a server error's `text`, if it is one (see [`Refusal::parse`]),
+    /// marked when it refuses one of this connection's inboxes.
+    pub fn read(&self, text: &str) -> Option<Refusal> {
+        let mut refusal = Refusal::parse(text)?;
+        refusal.inbox = refusal.action == Action::Subscribe
+            && refusal.subject.starts_with(&self.prefixes.inbox);
+        Some(refusal)
     }
 
     /// Pass on a refusal the server reported (from the client's event callback).
@@ -219,6 +244,7 @@ mod tests {
         Refusal {
             action: Action::Publish,
             subject: subject.to_string(),
+            inbox: false,
         }
     }
 
@@ -236,7 +262,8 @@ mod tests {
             Refusal::parse(r#"Permissions Violation for Subscription to "user.>" using queue "q""#),
             Some(Refusal {
                 action: Action::Subscribe,
-                subject: "user.>".to_string()
+                subject: "user.>".to_string(),
+                inbox: false,
             })
         );
         for other in [
@@ -272,11 +299,13 @@ mod tests {
         let inbox = Refusal {
             action: Action::Subscribe,
             subject: "_INBOX.abc.*".to_string(),
+            inbox: false,
         };
         assert!(inbox.stops(&create, prefixes));
         let handlers = Refusal {
             action: Action::Subscribe,
             subject: "user.created".to_string(),
+            inbox: false,
         };
         assert!(!handlers.stops(&create, prefixes));
     }
@@ -289,6 +318,7 @@ mod tests {
         let inbox = |subject: &str| Refusal {
             action: Action::Subscribe,
             subject: subject.to_string(),
+            inbox: false,
         };
         let info = subjects(&["$JS.hub.API.STREAM.INFO.USERS"]);
         assert!(inbox("_INBOX_wasmev.abc.*").stops(&info, prefixes));
@@ -320,6 +350,7 @@ mod tests {
         let subscription = Refusal {
             action: Action::Subscribe,
             subject: "user.created".to_string(),
+            inbox: false,
         };
         let pull = publish("$JS.API.CONSUMER.MSG.NEXT.USERS.email-sender");
         refusals.tell(subscription.clone());
@@ -357,13 +388,33 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_inbox_is_told_apart_and_says_inbox_prefix_would_do() {
+        let refusals = Refusals::new(DEFAULT_JETSTREAM_API, "_INBOX_orders");
+        let read = |subject: &str| {
+            refusals
+                .read(&format!(
+                    "Permissions Violation for Subscription to {subject:?}"
+                ))
+                .unwrap()
+        };
+        assert!(!read("_INBOX.abc.*").inbox, "not this host's inbox");
+        assert!(!read("user.created").inbox);
+        let inbox = read("_INBOX_orders.abc.*");
+        assert!(inbox.inbox);
+        insta::assert_snapshot!(
+            inbox.to_string(),
+            @r#"the nats server refused this host's user permission to subscribe to "_INBOX_orders.abc.*", the inbox its requests' answers come back on: allow it in the user's subscribe permissions, or set [broker] inbox_prefix to inboxes the user may read (README, "NATS permissions", lists what a host needs)"#
+        );
+    }
+
+    #[test]
     fn a_refusal_names_the_subject_and_where_to_allow_it() {
         insta::assert_snapshot!(
             publish("$JS.API.STREAM.CREATE.USERS").to_string(),
             @r#"the nats server refused this host's user permission to publish to "$JS.API.STREAM.CREATE.USERS": allow it in the user's publish permissions (README, "NATS permissions", lists what a host needs)"#
         );
         insta::assert_snapshot!(
-            Refusal { action: Action::Subscribe, subject: "user.created".to_string() }.to_string(),
+            Refusal { action: Action::Subscribe, subject: "user.created".to_string(), inbox: false }.to_string(),
             @r#"the nats server refused this host's user permission to subscribe to "user.created": allow it in the user's subscribe permissions (README, "NATS permissions", lists what a host needs)"#
         );
     }
