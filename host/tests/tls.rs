@@ -57,6 +57,17 @@ impl Pki {
         ))
     }
 
+    /// The manifest's TLS keys for a host that trusts the CA in `ca` and shows the client
+    /// certificate.
+    fn host_keys(&self, ca: &str) -> String {
+        format!(
+            "tls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\n",
+            self.path(ca),
+            self.path("client.pem"),
+            self.path("client-key.pem"),
+        )
+    }
+
     /// A client of `server` that shows the client certificate.
     async fn client(&self, server: &NatsServer) -> async_nats::Client {
         let connect = async_nats::ConnectOptions::new()
@@ -112,15 +123,7 @@ async fn start_error(server: &NatsServer, m: &wasmev::Manifest) -> String {
 async fn a_host_with_the_ca_and_a_client_certificate_handles_events_over_tls() {
     let pki = Pki::new();
     let server = pki.server();
-    let (_dir, m) = email_sender(
-        &server,
-        &format!(
-            "tls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\n",
-            pki.path("ca.pem"),
-            pki.path("client.pem"),
-            pki.path("client-key.pem"),
-        ),
-    );
+    let (_dir, m) = email_sender(&server, &pki.host_keys("ca.pem"));
     let host = TestHost::start(&m).await;
     let client = pki.client(&server).await;
     let mut sent = client.subscribe("email.sent").await.unwrap();
@@ -150,14 +153,6 @@ async fn without_a_client_certificate_the_start_fails_saying_so() {
 async fn a_server_certificate_from_another_ca_stops_the_start_saying_so() {
     let pki = Pki::new();
     let server = pki.server();
-    let (_dir, m) = email_sender(
-        &server,
-        &format!(
-            "tls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\n",
-            pki.path("other-ca.pem"),
-            pki.path("client.pem"),
-            pki.path("client-key.pem"),
-        ),
-    );
+    let (_dir, m) = email_sender(&server, &pki.host_keys("other-ca.pem"));
     insta::assert_snapshot!(start_error(&server, &m).await, @r#"failed to connect to nats at nats://127.0.0.1:<port>: IO error: invalid peer certificate: UnknownIssuer: the server's certificate did not verify against tls_ca; it must be signed by that CA and name the host in the broker url"#);
 }

@@ -113,17 +113,9 @@ mod tests {
     use std::time::Duration;
 
     use prometheus_client::metrics::histogram::Histogram;
-    use prometheus_client::registry::Registry;
 
+    use super::super::shards::encoded;
     use super::{DURATION_BOUNDS, Durations};
-
-    fn encoded(register: impl FnOnce(&mut Registry)) -> String {
-        let mut registry = Registry::default();
-        register(&mut registry);
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
-        out
-    }
 
     #[test]
     fn durations_encode_as_prometheus_clients_histogram_does() {

@@ -61,20 +61,22 @@ impl EncodeMetric for Count {
     }
 }
 
+/// The text exposition of a registry `register` fills: for tests that compare a metric
+/// of ours with prometheus-client's own.
+#[cfg(test)]
+pub(super) fn encoded(register: impl FnOnce(&mut prometheus_client::registry::Registry)) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    register(&mut registry);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use prometheus_client::metrics::counter::Counter;
-    use prometheus_client::registry::Registry;
 
-    use super::Count;
-
-    fn encoded(register: impl FnOnce(&mut Registry)) -> String {
-        let mut registry = Registry::default();
-        register(&mut registry);
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
-        out
-    }
+    use super::{Count, encoded};
 
     #[test]
     fn a_count_encodes_as_prometheus_clients_counter_does() {
