@@ -154,14 +154,20 @@ impl Host {
         ))
     }
 
-    /// Wait until it has logged that it is ready; fail with its log if it does not.
-    async fn ready(&self, dir: &Path) {
+    /// Wait until it has logged that it is ready; fail with its log if it exits first or
+    /// is not ready in time.
+    async fn ready(&mut self, dir: &Path) {
         let start = Instant::now();
         loop {
             let log = host_log(dir);
             if log.contains(" ready on the nats") {
                 return;
             }
+            let exited = self.0.as_mut().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "the host exited ({exited:?}); its log:\n{log}"
+            );
             assert!(
                 start.elapsed() < WAIT,
                 "the host was not ready within {WAIT:?}; its log:\n{log}"
@@ -264,7 +270,7 @@ async fn runs_every_path_refused_nothing(
     write_manifest_with(dir.path(), server, None, prefixes.broker_keys);
 
     // A first host creates the consumers and the advisories' stream, then stops.
-    let host = Host::run(dir.path());
+    let mut host = Host::run(dir.path());
     host.ready(dir.path()).await;
     let advisories = js.get_stream(GIVEN_UP).await.unwrap();
     advisories.consumer_info("wasmev").await.unwrap();
@@ -282,7 +288,7 @@ async fn runs_every_path_refused_nothing(
     publish_ops(&js, [("lost".to_string(), json!({"op": "record"}))]).await;
     given_up_unsettled(&js, WAIT).await;
 
-    let host = Host::run(dir.path());
+    let mut host = Host::run(dir.path());
     host.ready(dir.path()).await;
     // Handled and acked, publishing to a stream (the stream lookup, its ack); rejected
     // and dead-lettered; a core event, on a subscription the round trip confirmed.
@@ -419,7 +425,7 @@ async fn a_refused_plain_publish_is_logged_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     write_manifest(dir.path(), &server, Some(port));
-    let host = Host::run(dir.path());
+    let mut host = Host::run(dir.path());
     host.ready(dir.path()).await;
     let refused = || {
         let metrics = http_get(port, "/metrics").expect("the admin endpoint answers");
@@ -459,7 +465,7 @@ async fn a_reload_whose_subscription_is_refused_says_so() {
     create_stream(&js, "EVENTS", &["js.in"]).await;
     let dir = tempfile::tempdir().unwrap();
     write_manifest(dir.path(), &server, None);
-    let host = Host::run(dir.path());
+    let mut host = Host::run(dir.path());
     host.ready(dir.path()).await;
 
     let manifest = dir.path().join("runtime.toml");
@@ -494,7 +500,7 @@ async fn pulls_refused_a_while_ago_do_not_fail_a_later_reload() {
     create_stream(&js, "SEEN", &["chaos.seen"]).await;
     let dir = tempfile::tempdir().unwrap();
     write_manifest(dir.path(), &server, None);
-    let host = Host::run(dir.path());
+    let mut host = Host::run(dir.path());
     host.ready(dir.path()).await;
 
     let pull = "CONSUMER.MSG.NEXT.EVENTS.chaos";
