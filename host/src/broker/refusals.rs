@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
+use crate::manifest::DEFAULT_JETSTREAM_API;
+
 /// Refusals buffered for calls that are slow to read them. Why 64: only calls in flight
 /// read them (a handful at start-up), and one that misses some for a burst of other
 /// refusals reads on, so it at worst waits for its own timeout, as it did before.
@@ -23,7 +25,7 @@ const BUFFERED: usize = 64;
 /// The subject prefixes of this host's connection that a refusal is read against.
 #[derive(Debug)]
 struct Prefixes {
-    /// The JetStream API's, with its dot, when it is not the default `$JS.API.` (a
+    /// The JetStream API's, with its dot, when it is not the default (a
     /// `jetstream_domain`): see [`Prefixes::in_host_api`].
     domain_api: Option<String>,
     /// JetStream pull requests: `<JetStream API prefix>.CONSUMER.MSG.NEXT.`, and
@@ -34,15 +36,15 @@ struct Prefixes {
     inbox: String,
 }
 
-/// The default JetStream API prefix, with its dot.
-const DEFAULT_API: &str = "$JS.API.";
-
 impl Prefixes {
     /// A refused `subject` as this host's calls name it. A server in the JetStream domain
     /// the host asks for maps the domain's API subjects (`$JS.<domain>.API.…`) to its own
     /// (`$JS.API.…`) before it checks permissions, and refuses the mapped subject.
     fn in_host_api<'a>(&self, subject: &'a str) -> Cow<'a, str> {
-        match (&self.domain_api, subject.strip_prefix(DEFAULT_API)) {
+        let rest = subject
+            .strip_prefix(DEFAULT_JETSTREAM_API)
+            .and_then(|rest| rest.strip_prefix('.'));
+        match (&self.domain_api, rest) {
             (Some(api), Some(rest)) => Cow::Owned(format!("{api}{rest}")),
             _ => Cow::Borrowed(subject),
         }
@@ -165,7 +167,7 @@ impl Refusals {
             intake: Arc::default(),
             prefixes: Arc::new(Prefixes {
                 pull: format!("{api}CONSUMER.MSG.NEXT."),
-                domain_api: (api != DEFAULT_API).then_some(api),
+                domain_api: (jetstream_api != DEFAULT_JETSTREAM_API).then_some(api),
                 inbox: format!("{inbox_prefix}."),
             }),
         }
@@ -233,7 +235,7 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{DEFAULT_INBOX_PREFIX, DEFAULT_JETSTREAM_API};
+    use crate::manifest::DEFAULT_INBOX_PREFIX;
 
     /// Refusals on a connection with the default prefixes.
     fn refusals() -> Refusals {
