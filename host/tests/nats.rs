@@ -554,7 +554,7 @@ async fn a_host_authenticates_with_the_nkey_seed_in_its_environment() {
         .await
         .unwrap();
     let mut sent = client.subscribe("email.sent").await.unwrap();
-    client.flush().await.unwrap();
+    within("flush", WAIT, client.flush()).await.unwrap();
     publish_json(
         &client,
         "user.created",

@@ -127,7 +127,7 @@ async fn a_host_with_the_ca_and_a_client_certificate_handles_events_over_tls() {
     let host = TestHost::start(&m).await;
     let client = pki.client(&server).await;
     let mut sent = client.subscribe("email.sent").await.unwrap();
-    client.flush().await.unwrap();
+    within("flush", WAIT, client.flush()).await.unwrap();
     let user = json!({"id": "u-1", "name": "Ada", "email": "ada@example.com"});
     client
         .publish("user.created", user.to_string().into())

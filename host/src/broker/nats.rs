@@ -188,10 +188,9 @@ fn connect_error(e: &async_nats::ConnectError, settings: &BrokerSettings) -> any
         // The client's own text says "authorization violation" twice, and nothing more.
         return anyhow::anyhow!("{}", refused_credentials(&settings.auth));
     }
-    let text = e.to_string();
-    match tls_hint(&text, settings) {
-        Some(hint) => anyhow::anyhow!("{text}: {hint}"),
-        None => anyhow::anyhow!(text),
+    match tls_hint(e, settings) {
+        Some(hint) => anyhow::anyhow!("{e}: {hint}"),
+        None => anyhow::anyhow!("{e}"),
     }
 }
 
@@ -215,29 +214,29 @@ fn refused_credentials(auth: &Auth) -> String {
     format!("the server refused this host's credentials: {given}")
 }
 
-/// What to do about a TLS handshake that failed with `error` (rustls's words, which
-/// async-nats passes on), given the TLS settings the host connected with: rustls names
-/// the check that failed, not the manifest key that would fix it.
-fn tls_hint(error: &str, settings: &BrokerSettings) -> Option<&'static str> {
-    if error.contains("invalid peer certificate") {
-        Some(if settings.tls_ca.is_some() {
+/// What to do about a TLS handshake that failed with `e`, given the TLS settings the host
+/// connected with: rustls names the check that failed, not the manifest key that would
+/// fix it. Read from rustls's own error, which async-nats passes on inside an I/O error.
+fn tls_hint(e: &async_nats::ConnectError, settings: &BrokerSettings) -> Option<&'static str> {
+    use async_nats::rustls::{AlertDescription, Error as Tls};
+    let io = std::error::Error::source(e)?.downcast_ref::<std::io::Error>()?;
+    match io.get_ref()?.downcast_ref::<Tls>()? {
+        Tls::InvalidCertificate(_) => Some(if settings.tls_ca.is_some() {
             "the server's certificate did not verify against tls_ca; it must be signed by \
              that CA and name the host in the broker url"
         } else {
             "the server's certificate did not verify against the system's CAs; set tls_ca \
              to the CA that signed it"
-        })
-    } else if error.contains("received fatal alert: BadCertificate")
-        || error.contains("received fatal alert: CertificateRequired")
-    {
-        Some(if settings.tls_client.is_some() {
+        }),
+        Tls::AlertReceived(
+            AlertDescription::BadCertificate | AlertDescription::CertificateRequired,
+        ) => Some(if settings.tls_client.is_some() {
             "the server refused tls_cert; it must be signed by a CA the server trusts (its \
              tls ca_file)"
         } else {
             "the server asks for a client certificate; set tls_cert and tls_key"
-        })
-    } else {
-        None
+        }),
+        _ => None,
     }
 }
 
