@@ -276,9 +276,6 @@ fn print_outcome(handler: &str, report: &Report) {
     for e in &report.errors {
         println!("[{handler}] reload refused: {e}");
     }
-    for e in &report.unconfirmed {
-        println!("[{handler}] applied, but not confirmed: {e}");
-    }
 }
 
 #[cfg(test)]

@@ -89,6 +89,23 @@ impl Live {
         self.changed.notify_waiters();
     }
 
+    /// Undo a [`Live::swap`] to `previous` that the broker did not confirm: `previous`
+    /// takes events again and the version swapped in is retired, with no probation.
+    pub fn restore(&self, previous: Arc<Handler>) {
+        let mut watch = self.lock();
+        watch.probation = None;
+        self.on_probation.store(false, Ordering::Release);
+        previous.revive();
+        let undone = self.current.swap(previous.clone());
+        undone.retire();
+        self.metrics.version(
+            &previous.spec.name,
+            Some(undone.digest.as_str()),
+            Some(previous.digest.as_str()),
+        );
+        self.changed.notify_waiters();
+    }
+
     /// Whether `spec` with module `digest` is the version rolled back earlier.
     pub fn was_rolled_back(&self, spec: &HandlerSpec, digest: &Digest) -> bool {
         self.lock()

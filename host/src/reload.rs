@@ -52,7 +52,8 @@ pub struct Report {
     /// `ok` when everything the manifest asks for is running; `refused` otherwise.
     pub result: String,
     pub cause: Option<Cause>,
-    /// Problems that stopped the whole reload (an invalid manifest).
+    /// Problems that stopped the whole reload: an invalid manifest, or a broker that did
+    /// not confirm the subscriptions and pulls the reload made (which are undone).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -66,11 +67,6 @@ pub struct Report {
     /// Handlers whose change could not be applied; their old version (if any) runs on.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<Refusal>,
-    /// The changes went in, but the broker did not confirm the subscriptions and pulls
-    /// they made (the server refused one, or did not answer): a handler added or changed
-    /// may see no events.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub unconfirmed: Vec<String>,
     /// Settings that changed but only take effect after a restart.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restart_needed: Vec<String>,
@@ -111,7 +107,7 @@ impl Refusal {
 
 impl Report {
     pub fn is_ok(&self) -> bool {
-        self.errors.is_empty() && self.refused.is_empty() && self.unconfirmed.is_empty()
+        self.errors.is_empty() && self.refused.is_empty()
     }
 
     /// Every problem, one entry each.
@@ -120,7 +116,6 @@ impl Report {
             .iter()
             .map(String::as_str)
             .chain(self.refused.iter().map(|r| r.error.as_str()))
-            .chain(self.unconfirmed.iter().map(String::as_str))
             .collect()
     }
 
@@ -148,9 +143,6 @@ impl Report {
         }
         for e in &self.errors {
             tracing::error!(%cause, "reload refused, nothing changed:\n{e}");
-        }
-        for e in &self.unconfirmed {
-            tracing::error!(%cause, "reload applied, but the broker did not confirm its subscriptions and pulls: {e}");
         }
         for setting in &self.restart_needed {
             tracing::warn!(%cause, "[{setting}] changed; it takes effect after a restart");

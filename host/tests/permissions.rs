@@ -456,37 +456,63 @@ async fn a_refused_plain_publish_is_logged_and_counted() {
     );
 }
 
-/// A reload whose new subscription the server refuses went in, and says it is not
-/// confirmed (it used to say "reload refused, nothing changed").
+/// A reload whose new subscription the server refuses changes nothing: the handler it
+/// moved to a refused subject serves on, on the subscription it had (before, that one was
+/// already drained, and its events were lost); the handler it added and the one it
+/// removed are as they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_whose_subscription_is_refused_says_so() {
+async fn a_reload_whose_subscription_is_refused_changes_nothing() {
     let server = server(&readme_permissions());
-    let (_client, js) = admin(&server).await;
+    let (client, js) = admin(&server).await;
     create_stream(&js, "EVENTS", &["js.in"]).await;
+    create_stream(&js, "SEEN", &["chaos.seen"]).await;
     let dir = tempfile::tempdir().unwrap();
     write_manifest(dir.path(), &server, None);
     let mut host = Host::run(dir.path());
     host.ready(dir.path()).await;
 
+    // This user may subscribe to `core.>` only: `other.in` is refused, `core.more` is not.
+    // `chaos` (on JetStream) is removed.
     let manifest = dir.path().join("runtime.toml");
-    let mut toml = std::fs::read_to_string(&manifest).unwrap();
-    toml += &handler_block("other", "chaos", "subscribe = [\"other.in\"]");
+    let toml = std::fs::read_to_string(&manifest).unwrap();
+    let (chaos, core) = (
+        toml.find("[[handler]]").unwrap(),
+        toml.find("[[handler]]\nname = \"core\"").unwrap(),
+    );
+    let toml = format!("{}{}", &toml[..chaos], &toml[core..])
+        .replace("subscribe = [\"core.in\"]", "subscribe = [\"other.in\"]")
+        + &handler_block("more", "chaos", "subscribe = [\"core.more\"]");
     std::fs::write(&manifest, toml).unwrap();
     wait_for("the reload", WAIT, || async {
-        let log = host_log(dir.path());
-        log.contains("reload applied, but").then_some(())
+        host_log(dir.path())
+            .contains("reload refused")
+            .then_some(())
     })
+    .await;
+    client
+        .publish("core.in", json!({"op": "record"}).to_string().into())
+        .await
+        .unwrap();
+    publish_ops(&js, [("after".to_string(), json!({"op": "record"}))]).await;
+    within("a flush", WAIT, client.flush()).await.unwrap();
+    wait_for(
+        "both events, on the old subscription and consumer",
+        WAIT,
+        || async { (count(&js, "SEEN").await == 2).then_some(()) },
+    )
     .await;
     assert_eq!(host.exit(true), Some(0));
     let log = host_log(dir.path());
     assert!(
         log.contains(
-            "reload applied, but the broker did not confirm its subscriptions and pulls: the \
-             nats server refused this host's user permission to subscribe to \"other.in\""
+            "reload refused, nothing changed:\nthe nats server refused this host's user \
+             permission to subscribe to \"other.in\""
         ),
         "{log}"
     );
-    assert!(!log.contains("nothing changed"), "{log}");
+    for change in ["handler swapped", "handler added", "handler removed"] {
+        assert!(!log.contains(change), "{log}");
+    }
 }
 
 /// Pulls refused while a host runs (the user's permissions changed on the server) are

@@ -1,5 +1,5 @@
 //! Reload, applied: a prepared plan's handlers start, swap or drain, and intakes are
-//! started all-or-nothing per handler.
+//! started all-or-nothing per handler; a reload the broker does not confirm is undone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -78,13 +78,20 @@ impl Host {
     }
 
     /// Carry out `plan`: start added handlers, swap changed ones, stop removed ones.
+    ///
+    /// The additions and swaps stand only once the broker confirms the subscriptions and
+    /// pulls they made; until then the subscriptions a swapped version no longer wants keep
+    /// running, and removed handlers stay. If the broker does not confirm (it refused one,
+    /// or did not answer), nothing changes: the additions and swaps are undone, and the old
+    /// versions serve on the subscriptions they never left, so no subject goes unheard.
+    /// Whole, not per handler: a broker that did not answer confirmed none of them.
     pub(super) async fn apply(&mut self, plan: Plan) -> Report {
         let Plan {
             steps,
             removed,
             mut report,
         } = plan;
-        let mut retired: Vec<IntakeStop> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
         for step in steps {
             match step {
                 Step::Add(compiled) => {
@@ -98,10 +105,10 @@ impl Host {
                         Ok(intakes) => {
                             self.handlers
                                 .insert(name.clone(), Running { live, intakes });
-                            report.added.push(Version {
+                            pending.push(Pending::Added(Version {
                                 handler: name,
                                 digest,
-                            });
+                            }));
                         }
                         Err(e) => {
                             live.retire();
@@ -122,14 +129,14 @@ impl Host {
                     // JetStream: stop pulling for the old consumer before the new one
                     // starts, so no message is in two loops; JetStream keeps what is not
                     // acked, so the gap loses nothing.
-                    let mut stopped = Vec::new();
+                    let mut stopped = BTreeSet::new();
                     if let Some(running) = self.handlers.get_mut(&name) {
                         running.intakes.retain(|intake, token| {
                             let keep =
                                 !matches!(intake, Intake::JetStream(_)) || wanted.contains(intake);
                             if !keep {
                                 token.cancel();
-                                stopped.push(intake.clone());
+                                stopped.insert(intake.clone());
                             }
                             keep
                         });
@@ -139,49 +146,55 @@ impl Host {
                         Ok(started) => started,
                         Err(e) => {
                             refuse(&mut report, &name, e);
-                            if !stopped.is_empty() {
-                                // The old consumer must run again: the old version stays.
-                                let restart: BTreeSet<Intake> = stopped.into_iter().collect();
-                                match self.start_intakes(&live, restart).await {
-                                    Ok(intakes) => {
-                                        if let Some(running) = self.handlers.get_mut(&name) {
-                                            running.intakes.extend(intakes);
-                                        }
-                                    }
-                                    Err(e) => {
-                                        tracing::error!(handler = %name, "cannot resume the old consumer: {e:#}")
-                                    }
-                                }
-                            }
+                            // The old consumer must run again: the old version stays.
+                            self.resume(&name, &live, stopped).await;
                             continue;
                         }
                     };
-                    let from = live.current().digest.as_str().to_string();
-                    let to = handler.digest.as_str().to_string();
+                    let previous = live.current();
+                    let swap = Swap {
+                        handler: name.clone(),
+                        from: previous.digest.as_str().to_string(),
+                        to: handler.digest.as_str().to_string(),
+                        changed,
+                    };
                     live.swap(handler);
-                    self.metrics.swapped(&name, SwapResult::swapped);
+                    let started_keys = started.keys().cloned().collect();
                     if let Some(running) = self.handlers.get_mut(&name) {
                         running.intakes.extend(started);
-                        // Core subscriptions the new version does not want are drained
-                        // once the new ones are confirmed (below).
-                        let gone: Vec<Intake> = running
-                            .intakes
-                            .keys()
-                            .filter(|i| !wanted.contains(i))
-                            .cloned()
-                            .collect();
-                        for intake in gone {
-                            if let Some(token) = running.intakes.remove(&intake) {
-                                retired.push(token);
-                            }
-                        }
                     }
-                    report.swapped.push(Swap {
-                        handler: name,
-                        from,
-                        to,
-                        changed,
+                    pending.push(Pending::Swapped {
+                        swap,
+                        previous,
+                        started: started_keys,
+                        stopped,
+                        unwanted: old_intakes.difference(&wanted).cloned().collect(),
                     });
+                }
+            }
+        }
+        let confirmed = if pending.is_empty() {
+            Ok(())
+        } else {
+            self.broker.confirm().await
+        };
+        if let Err(e) = confirmed {
+            self.undo(pending).await;
+            report.errors.push(format!("{e:#}"));
+            return report;
+        }
+        let mut retired: Vec<IntakeStop> = Vec::new();
+        for change in pending {
+            match change {
+                Pending::Added(version) => report.added.push(version),
+                Pending::Swapped { swap, unwanted, .. } => {
+                    // Only now, with every new subscription confirmed by the server, do
+                    // the old ones go: an event is always covered by one or the other.
+                    if let Some(running) = self.handlers.get_mut(&swap.handler) {
+                        retired.extend(unwanted.iter().filter_map(|i| running.intakes.remove(i)));
+                    }
+                    self.metrics.swapped(&swap.handler, SwapResult::swapped);
+                    report.swapped.push(swap);
                 }
             }
         }
@@ -192,17 +205,69 @@ impl Host {
             }
         }
         report.removed = removed;
-        if (!report.added.is_empty() || !report.swapped.is_empty())
-            && let Err(e) = self.broker.confirm().await
-        {
-            report.unconfirmed.push(format!("{e:#}"));
-        }
-        // Only now, with every new subscription confirmed by the server, do the old ones
-        // go: an event is always covered by one or the other.
         // All are stopped at once and waited for (bounded), so when the report goes out
         // no retired subscription takes new events.
         futures::future::join_all(retired.into_iter().map(IntakeStop::stop)).await;
         report
+    }
+
+    /// Undo the additions and swaps of a reload the broker did not confirm. The new
+    /// subscriptions and pulls stop first, so what they already took runs on the version
+    /// that asked for it; then the old versions come back, on the subscriptions they never
+    /// left, and old JetStream consumers pull again.
+    async fn undo(&mut self, pending: Vec<Pending>) {
+        let mut stops = Vec::new();
+        for change in &pending {
+            let (name, started) = match change {
+                Pending::Added(version) => (&version.handler, None),
+                Pending::Swapped { swap, started, .. } => (&swap.handler, Some(started)),
+            };
+            let Some(running) = self.handlers.get_mut(name) else {
+                continue;
+            };
+            match started {
+                None => stops.extend(std::mem::take(&mut running.intakes).into_values()),
+                Some(started) => {
+                    stops.extend(started.iter().filter_map(|i| running.intakes.remove(i)));
+                }
+            }
+        }
+        futures::future::join_all(stops.into_iter().map(IntakeStop::stop)).await;
+        for change in pending {
+            match change {
+                Pending::Added(version) => {
+                    if let Some(running) = self.handlers.remove(&version.handler) {
+                        running.live.retire();
+                    }
+                }
+                Pending::Swapped {
+                    swap,
+                    previous,
+                    stopped,
+                    ..
+                } => {
+                    if let Some(live) = self.handlers.get(&swap.handler).map(|r| r.live.clone()) {
+                        live.restore(previous);
+                        self.resume(&swap.handler, &live, stopped).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Start again the JetStream intakes a swap stopped, when the swap did not go in.
+    async fn resume(&mut self, name: &str, live: &Arc<Live>, stopped: BTreeSet<Intake>) {
+        if stopped.is_empty() {
+            return;
+        }
+        match self.start_intakes(live, stopped).await {
+            Ok(intakes) => {
+                if let Some(running) = self.handlers.get_mut(name) {
+                    running.intakes.extend(intakes);
+                }
+            }
+            Err(e) => tracing::error!(handler = %name, "cannot resume the old consumer: {e:#}"),
+        }
     }
 
     /// Subscribe (or create the consumer) for each intake and start its loop. All or
@@ -281,4 +346,20 @@ fn refuse(report: &mut Report, handler: &str, error: anyhow::Error) {
         handler,
         format!("handler {handler:?}: {error:#}"),
     ));
+}
+
+/// An addition or swap that went in and waits for the broker's confirmation.
+enum Pending {
+    Added(Version),
+    Swapped {
+        swap: Swap,
+        /// The version swapped out, back if the broker does not confirm.
+        previous: Arc<Handler>,
+        /// Intakes the swap started.
+        started: BTreeSet<Intake>,
+        /// JetStream intakes the swap stopped before starting its own.
+        stopped: BTreeSet<Intake>,
+        /// The old version's intakes the new one does not want: drained once confirmed.
+        unwanted: BTreeSet<Intake>,
+    },
 }
