@@ -457,9 +457,9 @@ async fn a_refused_plain_publish_is_logged_and_counted() {
 }
 
 /// A reload whose new subscription the server refuses changes nothing: the handler it
-/// moved to a refused subject serves on, on the subscription it had (before, that one was
-/// already drained, and its events were lost); the handler it added and the one it
-/// removed are as they were.
+/// moved to a refused subject serves on, as the version it was, on the subscription it
+/// had (before, that one was already drained, and its events were lost); the handler it
+/// added and the one it removed are as they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_whose_subscription_is_refused_changes_nothing() {
     let server = server(&readme_permissions());
@@ -472,16 +472,18 @@ async fn a_reload_whose_subscription_is_refused_changes_nothing() {
     host.ready(dir.path()).await;
 
     // This user may subscribe to `core.>` only: `other.in` is refused, `core.more` is not.
-    // `chaos` (on JetStream) is removed.
+    // `core` would lose its grant to publish `chaos.seen` (so an event on the new version
+    // would fail), and `chaos` (on JetStream) is removed.
     let manifest = dir.path().join("runtime.toml");
     let toml = std::fs::read_to_string(&manifest).unwrap();
     let (chaos, core) = (
         toml.find("[[handler]]").unwrap(),
         toml.find("[[handler]]\nname = \"core\"").unwrap(),
     );
-    let toml = format!("{}{}", &toml[..chaos], &toml[core..])
-        .replace("subscribe = [\"core.in\"]", "subscribe = [\"other.in\"]")
-        + &handler_block("more", "chaos", "subscribe = [\"core.more\"]");
+    let toml = format!("{}{}", &toml[..chaos], &toml[core..]).replace(
+        "subscribe = [\"core.in\"]\npublish = [\"chaos.>\"]",
+        "subscribe = [\"other.in\"]\npublish = [\"chaos.other\"]",
+    ) + &handler_block("more", "chaos", "subscribe = [\"core.more\"]");
     std::fs::write(&manifest, toml).unwrap();
     wait_for("the reload", WAIT, || async {
         host_log(dir.path())
