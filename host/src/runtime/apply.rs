@@ -83,7 +83,8 @@ impl Host {
     /// pulls they made; until then the subscriptions a swapped version no longer wants keep
     /// running, and removed handlers stay. If the broker does not confirm (it refused one,
     /// or did not answer), nothing changes: the additions and swaps are undone, and the old
-    /// versions serve on the subscriptions they never left, so no subject goes unheard.
+    /// versions serve on the subscriptions they never left, so no subject goes unheard
+    /// (events dispatched while waiting for the confirmation ran on the new versions).
     /// Whole, not per handler: a broker that did not answer confirmed none of them.
     pub(super) async fn apply(&mut self, plan: Plan) -> Report {
         let Plan {
