@@ -70,13 +70,7 @@ impl Live {
     /// it is on probation until one of its first events succeeds.
     pub fn swap(&self, next: Arc<Handler>) {
         let mut watch = self.lock();
-        let previous = self.current.swap(next.clone());
-        previous.retire();
-        self.metrics.version(
-            &next.spec.name,
-            Some(previous.digest.as_str()),
-            Some(next.digest.as_str()),
-        );
+        let previous = self.replace(next.clone());
         watch.rolled_back = None;
         watch.probation = next.spec.rollback_after.map(|limit| Probation {
             candidate: next,
@@ -96,14 +90,21 @@ impl Live {
         watch.probation = None;
         self.on_probation.store(false, Ordering::Release);
         previous.revive();
-        let undone = self.current.swap(previous.clone());
-        undone.retire();
-        self.metrics.version(
-            &previous.spec.name,
-            Some(undone.digest.as_str()),
-            Some(previous.digest.as_str()),
-        );
+        self.replace(previous);
         self.changed.notify_waiters();
+    }
+
+    /// Make `next` current, retire the version it replaces and export the change; returns
+    /// the version replaced.
+    fn replace(&self, next: Arc<Handler>) -> Arc<Handler> {
+        let previous = self.current.swap(next.clone());
+        previous.retire();
+        self.metrics.version(
+            &next.spec.name,
+            Some(previous.digest.as_str()),
+            Some(next.digest.as_str()),
+        );
+        previous
     }
 
     /// Whether `spec` with module `digest` is the version rolled back earlier.
@@ -166,14 +167,8 @@ impl Live {
             trial.failures
         );
         trial.previous.revive();
-        self.current.store(trial.previous.clone());
+        self.replace(trial.previous.clone());
         self.changed.notify_waiters();
-        trial.candidate.retire();
-        self.metrics.version(
-            name,
-            Some(trial.candidate.digest.as_str()),
-            Some(trial.previous.digest.as_str()),
-        );
         self.metrics.swapped(name, SwapResult::rolled_back);
         watch.rolled_back = Some((trial.candidate.spec.clone(), trial.candidate.digest.clone()));
     }
