@@ -219,17 +219,16 @@ impl Host {
     async fn undo(&mut self, pending: Vec<Pending>) {
         let mut stops = Vec::new();
         for change in &pending {
-            let (name, started) = match change {
-                Pending::Added(version) => (&version.handler, None),
-                Pending::Swapped { swap, started, .. } => (&swap.handler, Some(started)),
-            };
-            let Some(running) = self.handlers.get_mut(name) else {
-                continue;
-            };
-            match started {
-                None => stops.extend(std::mem::take(&mut running.intakes).into_values()),
-                Some(started) => {
-                    stops.extend(started.iter().filter_map(|i| running.intakes.remove(i)));
+            match change {
+                Pending::Added(version) => {
+                    if let Some(running) = self.handlers.get_mut(&version.handler) {
+                        stops.extend(std::mem::take(&mut running.intakes).into_values());
+                    }
+                }
+                Pending::Swapped { swap, started, .. } => {
+                    if let Some(running) = self.handlers.get_mut(&swap.handler) {
+                        stops.extend(started.iter().filter_map(|i| running.intakes.remove(i)));
+                    }
                 }
             }
         }
