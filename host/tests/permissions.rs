@@ -491,8 +491,8 @@ async fn a_reload_whose_subscription_is_refused_changes_nothing() {
             .then_some(())
     })
     .await;
-    client
-        .publish("core.in", json!({"op": "record"}).to_string().into())
+    let record = json!({"op": "record"}).to_string();
+    within("a publish", WAIT, client.publish("core.in", record.into()))
         .await
         .unwrap();
     publish_ops(&js, [("after".to_string(), json!({"op": "record"}))]).await;
