@@ -195,7 +195,8 @@ fn discover(root: &Path) -> Vec<PathBuf> {
 pub struct GuestLogs(Arc<Mutex<Vec<String>>>);
 
 impl GuestLogs {
-    fn take(&self) -> Vec<String> {
+    /// The lines collected since the last take, oldest first.
+    pub fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
