@@ -587,12 +587,18 @@ pub fn wasmev_command() -> Command {
 }
 
 /// Build a non-Rust example handler with its own `build.sh` (once per test process per
-/// handler) and return its component.
+/// handler, and only when its component is older than its sources) and return its
+/// component.
+///
+/// Why the freshness check: componentize-py and componentize-js do not build the same
+/// bytes twice, so every rebuild was a new component for the artifact cache too. Each test
+/// binary that used one rebuilt and recompiled it, though `./scripts/test` had just built
+/// them all (~20 s of building and ~25 s of compiling per binary on a 2-core machine).
 pub fn foreign_component(handler: &str, file: &str) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let dir = workspace().join("handlers").join(handler);
     let mut built = BUILT.lock().unwrap();
-    if !built.iter().any(|h| h == handler) {
+    if !built.iter().any(|h| h == handler) && !newer_than_sources(&dir, &dir.join(file)) {
         let status = Command::new(dir.join("build.sh"))
             .status()
             .unwrap_or_else(|e| panic!("run handlers/{handler}/build.sh: {e}"));
@@ -603,6 +609,30 @@ pub fn foreign_component(handler: &str, file: &str) -> PathBuf {
         built.push(handler.to_string());
     }
     dir.join(file)
+}
+
+/// Whether `output` exists and was written after every source it is built from: the WIT
+/// and the files of the handler's folder, not what its build fetches or generates there.
+fn newer_than_sources(dir: &Path, output: &Path) -> bool {
+    const GENERATED: [&str; 3] = ["node_modules", "__pycache__", "gen"];
+    let modified = |path: &Path| path.metadata().and_then(|m| m.modified()).ok();
+    let Some(built) = modified(output) else {
+        return false;
+    };
+    let files = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect::<Vec<_>>()
+    };
+    let mut sources = files(&workspace().join("wit"));
+    sources.extend(files(dir).into_iter().filter(|path| {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        path != output && !GENERATED.contains(&name)
+    }));
+    sources
+        .iter()
+        .all(|source| modified(source).is_some_and(|m| m <= built))
 }
 
 /// Host options with the compiled-artifact cache shared by the test run, so large
