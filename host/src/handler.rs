@@ -78,6 +78,11 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<State>> {
 /// component takes seconds, and silence that long looks like a hang.
 const ANNOUNCE_COMPILE_BYTES: usize = 1 << 20;
 
+/// The log target of that line, so a command that shows only errors (`wasmev test`) can
+/// still show it: otherwise a first `wasmev test` of a JS or Python handler said nothing
+/// for the ~10 s its compiling took.
+pub const COMPILING_TARGET: &str = "wasmev::compiling";
+
 /// Compiles handlers: engines by key, a linker per engine, and the artifact cache.
 pub struct Compiler {
     engines: Engines,
@@ -124,6 +129,7 @@ impl Compiler {
             .is_some_and(|c| c.contains(engine, &digest));
         if bytes.len() > ANNOUNCE_COMPILE_BYTES && !cached {
             tracing::info!(
+                target: COMPILING_TARGET,
                 handler = %spec.name,
                 size = %bytesize::ByteSize::b(bytes.len() as u64).display().iec(),
                 "compiling a large module; this takes a few seconds (the result is cached)"

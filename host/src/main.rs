@@ -220,9 +220,14 @@ fn init_logging(filter: EnvFilter, capture_guests: bool) -> GuestLogs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `wasmev test` reports guest logs per case itself; the log shows only host errors.
+    // `wasmev test` reports guest logs per case itself; the log shows only host errors,
+    // and that a long compile has begun.
     let testing = matches!(cli.command, Command::Test { .. });
-    let default_filter = if testing { "error" } else { "info" };
+    let default_filter = if testing {
+        format!("error,{}=info", wasmev::handler::COMPILING_TARGET)
+    } else {
+        "info".to_string()
+    };
     let guest_logs = init_logging(
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         testing,

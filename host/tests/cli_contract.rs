@@ -246,12 +246,30 @@ fn new_scaffolds_build_and_pass_their_own_cases() {
             "{lang}: build.sh failed:\n{}",
             String::from_utf8_lossy(&built.stderr)
         );
-        let output = run(&["test", &name], dir.path());
+        // An empty artifact cache: a first test compiles the component.
+        let cache = tempfile::tempdir().unwrap();
+        let output = wasmev_command()
+            .args(["test", &name])
+            .current_dir(dir.path())
+            .env("WASMEV_CACHE_DIR", cache.path())
+            .output()
+            .unwrap();
         let (stdout, stderr) = text(&output);
         assert!(output.status.success(), "{lang}: {stdout}\n{stderr}");
         assert!(
             stdout.ends_with("test result: ok. 4 passed, 0 failed\n"),
             "{lang}: {stdout}"
+        );
+        // A JS or Python component (12-18 MB) compiles for seconds, and says so first; a
+        // Rust or C one is over before anyone would wonder.
+        let large = matches!(lang, "js" | "python");
+        assert_eq!(
+            stderr.contains(&format!(
+                "compiling a large module; this takes a few seconds (the result is cached) \
+                 handler={name}"
+            )),
+            large,
+            "{lang}: {stderr}"
         );
         // The manifest it wrote is one `wasmev check` accepts.
         let output = run(&["check", &format!("{name}/wasmev.toml")], dir.path());
