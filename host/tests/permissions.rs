@@ -540,9 +540,13 @@ async fn pulls_refused_a_while_ago_do_not_fail_a_later_reload() {
     })
     .await;
     server.reconfigure(&users(&allowed));
+    wait_for("JetStream to answer after the reload", WAIT, || async {
+        count_when_answered(&js, "EVENTS").await
+    })
+    .await;
     publish_ops(&js, [("after".to_string(), json!({"op": "record"}))]).await;
     wait_for("the pulls to work again", WAIT, || async {
-        (count(&js, "SEEN").await == 1).then_some(())
+        (count_when_answered(&js, "SEEN").await? == 1).then_some(())
     })
     .await;
 
@@ -565,7 +569,7 @@ async fn pulls_refused_a_while_ago_do_not_fail_a_later_reload() {
         .await
         .unwrap();
     wait_for("the added handler's event", WAIT, || async {
-        (count(&js, "SEEN").await == 2).then_some(())
+        (count_when_answered(&js, "SEEN").await? == 2).then_some(())
     })
     .await;
     assert_eq!(host.exit(true), Some(0));

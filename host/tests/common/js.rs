@@ -35,6 +35,30 @@ pub async fn count(js: &jetstream::Context, name: &str) -> u64 {
         .messages
 }
 
+/// Messages in stream `name` now, or `None` while JetStream's API does not answer. For a
+/// moment after nats-server reloads a configuration that changes its users, it sets up
+/// their account's JetStream again, and a request to the API then finds no responders.
+pub async fn count_when_answered(js: &jetstream::Context, name: &str) -> Option<u64> {
+    use async_nats::jetstream::context::{GetStreamErrorKind, RequestErrorKind};
+    let mut stream = match js.get_stream(name).await {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == GetStreamErrorKind::Request => return None,
+        Err(e) => panic!("stream {name}: {e}"),
+    };
+    match stream.info().await {
+        Ok(info) => Some(info.state.messages),
+        Err(e)
+            if matches!(
+                e.kind(),
+                RequestErrorKind::NoResponders | RequestErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("stream {name}: {e}"),
+    }
+}
+
 /// A fresh nats-server with `streams` (name, subjects) created, and a client on it.
 pub async fn js_env(
     streams: &[(&str, &[&str])],

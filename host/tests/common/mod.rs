@@ -232,9 +232,22 @@ impl NatsServer {
 
     /// Have a server started with [`NatsServer::start_with_config`] take `config` instead,
     /// as nats-server does on SIGHUP (users' permissions change for connected clients too).
+    /// Returns once the server has logged that it reloaded: it does so on its own time,
+    /// and a test that went on at once raced it.
     pub fn reconfigure(&self, config: &str) {
+        const RELOADED: &str = "Reloaded server configuration";
+        let before = self.log().matches(RELOADED).count();
         self.write_config(config);
         self.signal("-HUP");
+        let start = Instant::now();
+        while self.log().matches(RELOADED).count() == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server logged no reload:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// What a server started with [`NatsServer::start_with_config`] has logged so far.
