@@ -599,53 +599,35 @@ pub fn wasmev_command() -> Command {
     command
 }
 
-/// Build a non-Rust example handler with its own `build.sh` (once per test process per
-/// handler, and only when its component is older than its sources) and return its
-/// component.
+/// Build a non-Rust example handler (once per test process per handler) with
+/// `scripts/lib.sh`'s `build_example`, which leaves one newer than its sources as it is,
+/// and return its component.
 ///
-/// Why the freshness check: componentize-py and componentize-js do not build the same
+/// Why through the script: componentize-py and componentize-js do not build the same
 /// bytes twice, so every rebuild was a new component for the artifact cache too. Each test
 /// binary that used one rebuilt and recompiled it, though `./scripts/test` had just built
 /// them all (~20 s of building and ~25 s of compiling per binary on a 2-core machine).
 pub fn foreign_component(handler: &str, file: &str) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let dir = workspace().join("handlers").join(handler);
     let mut built = BUILT.lock().unwrap();
-    if !built.iter().any(|h| h == handler) && !newer_than_sources(&dir, &dir.join(file)) {
-        let status = Command::new(dir.join("build.sh"))
+    if !built.iter().any(|h| h == handler) {
+        let status = Command::new("bash")
+            .args([
+                "-c",
+                r#"source scripts/lib.sh && build_example "$1""#,
+                "bash",
+            ])
+            .arg(handler)
+            .current_dir(workspace())
             .status()
-            .unwrap_or_else(|e| panic!("run handlers/{handler}/build.sh: {e}"));
+            .unwrap_or_else(|e| panic!("run bash to build handlers/{handler}: {e}"));
         assert!(
             status.success(),
-            "handlers/{handler}/build.sh failed; ./scripts/test installs the tools it needs"
+            "building handlers/{handler} failed; ./scripts/test installs the tools it needs"
         );
         built.push(handler.to_string());
     }
-    dir.join(file)
-}
-
-/// Whether `output` exists and was written after every source it is built from: the WIT
-/// and the files of the handler's folder, not what its build fetches or generates there.
-fn newer_than_sources(dir: &Path, output: &Path) -> bool {
-    const GENERATED: [&str; 3] = ["node_modules", "__pycache__", "gen"];
-    let modified = |path: &Path| path.metadata().and_then(|m| m.modified()).ok();
-    let Some(built) = modified(output) else {
-        return false;
-    };
-    let files = |dir: &Path| {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().path())
-            .collect::<Vec<_>>()
-    };
-    let mut sources = files(&workspace().join("wit"));
-    sources.extend(files(dir).into_iter().filter(|path| {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        path != output && !GENERATED.contains(&name)
-    }));
-    sources
-        .iter()
-        .all(|source| modified(source).is_some_and(|m| m <= built))
+    workspace().join("handlers").join(handler).join(file)
 }
 
 /// Host options with the compiled-artifact cache shared by the test run, so large
