@@ -16,8 +16,8 @@ use super::load::{
     nats_baseline, nats_route, on_one_worker, rate_row, throughput, worker_rows,
 };
 use super::{
-    ECHO, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, Server,
-    WINDOW, median, rate, table,
+    ECHO, ECHO_LEAN, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row,
+    Server, WINDOW, median, rate, table,
 };
 
 /// JetStream runs per figure (each stores its events again, then consumes them). Why 3:
@@ -50,6 +50,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         per_event,
         reuse,
         small,
+        lean,
         raw_one,
         per_event_one,
         reuse_one,
@@ -150,6 +151,19 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     rows.push(cpu_row(
         "NATS: worker CPU per event, per-event, 64 KiB stack",
         &Measured::summary(small),
+        &raw_m,
+    ));
+    // And on its imports: the same echo built without std imports no WASI interface, so
+    // a fresh instance has one import to lower instead of two dozen.
+    rows.push(round_row(
+        "NATS: wasmev, per-event, the echo built without std (`bench/echo-lean`: no WASI imports)",
+        lean,
+        raw,
+        "",
+    ));
+    rows.push(cpu_row(
+        "NATS: worker CPU per event, per-event, built without std",
+        &Measured::summary(lean),
         &raw_m,
     ));
 
@@ -263,7 +277,11 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              build (17 wasm pages) has free, so that build grows its memory, and one \
              linked with a 2 MiB initial memory does not; every floor figure has an \
              instance pool of its own, except the plain events that run after the 256 KiB \
-             ones on purpose. {}.\n",
+             ones on purpose. Built without std: the same echo (`bench/echo-lean`, \
+             `no_std`, wit-bindgen directly, wasi-libc's malloc), whose component imports \
+             wasmev's interface and no WASI one, where the std build imports a dozen WASI \
+             interfaces it never calls (std's stderr, wasi-libc's stdio and environment, \
+             exit). {}.\n",
             events / 2,
             Server::version()
         ),
@@ -281,12 +299,13 @@ fn jetstream_mode(mode: &str) -> Option<&'static str> {
 }
 
 /// Who answers `bench.in` on NATS in the throughput rounds, in the order they take turns.
-const CONTENDERS: [Contender; 8] = [
+const CONTENDERS: [Contender; 9] = [
     Contender::Plain,
     Contender::PlainWithHops,
     Contender::Host("per-event", ECHO),
     Contender::Host("reuse", ECHO),
     Contender::Host("per-event", ECHO_SMALL_STACK),
+    Contender::Host("per-event", ECHO_LEAN),
     Contender::OneWorker(&Contender::Plain),
     Contender::OneWorker(&Contender::Host("per-event", ECHO)),
     Contender::OneWorker(&Contender::Host("reuse", ECHO)),
@@ -566,6 +585,13 @@ fn floor_rows(
             "a pool of its own",
             false,
         ),
+        (
+            "the plain event, the echo built without std (`bench/echo-lean`: no WASI imports)",
+            &f.fresh_lean,
+            &f.fresh,
+            "built with std",
+            true,
+        ),
     ] {
         rows.push(Row::new(
             &format!("one thread, no broker I/O: wasmtime alone, fresh instance, {what}"),
@@ -585,6 +611,7 @@ fn floor_rows(
 const FLOOR_MODULES: floor::Modules = floor::Modules {
     echo: ECHO,
     sized: ECHO_SIZED_MEMORY,
+    lean: ECHO_LEAN,
 };
 
 /// One throughput case on its own, repeated for `secs` seconds (for a profiler to attach
@@ -604,8 +631,9 @@ pub async fn one(
              wasmev dispatch per-event {:.2} µs, reuse {:.2} µs; fresh instance, event \
              filling 256 KiB of heap {} (the plain event after it, same pool {}), with a \
              2 MiB initial memory {} (after it {}); plain event with a 2 MiB initial \
-             memory {}; heap allocations per event: fresh instance {:.2} (wasmtime alone), \
-             {:.2} (dispatch), warm call {:.2} (wasmtime alone), {:.2} (dispatch)",
+             memory {}; plain event built without std (no WASI imports) {}; heap \
+             allocations per event: fresh instance {:.2} (wasmtime alone), {:.2} \
+             (dispatch), warm call {:.2} (wasmtime alone), {:.2} (dispatch)",
             f.fresh.phases(),
             f.warm_phases(),
             f.dispatch_fresh,
@@ -615,6 +643,7 @@ pub async fn one(
             f.fresh_sized_scratch.phases(),
             f.fresh_sized_after_scratch.phases(),
             f.fresh_sized.phases(),
+            f.fresh_lean.phases(),
             f.fresh.allocations,
             f.dispatch_fresh_allocations,
             f.warm_call_allocations,
@@ -639,8 +668,13 @@ pub async fn one(
             None,
             Some(memory_baseline(&memory)?),
         ),
-        ("per-event" | "reuse", _) => {
-            let (host, broker) = echo_host(dir.path(), ECHO, mode, url.as_deref(), "").await?;
+        ("per-event" | "reuse" | "per-event-lean", _) => {
+            let (module, instances) = match mode {
+                "per-event-lean" => (ECHO_LEAN, "per-event"),
+                _ => (ECHO, mode),
+            };
+            let (host, broker) =
+                echo_host(dir.path(), module, instances, url.as_deref(), "").await?;
             let route = match (broker, &url) {
                 (Broker::Memory(m), None) => Route::Memory(m),
                 (_, Some(url)) => nats_route(url).await?,
@@ -673,8 +707,9 @@ pub async fn one(
             ));
         }
         _ => bail!(
-            "mode is baseline, baseline-hops (NATS only), per-event, reuse, jetstream, \
-             jetstream-reuse or jetstream-baseline (NATS only), or floor, not {mode:?}"
+            "mode is baseline, baseline-hops (NATS only), per-event, reuse, per-event-lean, \
+             jetstream, jetstream-reuse or jetstream-baseline (NATS only), or floor, not \
+             {mode:?}"
         ),
     };
     let broker = if embedded {

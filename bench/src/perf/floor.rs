@@ -103,6 +103,9 @@ pub struct Floor {
     /// next instance starts with; pages the guest grew are hidden from it instead.
     pub fresh_after_growing: Fresh,
     pub fresh_sized_after_scratch: Fresh,
+    /// The plain event on the echo built without std (`bench/echo-lean`), whose component
+    /// imports no WASI interface: what the std build's imports cost a fresh instance.
+    pub fresh_lean: Fresh,
     /// wasmtime alone: the call on an instance kept from the last event.
     pub warm_call: f64,
     /// The same call for an event the echo handler answers without publishing: the rest
@@ -144,6 +147,8 @@ pub struct Modules {
     pub echo: &'static str,
     /// Linked with a 2 MiB initial memory.
     pub sized: &'static str,
+    /// Built without std: no WASI imports.
+    pub lean: &'static str,
 }
 
 /// Measure the echo handler on a blocking thread with a single-threaded runtime of its
@@ -152,6 +157,7 @@ pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
     let per_event = echo_manifest(dir, modules.echo, "per-event", None, "")?;
     let reuse = echo_manifest(dir, modules.echo, "reuse", None, "")?;
     let sized = echo_manifest(dir, modules.sized, "per-event", None, "")?;
+    let lean = echo_manifest(dir, modules.lean, "per-event", None, "")?;
     tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -163,9 +169,11 @@ pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
                 growing: handler(spec(&per_event)?)?,
                 sized_scratch: handler(spec(&sized)?)?,
                 sized: handler(spec(&sized)?)?,
+                lean: handler(spec(&lean)?)?,
             };
             check_growth(&handlers.growing, true).await?;
             check_growth(&handlers.sized_scratch, false).await?;
+            check_no_wasi(&handlers.fresh, &handlers.lean)?;
             let warm_sync = sync::pre(&handlers.warm)?;
             let mut rounds = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
@@ -180,6 +188,7 @@ pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
                 fresh_sized: fresh(|f| f.fresh_sized),
                 fresh_after_growing: fresh(|f| f.fresh_after_growing),
                 fresh_sized_after_scratch: fresh(|f| f.fresh_sized_after_scratch),
+                fresh_lean: fresh(|f| f.fresh_lean),
                 warm_call: middle(|f| f.warm_call),
                 warm_quiet: middle(|f| f.warm_quiet),
                 warm_quiet_sync: middle(|f| f.warm_quiet_sync),
@@ -227,6 +236,8 @@ struct Handlers {
     sized_scratch: Arc<Handler>,
     /// The same build, for the plain event.
     sized: Arc<Handler>,
+    /// `per-event` from the build without std, for the plain event.
+    lean: Arc<Handler>,
 }
 
 /// The scratch event must grow the default build's memory and not the 2 MiB build's, or
@@ -270,6 +281,40 @@ async fn check_growth(loaded: &Handler, grows: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lean row compares the same echo with and without WASI imports: the std build must
+/// import some, and the lean build nothing but wasmev's own interfaces, or the row prices
+/// something else (a lean build that picked up a std dependency, or a toolchain whose std
+/// stopped importing them).
+fn check_no_wasi(std_build: &Handler, lean: &Handler) -> anyhow::Result<()> {
+    let wasi = |handler: &Handler| -> Vec<String> {
+        let component = handler.pre.instance_pre().component();
+        let engine = handler.pre.engine();
+        component
+            .component_type()
+            .imports(engine)
+            .map(|(name, _)| name.to_string())
+            .filter(|name| !name.starts_with("wasmev:"))
+            .collect()
+    };
+    let (std_imports, lean_imports) = (wasi(std_build), wasi(lean));
+    if std_imports.is_empty() {
+        anyhow::bail!(
+            "the floor's lean row needs the std echo ({}) to import WASI interfaces, and it \
+             imports none: the row would compare two equal builds",
+            std_build.spec.module.display()
+        );
+    }
+    if !lean_imports.is_empty() {
+        anyhow::bail!(
+            "the echo built without std ({}) imports {}: it should import wasmev's \
+             interfaces only; rebuild it with ./scripts/bench",
+            lean.spec.module.display(),
+            lean_imports.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Bytes in a wasm page.
 const WASM_PAGE: u64 = 64 << 10;
 
@@ -282,6 +327,7 @@ async fn round(handlers: &Handlers, warm_sync: &sync::HandlerPre<State>) -> anyh
         growing,
         sized_scratch,
         sized,
+        lean,
     } = handlers;
     // These three give an allocation count beside their time, so they are taken first,
     // before the fresh-instance figures (until the counts came, they ran after them). The
@@ -297,6 +343,7 @@ async fn round(handlers: &Handlers, warm_sync: &sync::HandlerPre<State>) -> anyh
         fresh_sized_scratch: wasmtime_fresh(sized_scratch, SCRATCH).await?,
         fresh_sized_after_scratch: wasmtime_fresh(sized_scratch, IN).await?,
         fresh_sized: wasmtime_fresh(sized, IN).await?,
+        fresh_lean: wasmtime_fresh(lean, IN).await?,
         warm_call,
         warm_quiet: wasmtime_warm(warm, QUIET).await?.0,
         warm_quiet_sync: sync::quiet(warm, warm_sync)?,

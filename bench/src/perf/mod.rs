@@ -42,6 +42,10 @@ const ECHO_SMALL_STACK: &str = "target/echo-64k-stack/wasm32-wasip2/release/benc
 /// room for the 256 KiB its `bench.scratch` events fill, which the default build grows its
 /// memory for (`./scripts/bench` builds it too).
 const ECHO_SIZED_MEMORY: &str = "target/echo-2m-memory/wasm32-wasip2/release/bench_echo.wasm";
+/// The same echo without Rust's standard library (`bench/echo-lean`): it imports wasmev's
+/// `publisher` and no WASI interface, where the std build imports a dozen, so a fresh
+/// instance lowers one import instead of two dozen (`./scripts/bench` builds it too).
+const ECHO_LEAN: &str = "target/wasm32-wasip2/release/bench_echo_lean.wasm";
 
 /// A nats-server of our own on a free loopback port, killed on drop.
 pub struct Server {
