@@ -26,12 +26,35 @@
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` under
 //! `target/wasm32-wasip2/release/` is the component to name in `runtime.toml`.
+//!
+//! # Without std
+//!
+//! With `default-features = false` the SDK is `no_std` (it needs `alloc` only) and supplies
+//! what std would: the heap (wasi-libc's `malloc`), the canonical ABI's `cabi_realloc`, and
+//! a panic handler that traps (the host reports the trap). A `#![no_std]` handler crate
+//! whose dependencies are all `no_std` then builds a component that imports wasmev's
+//! interfaces and no WASI one, which makes every fresh instance cheaper. A dependency that
+//! brings std back fails the build with "duplicate lang item `panic_impl`".
 
-use std::fmt;
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use core::fmt;
+
+#[cfg(not(feature = "std"))]
+mod no_std;
+
+/// `format!` for the logging macros, which expand in crates that may be `no_std`.
+#[doc(hidden)]
+pub use alloc::format as __format;
 
 /// Generated bindings for the `wasmev:events/handler` world. Handler authors should not
 /// need anything from here directly; it is public because [`export_handler!`] expands to it.
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // wit-bindgen's generated glue
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
@@ -79,7 +102,7 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl core::error::Error for Error {}
 
 fn describe_publish_error(e: &PublishError) -> String {
     match e {
@@ -123,7 +146,7 @@ impl Event {
 
     /// The payload as UTF-8 text.
     pub fn text(&self) -> Result<&str, Error> {
-        std::str::from_utf8(&self.payload).map_err(|e| Error::Decode(e.to_string()))
+        core::str::from_utf8(&self.payload).map_err(|e| Error::Decode(e.to_string()))
     }
 
     /// The first value of header `name` (case-sensitive, as NATS headers are).
@@ -166,7 +189,7 @@ pub fn reply_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<(), Error> 
 pub fn request(
     subject: &str,
     payload: &[u8],
-    timeout: std::time::Duration,
+    timeout: core::time::Duration,
 ) -> Result<Response, RequestError> {
     let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
     bindings::wasmev::events::publisher::request(subject, payload, &[], ms)
@@ -192,16 +215,16 @@ pub fn log(level: Level, message: &str) {
 
 /// Log at trace level, `format!`-style.
 #[macro_export]
-macro_rules! trace { ($($arg:tt)*) => { $crate::log($crate::Level::Trace, &format!($($arg)*)) }; }
+macro_rules! trace { ($($arg:tt)*) => { $crate::log($crate::Level::Trace, &$crate::__format!($($arg)*)) }; }
 /// Log at debug level, `format!`-style.
 #[macro_export]
-macro_rules! debug { ($($arg:tt)*) => { $crate::log($crate::Level::Debug, &format!($($arg)*)) }; }
+macro_rules! debug { ($($arg:tt)*) => { $crate::log($crate::Level::Debug, &$crate::__format!($($arg)*)) }; }
 /// Log at info level, `format!`-style.
 #[macro_export]
-macro_rules! info { ($($arg:tt)*) => { $crate::log($crate::Level::Info, &format!($($arg)*)) }; }
+macro_rules! info { ($($arg:tt)*) => { $crate::log($crate::Level::Info, &$crate::__format!($($arg)*)) }; }
 /// Log at warn level, `format!`-style.
 #[macro_export]
-macro_rules! warn { ($($arg:tt)*) => { $crate::log($crate::Level::Warn, &format!($($arg)*)) }; }
+macro_rules! warn { ($($arg:tt)*) => { $crate::log($crate::Level::Warn, &$crate::__format!($($arg)*)) }; }
 /// Log at error level, `format!`-style.
 #[macro_export]
-macro_rules! error { ($($arg:tt)*) => { $crate::log($crate::Level::Error, &format!($($arg)*)) }; }
+macro_rules! error { ($($arg:tt)*) => { $crate::log($crate::Level::Error, &$crate::__format!($($arg)*)) }; }

@@ -1,6 +1,7 @@
 //! `instances = "reuse"`: warm instances serve event after event (guest state survives
 //! between events), are recycled after `recycle_after` events, are dropped after a trap,
-//! and never cross versions on a hot swap. `per-event` (the default) never shares one.
+//! and never cross versions on a hot swap. `per-event` (the default) never shares one. A
+//! handler built without std, whose fresh instances are cheaper, runs as any other.
 
 mod common;
 
@@ -184,4 +185,48 @@ async fn events_taken_together_still_run_concurrently() {
         }
         host.stop().await.unwrap();
     }
+}
+
+/// The SDK without its `std` feature: the component imports wasmev's interfaces and no
+/// WASI one (what makes its fresh instances cheaper; the std-built chaos handler imports
+/// a dozen), and it handles events as the std build does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_built_without_std_imports_no_wasi_and_handles_events() {
+    let module = no_std_echo();
+    let imports = component_imports(&module);
+    let outside: Vec<&String> = imports
+        .iter()
+        .filter(|name| !name.starts_with("wasmev:events/"))
+        .collect();
+    assert!(outside.is_empty(), "imports outside wasmev's: {outside:?}");
+    assert!(
+        component_imports(&component("chaos"))
+            .iter()
+            .any(|name| name.starts_with("wasi:")),
+        "the std build should import WASI, or this test compares nothing"
+    );
+
+    let (_dir, m) = manifest(&format!(
+        "version = 1\n[[handler]]\nname = \"echo\"\nmodule = {:?}\n\
+         subscribe = [\"bench.in\"]\npublish = [\"bench.out\"]\n",
+        module.display().to_string()
+    ));
+    let host = TestHost::start(&m).await;
+    let mut out = host
+        .broker
+        .subscribe(&wasmev::subject::Pattern::new("bench.out").unwrap(), None)
+        .await
+        .unwrap();
+    let wasmev::broker::Broker::Memory(broker) = &host.broker else {
+        panic!("embedded broker expected");
+    };
+    for payload in ["first", "second"] {
+        broker
+            .publish("bench.in", None, &[], Bytes::from(payload))
+            .await
+            .unwrap();
+        let echoed = within("the echo", WAIT, out.next()).await.unwrap();
+        assert_eq!(echoed.payload, payload.as_bytes());
+    }
+    host.stop().await.unwrap();
 }

@@ -83,6 +83,37 @@ pub fn small_stack_component(crate_name: &str) -> PathBuf {
     path
 }
 
+/// The echo handler built with the SDK's `std` feature off (`bench/echo-lean`), in a cargo
+/// call of its own: built with the std crates in one call, it would have wit-bindgen's and
+/// the SDK's features unified back to std.
+pub fn no_std_echo() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
+            .args(["-p", "bench-echo-lean"])
+            .status()
+            .expect("run cargo to build the no_std guest");
+        assert!(status.success(), "building the no_std guest failed");
+    });
+    let path = workspace().join("target/wasm32-wasip2/release/bench_echo_lean.wasm");
+    assert!(path.is_file(), "no component at {}", path.display());
+    path
+}
+
+/// The interfaces `module`'s component imports, by name.
+pub fn component_imports(module: &Path) -> Vec<String> {
+    let engine = wasmtime::Engine::default();
+    let component = wasmtime::component::Component::from_file(&engine, module).unwrap();
+    component
+        .component_type()
+        .imports(&engine)
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
 /// Poll `check` until it returns `Some`, or panic after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
