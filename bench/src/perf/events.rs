@@ -278,7 +278,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              linked with a 2 MiB initial memory does not; every floor figure has an \
              instance pool of its own, except the plain events that run after the 256 KiB \
              ones on purpose. Built without std: the same echo (`bench/echo-lean`, \
-             `no_std`, wit-bindgen directly, wasi-libc's malloc), whose component imports \
+             `no_std` through the SDK without its `std` feature), whose component imports \
              wasmev's interface and no WASI one, where the std build imports a dozen WASI \
              interfaces it never calls (std's stderr, wasi-libc's stdio and environment, \
              exit). {}.\n",
