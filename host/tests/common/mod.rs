@@ -23,25 +23,35 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo build --release --target wasm32-wasip2` of `packages`, from the workspace root;
+/// the caller adds what else the build needs and runs it.
+fn cargo_wasm(packages: &[&str]) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(workspace());
+    command.args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"]);
+    for package in packages {
+        command.args(["-p", package]);
+    }
+    command
+}
+
+/// `crate_name`'s component in the release output of the wasm target under `target`,
+/// which must be there.
+fn built_component(target: &Path, crate_name: &str) -> PathBuf {
+    let path = target
+        .join("wasm32-wasip2/release")
+        .join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(path.is_file(), "no component at {}", path.display());
+    path
+}
+
 /// Build every guest this test suite uses (once per test process) and return the path of
 /// `crate_name`'s component. Cargo makes this a no-op when nothing changed.
 pub fn component(crate_name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace())
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
-            .args([
-                "-p",
-                "email-sender",
-                "-p",
-                "audit-log",
-                "-p",
-                "chaos",
-                "-p",
-                "wrong-world",
-            ])
+        let status = cargo_wasm(&["email-sender", "audit-log", "chaos", "wrong-world"])
             .status()
             .expect("run cargo to build the guest components");
         assert!(
@@ -50,11 +60,7 @@ pub fn component(crate_name: &str) -> PathBuf {
              (rustup target add wasm32-wasip2)"
         );
     });
-    let path = workspace()
-        .join("target/wasm32-wasip2/release")
-        .join(format!("{}.wasm", crate_name.replace('-', "_")));
-    assert!(path.is_file(), "no component at {}", path.display());
-    path
+    built_component(&workspace().join("target"), crate_name)
 }
 
 /// `crate_name`'s component linked with a 64 KiB shadow stack instead of Rust's 1 MiB
@@ -64,23 +70,15 @@ pub fn small_stack_component(crate_name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let target = workspace().join("target/small-stack");
     BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace())
+        let status = cargo_wasm(&["chaos"])
             .env("CARGO_TARGET_DIR", &target)
             .env("RUSTFLAGS", "-C link-arg=-zstack-size=65536")
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
-            .args(["-p", "chaos"])
             .status()
             .expect("run cargo to build the small-stack guest");
         assert!(status.success(), "building the small-stack guest failed");
     });
-    let path = target
-        .join("wasm32-wasip2/release")
-        .join(format!("{}.wasm", crate_name.replace('-', "_")));
-    assert!(path.is_file(), "no component at {}", path.display());
-    path
+    built_component(&target, crate_name)
 }
 
 /// The echo handler built with the SDK's `std` feature off (`bench/echo-lean`), in a cargo
@@ -89,18 +87,12 @@ pub fn small_stack_component(crate_name: &str) -> PathBuf {
 pub fn no_std_echo() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace())
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
-            .args(["-p", "bench-echo-lean"])
+        let status = cargo_wasm(&["bench-echo-lean"])
             .status()
             .expect("run cargo to build the no_std guest");
         assert!(status.success(), "building the no_std guest failed");
     });
-    let path = workspace().join("target/wasm32-wasip2/release/bench_echo_lean.wasm");
-    assert!(path.is_file(), "no component at {}", path.display());
-    path
+    built_component(&workspace().join("target"), "bench-echo-lean")
 }
 
 /// The interfaces `module`'s component imports, by name.
