@@ -57,22 +57,17 @@ unsafe impl GlobalAlloc for LibcAlloc {
 static ALLOCATOR: LibcAlloc = LibcAlloc;
 
 /// The canonical ABI's allocator: the host calls it to place an event's strings and
-/// payload, and the replies of imports, in this instance's memory. (With std,
-/// wit-bindgen's `realloc` feature supplies it.)
-#[unsafe(no_mangle)]
-unsafe extern "C" fn cabi_realloc(ptr: *mut u8, old: usize, align: usize, new: usize) -> *mut u8 {
-    // SAFETY: the canonical ABI passes a power-of-two alignment, and an old pointer and
-    // size that this function returned.
-    unsafe {
-        if old == 0 {
-            if new == 0 {
-                return align as *mut u8;
-            }
-            alloc::alloc::alloc(Layout::from_size_align_unchecked(new, align))
-        } else {
-            alloc::alloc::realloc(ptr, Layout::from_size_align_unchecked(old, align), new)
-        }
-    }
+/// payload, and the replies of imports, in this instance's memory. wasi-libc defines it
+/// (on `malloc` and `realloc`, as above); this reference keeps the linker from dropping
+/// it, as wit-bindgen's `maybe_link_cabi_realloc` does where it supplies its own. (With
+/// std, std's own use of wasi-libc links it.)
+#[used]
+static LINK_CABI_REALLOC: unsafe extern "C" fn(*mut u8, usize, usize, usize) -> *mut u8 =
+    cabi_realloc;
+
+#[link(name = "c")]
+unsafe extern "C" {
+    fn cabi_realloc(ptr: *mut u8, old: usize, align: usize, new: usize) -> *mut u8;
 }
 
 /// A panic traps: the host reports the trap and retries or dead-letters the event. The

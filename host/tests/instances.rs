@@ -212,21 +212,22 @@ async fn a_handler_built_without_std_imports_no_wasi_and_handles_events() {
         module.display().to_string()
     ));
     let host = TestHost::start(&m).await;
-    let mut out = host
-        .broker
-        .subscribe(&wasmev::subject::Pattern::new("bench.out").unwrap(), None)
-        .await
-        .unwrap();
+    let pattern = wasmev::subject::Pattern::new("bench.out").unwrap();
+    let mut out = within(
+        "the subscription",
+        WAIT,
+        host.broker.subscribe(&pattern, None),
+    )
+    .await
+    .unwrap();
     let wasmev::broker::Broker::Memory(broker) = &host.broker else {
         panic!("embedded broker expected");
     };
     for payload in ["first", "second"] {
-        broker
-            .publish("bench.in", None, &[], Bytes::from(payload))
-            .await
-            .unwrap();
+        let sent = broker.publish("bench.in", None, &[], Bytes::from(payload));
+        within("the publish", WAIT, sent).await.unwrap();
         let echoed = within("the echo", WAIT, out.next()).await.unwrap();
         assert_eq!(echoed.payload, payload.as_bytes());
     }
-    host.stop().await.unwrap();
+    within("the host to stop", WAIT, host.stop()).await.unwrap();
 }
