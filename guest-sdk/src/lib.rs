@@ -31,10 +31,12 @@
 //!
 //! With `default-features = false` the SDK is `no_std` (it needs `alloc` only) and supplies
 //! what std would: the heap (wasi-libc's `malloc`), the canonical ABI's `cabi_realloc`, and
-//! a panic handler that traps (the host reports the trap). A `#![no_std]` handler crate
-//! whose dependencies are all `no_std` then builds a component that imports wasmev's
-//! interfaces and no WASI one, which makes every fresh instance cheaper. A dependency that
-//! brings std back fails the build with "duplicate lang item `panic_impl`".
+//! a panic handler that logs the message and location at error level (through the `log`
+//! import, where std would print them to stderr) and traps (the host reports the trap).
+//! A `#![no_std]` handler crate whose dependencies are all `no_std` then builds a component
+//! that imports wasmev's interfaces and no WASI one, which makes every fresh instance
+//! cheaper. A dependency that brings std back fails the build with "duplicate lang item
+//! `panic_impl`".
 
 #![cfg_attr(not(feature = "std"), no_std)]
 

@@ -1,5 +1,5 @@
 //! What std supplies a component and a `no_std` one must get elsewhere: a heap, the
-//! canonical ABI's allocator entry, and a panic handler.
+//! canonical ABI's allocator entry, and a panic handler that reports the message.
 
 use core::alloc::{GlobalAlloc, Layout};
 
@@ -70,10 +70,63 @@ unsafe extern "C" {
     fn cabi_realloc(ptr: *mut u8, old: usize, align: usize, new: usize) -> *mut u8;
 }
 
-/// A panic traps: the host reports the trap and retries or dead-letters the event. The
-/// message is lost (printing it is what std's WASI imports are for).
+/// A panic logs its message and location at error level through wasmev's `log` import
+/// (std prints it to stderr, which a `no_std` handler does not import), then traps: the
+/// host reports the trap and retries or dead-letters the event.
 #[cfg(target_arch = "wasm32")]
 #[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    use core::fmt::Write;
+    use core::sync::atomic::{AtomicBool, Ordering};
+
+    // A panic while logging one (a `Display` impl that panics, say) traps at once.
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if !PANICKING.swap(true, Ordering::Relaxed) {
+        let mut line = Line::default();
+        let _ = write!(line, "panicked");
+        if let Some(at) = info.location() {
+            let _ = write!(line, " at {at}");
+        }
+        let _ = write!(line, ": {}", info.message());
+        crate::log(crate::Level::Error, line.as_str());
+    }
     core::arch::wasm32::unreachable()
+}
+
+/// A panic's log line, formatted on the stack: the panic may be the allocator's, so it
+/// must not allocate. What does not fit is cut at a character boundary.
+struct Line {
+    bytes: [u8; Line::CAP],
+    len: usize,
+}
+
+impl Line {
+    /// The host cuts a guest's log line at 4 KiB; a panic message is rarely near 1 KiB.
+    const CAP: usize = 1024;
+
+    fn as_str(&self) -> &str {
+        // Only whole characters of `str`s are ever copied in.
+        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line {
+            bytes: [0; Line::CAP],
+            len: 0,
+        }
+    }
+}
+
+impl core::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let mut n = s.len().min(Line::CAP - self.len);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.bytes[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
 }

@@ -332,6 +332,51 @@ fn what_a_guest_prints_reaches_the_log_once_per_event() {
     );
 }
 
+/// A handler built without std has no stderr to print a panic on; the SDK's panic handler
+/// logs the message and location through wasmev's `log` import instead, then traps.
+#[test]
+fn a_no_std_handlers_panic_message_reaches_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = run_until_healthy(
+        dir.path(),
+        port,
+        &format!(
+            "[[handler]]\nname = \"lean\"\nmodule = {:?}\nsubscribe = [\"lean.in\"]\n",
+            no_std_component("no-std-panic").display().to_string()
+        ),
+    );
+    let admin = format!("http://127.0.0.1:{port}");
+    let out = wasmev(
+        &["publish", "--admin", &admin, "lean.in", "order 7"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let start = Instant::now();
+    while !metrics(port).contains(r#"wasmev_events_failed_total{handler="lean",reason="trap"} 1"#) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            metrics(port)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, stderr) = terminate(child);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
+    let logged: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(r#"no_std handler refused "order 7""#))
+        .collect();
+    assert_eq!(logged.len(), 1, "{stderr}");
+    assert!(
+        logged[0].contains("ERROR")
+            && logged[0].contains("handler=lean")
+            && logged[0].contains("panicked at host/tests/fixtures/no-std-panic/src/lib.rs:"),
+        "{}",
+        logged[0]
+    );
+}
+
 /// The admin endpoint's metrics text.
 fn metrics(port: u16) -> String {
     http_get(port, "/metrics").expect("the admin endpoint answers")

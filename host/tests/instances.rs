@@ -192,7 +192,7 @@ async fn events_taken_together_still_run_concurrently() {
 /// a dozen), and it handles events as the std build does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_built_without_std_imports_no_wasi_and_handles_events() {
-    let module = no_std_echo();
+    let module = no_std_component("bench-echo-lean");
     let imports = component_imports(&module);
     let outside: Vec<&String> = imports
         .iter()

@@ -81,18 +81,18 @@ pub fn small_stack_component(crate_name: &str) -> PathBuf {
     built_component(&target, crate_name)
 }
 
-/// The echo handler built with the SDK's `std` feature off (`bench/echo-lean`), in a cargo
-/// call of its own: built with the std crates in one call, it would have wit-bindgen's and
-/// the SDK's features unified back to std.
-pub fn no_std_echo() -> PathBuf {
+/// A guest built with the SDK's `std` feature off: `bench-echo-lean` (the echo) or
+/// `no-std-panic`. They are built in a cargo call of their own: built with the std crates
+/// in one call, they would have wit-bindgen's and the SDK's features unified back to std.
+pub fn no_std_component(crate_name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let status = cargo_wasm(&["bench-echo-lean"])
+        let status = cargo_wasm(&["bench-echo-lean", "no-std-panic"])
             .status()
-            .expect("run cargo to build the no_std guest");
-        assert!(status.success(), "building the no_std guest failed");
+            .expect("run cargo to build the no_std guests");
+        assert!(status.success(), "building the no_std guests failed");
     });
-    built_component(&workspace().join("target"), "bench-echo-lean")
+    built_component(&workspace().join("target"), crate_name)
 }
 
 /// The interfaces `module`'s component imports, by name.
