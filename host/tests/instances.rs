@@ -31,24 +31,25 @@ async fn start(extra: &str) -> (tempfile::TempDir, TestHost, wasmev::broker::Sub
     );
     let (dir, m) = manifest(&toml);
     let host = TestHost::start(&m).await;
-    let results = host
-        .broker
-        .subscribe(
-            &wasmev::subject::Pattern::new("chaos.result").unwrap(),
-            None,
-        )
-        .await
-        .unwrap();
+    let pattern = wasmev::subject::Pattern::new("chaos.result").unwrap();
+    let results = within(
+        "the results subscription",
+        WAIT,
+        host.broker.subscribe(&pattern, None),
+    )
+    .await
+    .unwrap();
     (dir, host, results)
 }
 
+/// Publish `op` to the chaos handler. The embedded broker's publish waits while the
+/// handler's buffer is full; bounded, so a stuck host fails the test instead of hanging it.
 async fn send(host: &TestHost, op: &str) {
     let wasmev::broker::Broker::Memory(b) = &host.broker else {
         panic!("embedded broker expected");
     };
-    b.publish("chaos.in", None, &[], Bytes::from(op.to_string()))
-        .await
-        .unwrap();
+    let sent = b.publish("chaos.in", None, &[], Bytes::from(op.to_string()));
+    within("the publish", WAIT, sent).await.unwrap();
 }
 
 /// Send `n` count events one after the other and return the counts the instances saw.
