@@ -267,13 +267,7 @@ async fn check_growth(loaded: &Handler, grows: bool) -> anyhow::Result<()> {
     // memory overrun.
     let grew = store.data().memory_denied;
     if grew != grows {
-        anyhow::bail!(
-            "the floor needs an event on {SCRATCH} to {} the initial memory of {} ({pages} \
-             pages), and it {}: rebuild the echo handlers with ./scripts/bench",
-            if grows { "outgrow" } else { "fit in" },
-            loaded.spec.module.display(),
-            if grew { "grew it" } else { "did not grow it" },
-        );
+        anyhow::bail!(growth_mismatch(&loaded.spec.module, pages, grows));
     }
     if !grew {
         answered(answer?)?;
@@ -281,12 +275,24 @@ async fn check_growth(loaded: &Handler, grows: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why the floor cannot run when the event on [`SCRATCH`] was to outgrow (`grows`) or fit
+/// in the `pages` of `module`'s initial memory, and did the other.
+fn growth_mismatch(module: &Path, pages: u64, grows: bool) -> String {
+    format!(
+        "the floor needs an event on {SCRATCH} to {} the initial memory of {} ({pages} \
+         pages), and it {}: rebuild the echo handlers with ./scripts/bench",
+        if grows { "outgrow" } else { "fit in" },
+        module.display(),
+        if grows { "did not grow it" } else { "grew it" },
+    )
+}
+
 /// The lean row compares the same echo with and without WASI imports: the std build must
 /// import some, and the lean build nothing but wasmev's own interfaces, or the row prices
 /// something else (a lean build that picked up a std dependency, or a toolchain whose std
 /// stopped importing them).
 fn check_no_wasi(std_build: &Handler, lean: &Handler) -> anyhow::Result<()> {
-    let wasi = |handler: &Handler| -> Vec<String> {
+    let foreign = |handler: &Handler| -> Vec<String> {
         let component = handler.pre.instance_pre().component();
         let engine = handler.pre.engine();
         component
@@ -296,23 +302,38 @@ fn check_no_wasi(std_build: &Handler, lean: &Handler) -> anyhow::Result<()> {
             .filter(|name| !name.starts_with("wasmev:"))
             .collect()
     };
-    let (std_imports, lean_imports) = (wasi(std_build), wasi(lean));
+    let (std_imports, lean_imports) = (foreign(std_build), foreign(lean));
+    match lean_row_problem(
+        (&std_build.spec.module, &std_imports),
+        (&lean.spec.module, &lean_imports),
+    ) {
+        Some(problem) => anyhow::bail!(problem),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with the lean row's two builds, each a module and the interfaces it
+/// imports besides wasmev's; `None` when the std build imports some and the lean none.
+fn lean_row_problem(
+    (std_module, std_imports): (&Path, &[String]),
+    (lean_module, lean_imports): (&Path, &[String]),
+) -> Option<String> {
     if std_imports.is_empty() {
-        anyhow::bail!(
+        return Some(format!(
             "the floor's lean row needs the std echo ({}) to import WASI interfaces, and it \
              imports none: the row would compare two equal builds",
-            std_build.spec.module.display()
-        );
+            std_module.display()
+        ));
     }
     if !lean_imports.is_empty() {
-        anyhow::bail!(
+        return Some(format!(
             "the echo built without std ({}) imports {}: it should import wasmev's \
              interfaces only; rebuild it with ./scripts/bench",
-            lean.spec.module.display(),
+            lean_module.display(),
             lean_imports.join(", ")
-        );
+        ));
     }
-    Ok(())
+    None
 }
 
 /// Bytes in a wasm page.
@@ -617,4 +638,34 @@ fn per_event(spent: Duration, events: u32) -> f64 {
 /// Mean heap allocations per event.
 fn per_event_count(allocated: u64, events: u32) -> f64 {
     allocated as f64 / f64::from(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lean_rows_checks_name_the_build_and_its_imports() {
+        let (std_echo, lean) = (Path::new("echo.wasm"), Path::new("echo_lean.wasm"));
+        let wasi = [
+            "wasi:cli/stderr@0.2.6".to_string(),
+            "wasi:cli/exit@0.2.6".into(),
+        ];
+        assert_eq!(lean_row_problem((std_echo, &wasi), (lean, &[])), None);
+        insta::assert_snapshot!(
+            lean_row_problem((std_echo, &[]), (lean, &[])).unwrap(),
+            @"the floor's lean row needs the std echo (echo.wasm) to import WASI interfaces, and it imports none: the row would compare two equal builds"
+        );
+        insta::assert_snapshot!(
+            lean_row_problem((std_echo, &wasi), (lean, &wasi)).unwrap(),
+            @"the echo built without std (echo_lean.wasm) imports wasi:cli/stderr@0.2.6, wasi:cli/exit@0.2.6: it should import wasmev's interfaces only; rebuild it with ./scripts/bench"
+        );
+    }
+
+    #[test]
+    fn a_growth_mismatch_says_which_way_and_what_to_rebuild() {
+        let echo = Path::new("target/wasm32-wasip2/release/bench_echo.wasm");
+        insta::assert_snapshot!(growth_mismatch(echo, 17, true), @"the floor needs an event on bench.scratch to outgrow the initial memory of target/wasm32-wasip2/release/bench_echo.wasm (17 pages), and it did not grow it: rebuild the echo handlers with ./scripts/bench");
+        insta::assert_snapshot!(growth_mismatch(echo, 32, false), @"the floor needs an event on bench.scratch to fit in the initial memory of target/wasm32-wasip2/release/bench_echo.wasm (32 pages), and it grew it: rebuild the echo handlers with ./scripts/bench");
+    }
 }
