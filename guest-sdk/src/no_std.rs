@@ -105,8 +105,11 @@ impl Line {
     const CAP: usize = 1024;
 
     fn as_str(&self) -> &str {
-        // Only whole characters of `str`s are ever copied in.
-        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+        // Only whole characters of `str`s are ever copied in; were one cut anyway, the
+        // text up to it is still the message.
+        let bytes = &self.bytes[..self.len];
+        core::str::from_utf8(bytes)
+            .unwrap_or_else(|e| core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default())
     }
 }
 

@@ -333,7 +333,8 @@ fn what_a_guest_prints_reaches_the_log_once_per_event() {
 }
 
 /// A handler built without std has no stderr to print a panic on; the SDK's panic handler
-/// logs the message and location through wasmev's `log` import instead, then traps.
+/// logs the message and location through wasmev's `log` import instead, then traps. It
+/// formats on the stack, into 1 KiB: a longer message is cut at a character boundary.
 #[test]
 fn a_no_std_handlers_panic_message_reaches_the_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -347,13 +348,18 @@ fn a_no_std_handlers_panic_message_reaches_the_log() {
         ),
     );
     let admin = format!("http://127.0.0.1:{port}");
-    let out = wasmev(
-        &["publish", "--admin", &admin, "lean.in", "order 7"],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{out:?}");
+    // Three bytes a character: whatever the message's prefix, a cut at byte 1024 that
+    // ignored boundaries would split one two times in three.
+    let long = "€".repeat(400);
+    for payload in ["order 7", &long] {
+        let out = wasmev(
+            &["publish", "--admin", &admin, "lean.in", payload],
+            dir.path(),
+        );
+        assert!(out.status.success(), "{out:?}");
+    }
     let start = Instant::now();
-    while !metrics(port).contains(r#"wasmev_events_failed_total{handler="lean",reason="trap"} 1"#) {
+    while !metrics(port).contains(r#"wasmev_events_failed_total{handler="lean",reason="trap"} 2"#) {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "{}",
@@ -363,17 +369,24 @@ fn a_no_std_handlers_panic_message_reaches_the_log() {
     }
     let (code, stderr) = terminate(child);
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
-    let logged: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains(r#"no_std handler refused "order 7""#))
-        .collect();
-    assert_eq!(logged.len(), 1, "{stderr}");
+    let logged = |text: &str| -> &str {
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(text)).collect();
+        assert_eq!(lines.len(), 1, "{text}: {stderr}");
+        lines[0]
+    };
+    let short = logged(r#"no_std handler refused "order 7""#);
     assert!(
-        logged[0].contains("ERROR")
-            && logged[0].contains("handler=lean")
-            && logged[0].contains("panicked at host/tests/fixtures/no-std-panic/src/lib.rs:"),
-        "{}",
-        logged[0]
+        short.contains("ERROR")
+            && short.contains("handler=lean")
+            && short.contains("panicked at host/tests/fixtures/no-std-panic/src/lib.rs:"),
+        "{short}"
+    );
+    let cut = logged(r#"no_std handler refused "€€€"#);
+    let message = &cut[cut.find("panicked at").unwrap()..cut.rfind('€').unwrap() + '€'.len_utf8()];
+    assert!(
+        (1024 - 2..=1024).contains(&message.len()) && !cut.contains('\u{FFFD}'),
+        "{} bytes: {cut}",
+        message.len()
     );
 }
 
