@@ -309,15 +309,7 @@ fn what_a_guest_prints_reaches_the_log_once_per_event() {
         assert!(out.status.success(), "{out:?}");
     }
     // The second event prints nothing; wait until both are counted.
-    let start = Instant::now();
-    while !metrics(port).contains("wasmev_events_ok_total{handler=\"chaos\"} 2") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{}",
-            metrics(port)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_metric(port, r#"wasmev_events_ok_total{handler="chaos"} 2"#);
     let (code, stderr) = terminate(child);
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
     let printed: Vec<&str> = stderr
@@ -358,15 +350,10 @@ fn a_no_std_handlers_panic_message_reaches_the_log() {
         );
         assert!(out.status.success(), "{out:?}");
     }
-    let start = Instant::now();
-    while !metrics(port).contains(r#"wasmev_events_failed_total{handler="lean",reason="trap"} 2"#) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{}",
-            metrics(port)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_metric(
+        port,
+        r#"wasmev_events_failed_total{handler="lean",reason="trap"} 2"#,
+    );
     let (code, stderr) = terminate(child);
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
     let logged = |text: &str| -> &str {
@@ -393,4 +380,17 @@ fn a_no_std_handlers_panic_message_reaches_the_log() {
 /// The admin endpoint's metrics text.
 fn metrics(port: u16) -> String {
     http_get(port, "/metrics").expect("the admin endpoint answers")
+}
+
+/// Poll the admin endpoint until its metrics text has `line`, for at most 10 s.
+fn wait_for_metric(port: u16, line: &str) {
+    let start = Instant::now();
+    while !metrics(port).contains(line) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {line:?} in:\n{}",
+            metrics(port)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
