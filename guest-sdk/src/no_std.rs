@@ -79,7 +79,8 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     use core::fmt::Write;
     use core::sync::atomic::{AtomicBool, Ordering};
 
-    // A panic while logging one (a `Display` impl that panics, say) traps at once.
+    // A panic while logging one (a `Display` impl that panics, say) traps at once. Never
+    // cleared: the host drops an instance that trapped, in either `instances` mode.
     static PANICKING: AtomicBool = AtomicBool::new(false);
     if !PANICKING.swap(true, Ordering::Relaxed) {
         let mut line = Line::default();
@@ -101,7 +102,9 @@ struct Line {
 }
 
 impl Line {
-    /// The host cuts a guest's log line at 4 KiB; a panic message is rarely near 1 KiB.
+    /// Less than the host's 4 KiB cut of a guest's log line: the buffer is on the shadow
+    /// stack, which a `per-event` handler may link as small as 64 KiB (the README's
+    /// "Instances"), and a panic message is rarely near 1 KiB.
     const CAP: usize = 1024;
 
     fn as_str(&self) -> &str {
