@@ -154,7 +154,8 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         &raw_m,
     ));
     // And on its imports: the same echo built without std imports no WASI interface, so
-    // a fresh instance has one import to lower instead of two dozen.
+    // a fresh instance lowers wasmev's two (publish, and log for a panic) instead of two
+    // dozen.
     rows.push(round_row(
         "NATS: wasmev, per-event, the echo built without std (`bench/echo-lean`: no WASI imports)",
         lean,
@@ -279,7 +280,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              instance pool of its own, except the plain events that run after the 256 KiB \
              ones on purpose. Built without std: the same echo (`bench/echo-lean`, \
              `no_std` through the SDK without its `std` feature), whose component imports \
-             wasmev's interface and no WASI one, where the std build imports a dozen WASI \
+             wasmev's interfaces and no WASI one, where the std build imports a dozen WASI \
              interfaces it never calls (std's stderr, wasi-libc's stdio and environment, \
              exit). {}.\n",
             events / 2,
