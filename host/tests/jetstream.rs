@@ -440,35 +440,40 @@ async fn messages_jetstream_gives_up_on_unsettled_are_dead_lettered() {
     // message handled in a delivery whose ack the dropped connection lost is delivered
     // again (at least once), and may be handled twice, or handled and then given up on.
     let stored = N as u64 + 2;
-    let start = Instant::now();
-    loop {
-        let dead: HashSet<u64> = read_all(&js, "DLQ")
-            .await
-            .iter()
-            .map(|letter| header(letter, "Wasmev-Stream-Seq").parse().unwrap())
-            .collect();
-        let handled: HashSet<u64> = seen(&js)
-            .await
-            .into_iter()
-            .map(|(id, _)| 3 + id.trim_start_matches('e').parse::<u64>().unwrap())
-            .collect();
-        let missing: Vec<u64> = (1..=stored)
-            .filter(|seq| !dead.contains(seq) && !handled.contains(seq))
-            .collect();
-        let info = chaos_consumer(&js).await.info().await.unwrap().clone();
-        let held = (info.num_pending, info.num_ack_pending);
-        if missing.is_empty() && held == (0, 0) {
-            break;
+    // Each pass's stream reads are bounded too: a stuck JetStream request fails the
+    // test instead of hanging it (the pass's own deadline is checked between reads).
+    within("the stream reads", WAIT * 2, async {
+        let start = Instant::now();
+        loop {
+            let dead: HashSet<u64> = read_all(&js, "DLQ")
+                .await
+                .iter()
+                .map(|letter| header(letter, "Wasmev-Stream-Seq").parse().unwrap())
+                .collect();
+            let handled: HashSet<u64> = seen(&js)
+                .await
+                .into_iter()
+                .map(|(id, _)| 3 + id.trim_start_matches('e').parse::<u64>().unwrap())
+                .collect();
+            let missing: Vec<u64> = (1..=stored)
+                .filter(|seq| !dead.contains(seq) && !handled.contains(seq))
+                .collect();
+            let info = chaos_consumer(&js).await.info().await.unwrap().clone();
+            let held = (info.num_pending, info.num_ack_pending);
+            if missing.is_empty() && held == (0, 0) {
+                break;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out after {WAIT:?}: sequences neither handled nor dead-lettered \
+                 {missing:?}, the consumer's (pending, ack pending) {held:?}, {} handled ok, \
+                 dead letters for {dead:?}",
+                host.ok("chaos")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            start.elapsed() < WAIT,
-            "timed out after {WAIT:?}: sequences neither handled nor dead-lettered \
-             {missing:?}, the consumer's (pending, ack pending) {held:?}, {} handled ok, \
-             dead letters for {dead:?}",
-            host.ok("chaos")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 
     let letters = read_all(&js, "DLQ").await;
     assert!(
