@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -135,42 +135,15 @@ fn run_with_until_healthy(dir: &Path, port: u16, handlers: &str, args: &[&str]) 
             .spawn()
             .unwrap(),
     ));
-    let start = Instant::now();
-    loop {
-        let healthy = http_get(port, "/healthz").is_some_and(|response| {
-            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
-        });
-        if healthy {
-            return running;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "host never became healthy"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_healthy(port, Duration::from_secs(30));
+    running
 }
 
 /// SIGTERM the host and wait for it: its exit code and everything it logged.
 fn terminate(mut running: Running) -> (Option<i32>, String) {
     // Left in `running`: should the host not exit, the panic below still kills it.
     let child = running.0.as_mut().unwrap();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let start = Instant::now();
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "host did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let code = terminate_within(child, Duration::from_secs(15));
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     (code, stderr)

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,24 +73,12 @@ impl Proc {
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        common::signal(&self.child, signal);
     }
 
     /// SIGTERM, then the exit code.
     fn stop(mut self) -> Option<i32> {
-        self.signal("-TERM");
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(start.elapsed() < Duration::from_secs(15), "did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate_within(&mut self.child, Duration::from_secs(15))
     }
 }
 
@@ -113,16 +101,6 @@ fn http(port: u16, method: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-fn wait_healthy(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-        || http(port, "GET", "/healthz").0 != 200
-    {
-        assert!(start.elapsed() < Duration::from_secs(30), "never healthy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn manifest(port: u16, version: &str, extra: &str) -> String {
@@ -166,7 +144,7 @@ fn sighup_and_post_reload_swap_and_report() {
     std::fs::write(dir.path().join("h.wasm"), variant("1")).unwrap();
     std::fs::write(dir.path().join("runtime.toml"), manifest(port, "1", "")).unwrap();
     let host = Proc::spawn(&["run", "--no-watch"], dir.path(), cache.path());
-    wait_healthy(port);
+    wait_healthy(port, Duration::from_secs(30));
 
     // Nothing changed: 200 and every handler unchanged.
     let (status, body) = http(port, "POST", "/reload");
@@ -209,7 +187,7 @@ fn file_watcher_reloads_a_running_host() {
     std::fs::write(dir.path().join("h.wasm"), variant("1")).unwrap();
     std::fs::write(dir.path().join("runtime.toml"), manifest(port, "1", "")).unwrap();
     let host = Proc::spawn(&["run"], dir.path(), cache.path());
-    wait_healthy(port);
+    wait_healthy(port, Duration::from_secs(30));
     let reloads = || {
         let (_, metrics) = http(port, "GET", "/metrics");
         ["ok", "refused"]
@@ -268,7 +246,7 @@ fn dev_rebuilds_on_source_change_and_swaps() {
     let host = Proc::spawn(&["dev"], dir.path(), cache.path());
     host.wait_line(&["[h] | compiling"], Duration::from_secs(20));
     host.wait_line(&["[h] build ok"], Duration::from_secs(20));
-    wait_healthy(port);
+    wait_healthy(port, Duration::from_secs(30));
     host.wait_line(&["[h] watching"], Duration::from_secs(20));
 
     std::fs::write(dir.path().join("src/next.wasm"), variant("2")).unwrap();
@@ -294,7 +272,7 @@ fn second_start_hits_the_artifact_cache() {
     std::fs::write(dir.path().join("runtime.toml"), manifest(port, "1", "")).unwrap();
     for cached in ["cached=false", "cached=true"] {
         let host = Proc::spawn(&["run"], dir.path(), cache.path());
-        wait_healthy(port);
+        wait_healthy(port, Duration::from_secs(30));
         host.wait_line(&["compiled handler", cached], Duration::from_secs(5));
         assert_eq!(host.stop(), Some(0));
     }
@@ -308,7 +286,7 @@ fn second_start_hits_the_artifact_cache() {
     // A damaged artifact is compiled again, not trusted and not fatal.
     std::fs::write(cache.path().join(&artifacts[0]), b"garbage").unwrap();
     let host = Proc::spawn(&["run"], dir.path(), cache.path());
-    wait_healthy(port);
+    wait_healthy(port, Duration::from_secs(30));
     host.wait_line(
         &["ignoring an unusable cached artifact"],
         Duration::from_secs(5),

@@ -480,7 +480,11 @@ pub struct TestHost {
 
 /// [`TestHost::metric`] from a host's metrics, also after the host is stopped.
 pub fn metric_in(metrics: &wasmev::metrics::Metrics, name: &str, labels: &str) -> u64 {
-    let text = metrics.encode();
+    metric_in_text(&metrics.encode(), name, labels)
+}
+
+/// The value of series `name{labels}` in a metrics text (what `/metrics` serves).
+pub fn metric_in_text(text: &str, name: &str, labels: &str) -> u64 {
     // An unlabelled series is written without braces.
     let prefix = if labels.is_empty() {
         format!("{name} ")
@@ -609,6 +613,42 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     let mut response = String::new();
     s.read_to_string(&mut response).ok()?;
     Some(response)
+}
+
+/// Send `signal` (`-TERM`, `-HUP`) to `child`.
+pub fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {}", child.id());
+}
+
+/// SIGTERM `child` and wait at most `timeout` for it to exit: its exit code.
+pub fn terminate_within(child: &mut Child, timeout: Duration) -> Option<i32> {
+    signal(child, "-TERM");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "did not exit within {timeout:?} of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until a host's admin endpoint on `port` answers `/healthz` with 200.
+pub fn wait_healthy(port: u16, timeout: Duration) {
+    let start = Instant::now();
+    while !http_get(port, "/healthz").is_some_and(|response| {
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
+    }) {
+        assert!(start.elapsed() < timeout, "host never became healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The `wasmev` binary, with its artifact cache in a temp dir shared by the test run
