@@ -101,10 +101,13 @@ pub fn new_engine(consume_fuel: bool, wasm_stack: u64, instances: u32) -> anyhow
     // With PAGEMAP_SCAN (Linux 6.7+) only the pages an event dirtied are reset, instead
     // of the whole kept-resident prefix.
     pool.pagemap_scan(wasmtime::Enabled::Auto);
-    // What is not kept resident is given back with madvise; each call flushes the TLB on
-    // every core (an IPI). The profile of a per-event run showed those flushes at ~10%
-    // of host CPU; batching 32 decommits per flush amortises them.
-    pool.decommit_batch_size(32);
+    // What is not kept resident is given back with madvise at once (wasmtime's default
+    // batch of 1), not batched: a slot waiting in a batch is missed when its module is
+    // dropped (`purge_module` clears only free slots) and comes back later still holding
+    // that module's memory image, its memfd and resident pages, until another module takes
+    // the slot. Each hot swap left one such slot behind (the soak test counts the open
+    // files). Batching 32 saved nothing measurable here: with PAGEMAP_SCAN and
+    // `keep_resident` there is rarely anything past the kept part to give back.
 
     let mut config = Config::new();
     config
