@@ -50,15 +50,21 @@ pub async fn consume(
 ) -> anyhow::Result<()> {
     'pull: loop {
         // Shaped by the version live when the stream starts; a swap to a version that
-        // pulls differently starts a new one (below).
-        let handler = live.current();
-        let shape = PullShape::of(&handler.spec);
-        let mut shaped_by = handler.clone();
+        // pulls differently starts a new one (below). Held weakly: only to tell a swap,
+        // never to keep a swapped-out version (its instances, its memory image) alive
+        // for as long as the pull lasts.
+        let (shape, mut shaped_by) = {
+            let handler = live.current();
+            (PullShape::of(&handler.spec), Arc::downgrade(&handler))
+        };
         let messages = shape.open(&consumer).await;
         let mut messages = match messages {
             Ok(messages) => messages,
             Err(e) => {
-                tracing::warn!(handler = %handler.spec.name, "jetstream pull failed: {e}; retrying");
+                tracing::warn!(
+                    handler = %live.current().spec.name,
+                    "jetstream pull failed: {e}; retrying"
+                );
                 tokio::select! {
                     () = token.cancelled() => return Ok(()),
                     () = tokio::time::sleep(PULL_RETRY) => continue,
@@ -78,7 +84,7 @@ pub async fn consume(
                 break;
             };
             // The shape is the version's: looked at again only when the version changed.
-            if !Arc::ptr_eq(&current, &shaped_by) {
+            if !std::ptr::eq(shaped_by.as_ptr(), Arc::as_ptr(&current)) {
                 let now = PullShape::of(&current.spec);
                 if now != shape {
                     tracing::info!(
@@ -91,7 +97,7 @@ pub async fn consume(
                     hand_back(&current, messages, None).await;
                     continue 'pull;
                 }
-                shaped_by = current.clone();
+                shaped_by = Arc::downgrade(&current);
             }
             let next = match read_ahead.take() {
                 Some(next) => next,
