@@ -37,6 +37,8 @@ const RATE: u64 = 500;
 const DEADLINE_MS: u64 = 150;
 /// A module replaced or a config edited this often.
 const SWAP_EVERY: Duration = Duration::from_secs(3);
+/// No swap starts this close to the end of the load (see its use).
+const SWAP_QUIET: Duration = Duration::from_secs(2);
 /// Publishes a storm event asks for, against `max_publishes = 20`.
 const STORM: u32 = 30;
 const MAX_PUBLISHES: u64 = 20;
@@ -57,11 +59,22 @@ const RSS_SLACK: u64 = 112 << 20;
 const FD_SLACK: usize = 0;
 const THREAD_SLACK: u64 = 4;
 
-const HANDLERS: [&str; 2] = ["fresh", "warm"];
+/// The handlers, one of each delivery: core with a fresh instance per event, core with
+/// warm instances, and JetStream (at-least-once, per-event).
+const HANDLERS: [&str; 3] = ["fresh", "warm", "durable"];
+const DURABLE: &str = "durable";
+
+/// The handler event `i` goes to, and what it asks of it.
+fn event(i: u64) -> (&'static str, Kind) {
+    let handler = HANDLERS[(i % 3) as usize];
+    (handler, Kind::of(handler, i / 3))
+}
 
 /// What an event asks the chaos handler to do, chosen by its index among its handler's
 /// events. Failing kinds are at least 10 events apart on a handler, so the first three
-/// events after a swap never all fail (that would roll the swap back).
+/// events after a swap never all fail (that would roll the swap back). The JetStream
+/// handler gets echoes and rejects only: a trap or a deadline there is redelivered after
+/// a backoff of seconds, which a soak's accounting would have to wait out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Echo,
@@ -74,7 +87,14 @@ enum Kind {
 }
 
 impl Kind {
-    fn of(k: u64) -> Self {
+    fn of(handler: &str, k: u64) -> Self {
+        if handler == DURABLE {
+            return if k % 50 == 27 {
+                Kind::Reject
+            } else {
+                Kind::Echo
+            };
+        }
         match (k % 1000, k % 50) {
             (47, _) => Kind::Spin,
             (57, _) => Kind::Print,
@@ -128,7 +148,11 @@ fn manifest(server: &NatsServer, port: u16, round: u64) -> String {
          [[handler]]\nname = \"fresh\"\nmodule = \"fresh.wasm\"\nsubscribe = [\"soak.fresh\"]\n\
          {limits}config = {{ round = \"{round}\" }}\n\n\
          [[handler]]\nname = \"warm\"\nmodule = \"warm.wasm\"\nsubscribe = [\"soak.warm\"]\n\
-         {limits}instances = \"reuse\"\nrecycle_after = 100\n",
+         {limits}instances = \"reuse\"\nrecycle_after = 100\n\n\
+         [[handler]]\nname = \"{DURABLE}\"\nmodule = \"{DURABLE}.wasm\"\n\
+         subscribe = [\"soak.{DURABLE}\"]\n{limits}\
+         [handler.jetstream]\nstream = \"SOAK\"\nstream_subjects = [\"soak.{DURABLE}\"]\n\
+         dead_letter = \"soak.dead\"\n",
         head = server.manifest_head(),
     )
 }
@@ -246,8 +270,8 @@ impl Drop for Host {
 /// What the publisher sent, by handler and kind.
 type Sent = BTreeMap<(&'static str, Kind), u64>;
 
-/// Publish [`RATE`] events a second until `stop`: event `i` goes to `HANDLERS[i % 2]` as
-/// kind `Kind::of(i / 2)`, with event id `s-{i}`. Returns what it sent, and how many.
+/// Publish [`RATE`] events a second until `stop`: event `i` is [`event`]`(i)`, with event
+/// id `s-{i}`. Returns what it sent, and how many.
 async fn publish_load(client: async_nats::Client, stop: Arc<AtomicBool>) -> (Sent, u64) {
     const TICK: Duration = Duration::from_millis(10);
     let per_tick = RATE * TICK.as_millis() as u64 / 1000;
@@ -258,8 +282,7 @@ async fn publish_load(client: async_nats::Client, stop: Arc<AtomicBool>) -> (Sen
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         for _ in 0..per_tick {
-            let handler = HANDLERS[(i % 2) as usize];
-            let kind = Kind::of(i / 2);
+            let (handler, kind) = event(i);
             let mut headers = HeaderMap::new();
             headers.insert("Wasmev-Event-Id", format!("s-{i}").as_str());
             client
@@ -288,7 +311,8 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     std::fs::copy(component("chaos"), dir.path().join("fresh.wasm")).unwrap();
-    std::fs::write(dir.path().join("warm.wasm"), variant("soak-0")).unwrap();
+    std::fs::write(dir.path().join("warm.wasm"), variant("warm-0")).unwrap();
+    std::fs::write(dir.path().join("durable.wasm"), variant("durable-0")).unwrap();
     std::fs::write(dir.path().join("runtime.toml"), manifest(&server, port, 0)).unwrap();
     let host = Host::spawn(dir.path(), port);
     let pid = host.child.id();
@@ -315,35 +339,40 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
         }
     });
 
+    // Dead letters: the JetStream handler's rejects.
+    let mut dead = client.subscribe("soak.dead").await.unwrap();
+    client.flush().await.unwrap();
+    let dead_letters = Arc::new(AtomicU64::new(0));
+    let dead_collector = tokio::spawn({
+        let dead_letters = dead_letters.clone();
+        async move {
+            while dead.next().await.is_some() {
+                dead_letters.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let js = async_nats::jetstream::new(client.clone());
+
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(publish_load(client.clone(), stop.clone()));
 
     let start = Instant::now();
     let mut samples = vec![Sample::of(pid, Duration::ZERO)];
-    let (mut module_swaps, mut config_swaps) = (0u64, 0u64);
+    let mut module_swaps: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut config_swaps = 0u64;
     let mut swap_latencies: Vec<Duration> = Vec::new();
     let (mut next_swap, mut next_progress) = (SWAP_EVERY, progress_every);
     while start.elapsed() < duration {
         tokio::time::sleep(Duration::from_secs(1)).await;
         samples.push(Sample::of(pid, start.elapsed()));
-        if start.elapsed() >= next_swap {
+        // No swap in the last seconds: each new version then takes events before the
+        // load stops. An intake holds the version it last ran until its next event, and
+        // the count of memory images at the end must not catch one still held so.
+        if start.elapsed() >= next_swap && start.elapsed() + SWAP_QUIET < duration {
             next_swap += SWAP_EVERY;
             let began = Instant::now();
-            if (module_swaps + config_swaps).is_multiple_of(2) {
-                // A new version of warm's module: the same code, another digest.
-                module_swaps += 1;
-                let bytes = variant(&format!("soak-{module_swaps}"));
-                let live = format!(
-                    "wasmev_handler_version{{handler=\"warm\",digest=\"{}\"}} 1",
-                    sha256(&bytes)
-                );
-                replace(&dir.path().join("warm.wasm"), &bytes);
-                wait_for("warm's new version live", Duration::from_secs(30), || {
-                    let live = host.metrics().contains(&live);
-                    async move { live.then_some(()) }
-                })
-                .await;
-            } else {
+            let turn = (module_swaps.values().sum::<u64>() + config_swaps) % 3;
+            if turn == 1 {
                 // A config edit of fresh: the manifest reloads and fresh swaps.
                 config_swaps += 1;
                 replace(
@@ -354,6 +383,26 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
                     let n = swaps(&host.metrics(), "fresh", "swapped");
                     async move { (n == config_swaps).then_some(()) }
                 })
+                .await;
+            } else {
+                // A new version of a module: the same code, another digest.
+                let handler = if turn == 0 { "warm" } else { DURABLE };
+                let n = module_swaps.entry(handler).or_default();
+                *n += 1;
+                let bytes = variant(&format!("{handler}-{n}"));
+                let live = format!(
+                    "wasmev_handler_version{{handler=\"{handler}\",digest=\"{}\"}} 1",
+                    sha256(&bytes)
+                );
+                replace(&dir.path().join(format!("{handler}.wasm")), &bytes);
+                wait_for(
+                    &format!("{handler}'s new version live"),
+                    Duration::from_secs(30),
+                    || {
+                        let live = host.metrics().contains(&live);
+                        async move { live.then_some(()) }
+                    },
+                )
                 .await;
             }
             swap_latencies.push(began.elapsed());
@@ -366,7 +415,7 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
                 s.at.as_secs_f64(),
                 duration.as_secs_f64(),
                 answered.load(Ordering::Relaxed),
-                module_swaps + config_swaps,
+                module_swaps.values().sum::<u64>() + config_swaps,
                 mib(s.rss),
                 s.fds,
                 s.threads,
@@ -402,7 +451,7 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
     let waited = Instant::now();
     let text = loop {
         let text = host.metrics();
-        if settled(&text) {
+        if settled(&text) && consumer_idle(&js).await {
             break text;
         }
         assert!(
@@ -414,15 +463,24 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Every swapped-out version let go: wasmtime keeps a module's memory image in a memfd
+    // while the module lives, so the host holds one per live version and no more.
+    let images = memory_images(pid);
+    assert_eq!(
+        images.len(),
+        HANDLERS.len(),
+        "memory images open, one per live version expected: {images:?}"
+    );
     // An echo still on its way now would be a second answer: give it time to show.
     tokio::time::sleep(Duration::from_millis(500)).await;
     collector.abort();
+    dead_collector.abort();
 
     let counts = answers.lock().unwrap().clone();
     let (mut missing, mut doubled) = (Vec::new(), Vec::new());
     for i in 0..events {
         let n = counts.get(i as usize).copied().unwrap_or(0);
-        let expected = u8::from(Kind::of(i / 2) == Kind::Echo);
+        let expected = u8::from(event(i).1 == Kind::Echo);
         if n < expected {
             missing.push(i);
         } else if n > expected {
@@ -488,11 +546,13 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
             assert_eq!(swaps(&text, h, result), 0, "{h}: swaps {result}");
         }
     }
-    assert_eq!(
-        swaps(&text, "warm", "swapped"),
-        module_swaps,
-        "warm's module swaps"
-    );
+    for (handler, n) in &module_swaps {
+        assert_eq!(
+            swaps(&text, handler, "swapped"),
+            *n,
+            "{handler}'s module swaps"
+        );
+    }
     assert_eq!(
         swaps(&text, "fresh", "swapped"),
         config_swaps,
@@ -501,6 +561,22 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
     assert_eq!(
         metric_in_text(&text, "wasmev_broker_dropped_messages_total", ""),
         0
+    );
+    // Each JetStream reject dead-lettered once, and nothing else.
+    let rejects = count(DURABLE, Kind::Reject);
+    assert_eq!(
+        metric_in_text(
+            &text,
+            "wasmev_dead_letters_total",
+            &format!("handler=\"{DURABLE}\"")
+        ),
+        rejects,
+        "dead letters counted"
+    );
+    assert_eq!(
+        dead_letters.load(Ordering::Relaxed),
+        rejects,
+        "dead letters on soak.dead"
     );
 
     // The process holds no more at its end than after the warm-up.
@@ -573,4 +649,33 @@ fn swaps(text: &str, handler: &str, result: &str) -> u64 {
     } else {
         0
     }
+}
+
+/// Whether the JetStream handler's consumer has delivered everything and holds no
+/// unacknowledged message.
+async fn consumer_idle(js: &async_nats::jetstream::Context) -> bool {
+    let info = within("the consumer's info", Duration::from_secs(10), async {
+        js.get_stream("SOAK")
+            .await
+            .unwrap()
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(DURABLE)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone()
+    })
+    .await;
+    info.num_pending == 0 && info.num_ack_pending == 0
+}
+
+/// The memory images (memfds) the host process `pid` has open.
+fn memory_images(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.display().to_string())
+        .filter(|target| target.starts_with("/memfd:wasm-memory-image"))
+        .collect()
 }
