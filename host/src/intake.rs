@@ -1,7 +1,7 @@
 //! Core intake: one task per (handler, subject) that takes a permit, then a message, and
 //! runs it on the handler's live version. JetStream intake is in [`crate::jetstream`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -99,18 +99,31 @@ pub(crate) async fn permit_of_current(
 /// while the intake waited for the message leaves it holding the old version's permit;
 /// the event then runs on (and counts against) the new one, which may mean waiting for
 /// one of its permits.
+///
+/// The intake holds the permit's version weakly while it waits for a message (the permit
+/// itself holds only the semaphore): a wait can last as long as a subject stays quiet,
+/// and a strong hold kept a swapped-out version (its compiled module, its instances, its
+/// memory image) alive until the next event. A `Weak` keeps the allocation, so its
+/// address cannot be reused by the new version and the comparison below stays sound.
 pub(crate) async fn run_on_current(
     live: &Live,
-    permit_version: Arc<Handler>,
+    permit_version: Weak<Handler>,
     permit: OwnedSemaphorePermit,
 ) -> anyhow::Result<(Arc<Handler>, OwnedSemaphorePermit)> {
     let handler = live.current();
-    if Arc::ptr_eq(&handler, &permit_version) {
-        return Ok((permit_version, permit));
+    if std::ptr::eq(permit_version.as_ptr(), Arc::as_ptr(&handler)) {
+        return Ok((handler, permit));
     }
     drop(permit);
     let permit = permit_of(&handler).await?;
     Ok((handler, permit))
+}
+
+/// `version`, from now on held only weakly (see [`run_on_current`]). By value, so the
+/// strong reference goes: shadowing it with its downgrade would keep it to the end of the
+/// scope.
+pub(crate) fn hold_weakly(version: Arc<Handler>) -> Weak<Handler> {
+    Arc::downgrade(&version)
 }
 
 /// One of `handler`'s `max_in_flight` permits, waiting for it. Cancel-safe.
@@ -152,6 +165,8 @@ pub async fn subscription_loop(
         let Some((permit_version, permit)) = permit_of_current(&live, &stop).await? else {
             break;
         };
+        // Weakly while waiting (see `run_on_current`).
+        let permit_version = hold_weakly(permit_version);
         let message = tokio::select! {
             biased;
             () = stop.cancelled() => break,

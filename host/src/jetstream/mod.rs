@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
 use crate::handler::Handler;
-use crate::intake::{fill_batch, permit_of_current, run_on_current, spawn_events};
+use crate::intake::{fill_batch, hold_weakly, permit_of_current, run_on_current, spawn_events};
 use crate::limits;
 use crate::live::Live;
 pub use given_up::dead_letter_given_up;
@@ -99,6 +99,8 @@ pub async fn consume(
                 }
                 shaped_by = Arc::downgrade(&current);
             }
+            // Weakly while waiting for a message (see `run_on_current`).
+            let current = hold_weakly(current);
             let next = match read_ahead.take() {
                 Some(next) => next,
                 None => tokio::select! {
@@ -152,6 +154,7 @@ pub async fn consume(
                 // what it sends there comes back after `ack_wait`, as for any message that
                 // was never acked.
                 Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
+                    let current = live.current();
                     tracing::warn!(
                         handler = %current.spec.name,
                         "jetstream pull: {e}; starting a new pull"
@@ -165,13 +168,14 @@ pub async fn consume(
                 // already holds stays readable. Only a stream that ended (`None`: consumer
                 // deleted, limits exceeded) is started again.
                 Some(Err(e)) => {
-                    tracing::warn!(handler = %current.spec.name, "jetstream pull: {e}");
+                    tracing::warn!(handler = %live.current().spec.name, "jetstream pull: {e}");
                     tokio::select! {
                         () = token.cancelled() => break,
                         () = tokio::time::sleep(PULL_RETRY) => {}
                     }
                 }
                 None => {
+                    let current = live.current();
                     tracing::warn!(handler = %current.spec.name, "jetstream pull ended; pulling again");
                     current.metrics.pulls_restarted.inc();
                     tokio::select! {
