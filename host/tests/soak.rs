@@ -321,6 +321,36 @@ impl Drop for Host {
     }
 }
 
+/// A host with the three handlers on a nats-server of its own, and a client subscribed
+/// to the echoes before any event is sent.
+struct Rig {
+    server: NatsServer,
+    _dir: tempfile::TempDir,
+    host: Host,
+    pid: u32,
+    client: async_nats::Client,
+    echoes: async_nats::Subscriber,
+}
+
+impl Rig {
+    async fn start() -> Self {
+        let server = NatsServer::start();
+        let (_dir, host) = Host::start(&server);
+        let pid = host.child.id();
+        let client = server.client().await;
+        let echoes = client.subscribe("chaos.echo").await.unwrap();
+        client.flush().await.unwrap();
+        Self {
+            server,
+            _dir,
+            host,
+            pid,
+            client,
+            echoes,
+        }
+    }
+}
+
 /// What the publisher sent, by handler and kind.
 type Sent = BTreeMap<(&'static str, Kind), u64>;
 
@@ -361,14 +391,16 @@ async fn a_long_mixed_load_with_swaps_loses_nothing_and_does_not_grow() {
     let warm_up = (duration / 5).max(Duration::from_secs(5));
     let progress_every = Duration::from_secs(10);
 
-    let server = NatsServer::start();
-    let (_dir, host) = Host::start(&server);
-    let pid = host.child.id();
+    let Rig {
+        server,
+        _dir,
+        host,
+        pid,
+        client,
+        mut echoes,
+    } = Rig::start().await;
 
     // Every echo answer, counted by event index.
-    let client = server.client().await;
-    let mut echoes = client.subscribe("chaos.echo").await.unwrap();
-    client.flush().await.unwrap();
     let answers: Arc<Mutex<Vec<u8>>> = Arc::default();
     let answered = Arc::new(AtomicU64::new(0));
     let collector = tokio::spawn({
@@ -718,12 +750,7 @@ fn memory_images(pid: u32) -> BTreeSet<u64> {
 /// the version it last ran until the next event came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swapped_out_version_is_let_go_while_its_subject_is_quiet() {
-    let server = NatsServer::start();
-    let (_dir, host) = Host::start(&server);
-    let pid = host.child.id();
-    let client = server.client().await;
-    let mut echoes = client.subscribe("chaos.echo").await.unwrap();
-    client.flush().await.unwrap();
+    let mut rig = Rig::start().await;
 
     // One echo through each handler, answered, so each version has made its image.
     let mut echo_each = async |round: &str| {
@@ -733,22 +760,22 @@ async fn a_swapped_out_version_is_let_go_while_its_subject_is_quiet() {
             let mut headers = HeaderMap::new();
             headers.insert("Wasmev-Event-Id", id.as_str());
             let op = Kind::Echo.op().to_string();
-            client
+            rig.client
                 .publish_with_headers(format!("soak.{handler}"), headers, op.into())
                 .await
                 .unwrap();
             expected.insert(id);
         }
-        client.flush().await.unwrap();
+        rig.client.flush().await.unwrap();
         let mut answered = BTreeSet::new();
         while answered.len() < expected.len() {
-            let m = within("the echoes", Duration::from_secs(30), echoes.next()).await;
+            let m = within("the echoes", Duration::from_secs(30), rig.echoes.next()).await;
             answered.insert(String::from_utf8(m.unwrap().payload.to_vec()).unwrap());
         }
         assert_eq!(answered, expected, "echoes of round {round}");
     };
     echo_each("before").await;
-    let before = memory_images(pid);
+    let before = memory_images(rig.pid);
     assert_eq!(
         before.len(),
         HANDLERS.len(),
@@ -757,11 +784,16 @@ async fn a_swapped_out_version_is_let_go_while_its_subject_is_quiet() {
 
     // A new module for each, then nothing on their subjects.
     for handler in HANDLERS {
-        host.replace_module(handler, &format!("{handler}-1")).await;
+        rig.host
+            .replace_module(handler, &format!("{handler}-1"))
+            .await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     let held = loop {
-        let held: BTreeSet<u64> = memory_images(pid).intersection(&before).copied().collect();
+        let held: BTreeSet<u64> = memory_images(rig.pid)
+            .intersection(&before)
+            .copied()
+            .collect();
         if held.is_empty() || Instant::now() > deadline {
             break held;
         }
@@ -771,12 +803,12 @@ async fn a_swapped_out_version_is_let_go_while_its_subject_is_quiet() {
         held.is_empty(),
         "the swapped-out versions' images still open 10 s after the swaps, with no event \
          since: {held:?} of {before:?}\n{}",
-        host.log_tail()
+        rig.host.log_tail()
     );
 
     // The new versions run.
     echo_each("after").await;
-    let after = memory_images(pid);
+    let after = memory_images(rig.pid);
     assert_eq!(
         after.len(),
         HANDLERS.len(),
