@@ -105,8 +105,8 @@ pub fn new_engine(consume_fuel: bool, wasm_stack: u64, instances: u32) -> anyhow
     // batch of 1), not batched: a slot waiting in a batch is missed when its module is
     // dropped (`purge_module` clears only free slots) and comes back later still holding
     // that module's memory image, its memfd and resident pages, until another module takes
-    // the slot. Each hot swap left one such slot behind (the soak test counts the open
-    // files). Batching 32 saved nothing measurable here: with PAGEMAP_SCAN and
+    // the slot. Each hot swap left one such slot behind (the soak test counts the memory
+    // images left open). Batching 32 saved nothing measurable here: with PAGEMAP_SCAN and
     // `keep_resident` there is rarely anything past the kept part to give back.
 
     let mut config = Config::new();

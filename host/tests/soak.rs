@@ -1,11 +1,13 @@
 //! The soak: a `wasmev run` process on a real nats-server takes a steady stream of events
 //! for a while, most of them echoes and the rest misbehaving (a panic, a memory blow-up, a
-//! reject, a publish storm past the quota, a print flood, a spin to the deadline), while
-//! one handler's module is replaced and the other's config edited, again and again. At the
-//! end it checks that every echo was answered exactly once, that the host counted every
-//! event under the reason it was sent for, that every swap went live, and that the process
-//! did not grow: resident memory, open files and threads against their level after a
-//! warm-up.
+//! reject, a publish storm past the quota, a print flood, a spin to the deadline), over
+//! three handlers (core fresh, core warm, JetStream), while their modules are replaced and
+//! a config edited, again and again. At the end it checks that every echo was answered
+//! exactly once, that the host counted every event under the reason it was sent for, that
+//! every reject on JetStream was dead-lettered once, that every swap went live, that the
+//! host holds one memory image per live version, and that the process did not grow:
+//! resident memory, open files and threads against their level after a warm-up. A second,
+//! short test checks that swapped-out versions go while their subjects are quiet.
 //!
 //! In the default test run it soaks for [`SHORT`]: the accounting and the swaps under a
 //! mixed load, and no gross leak. `WASMEV_SOAK=30m` (or `./scripts/soak 30m`) soaks for
