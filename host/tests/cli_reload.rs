@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use common::*;
 
 /// A `wasmev` process whose stdout and stderr are collected as they come.
 struct Proc {
-    child: Child,
+    child: KillOnDrop,
     output: Arc<Mutex<String>>,
 }
 
@@ -45,7 +45,10 @@ impl Proc {
                 }
             });
         }
-        Self { child, output }
+        Self {
+            child: KillOnDrop(child),
+            output,
+        }
     }
 
     fn output(&self) -> String {
@@ -79,13 +82,6 @@ impl Proc {
     /// SIGTERM, then the exit code.
     fn stop(mut self) -> Option<i32> {
         terminate_within(&mut self.child, Duration::from_secs(15))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -19,7 +19,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -227,7 +227,7 @@ fn mib(bytes: u64) -> f64 {
 /// The `wasmev run` process under soak, its log in a file (a long soak logs too much to
 /// keep in memory).
 struct Host {
-    child: Child,
+    child: KillOnDrop,
     dir: PathBuf,
     log: PathBuf,
     port: u16,
@@ -250,17 +250,20 @@ impl Host {
     fn spawn(dir: &Path, port: u16) -> Self {
         let log = dir.join("host.log");
         let file = std::fs::File::create(&log).unwrap();
-        let child = wasmev_command()
-            .args(["run", "runtime.toml"])
-            .current_dir(dir)
-            .env("WASMEV_CACHE_DIR", dir.join("cache"))
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        // Guarded at once: a host that never gets healthy is killed with the panic.
+        let child = KillOnDrop(
+            wasmev_command()
+                .args(["run", "runtime.toml"])
+                .current_dir(dir)
+                .env("WASMEV_CACHE_DIR", dir.join("cache"))
+                .env("RUST_LOG", "warn")
+                .env("NO_COLOR", "1")
+                .stdout(file.try_clone().unwrap())
+                .stderr(file)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         wait_healthy(port, Duration::from_secs(60));
         Self {
             child,
@@ -313,13 +316,6 @@ impl Host {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

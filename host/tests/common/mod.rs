@@ -615,6 +615,31 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     Some(response)
 }
 
+/// A child process that is killed and reaped when dropped, so a test that fails before
+/// stopping it leaves no process behind. Derefs to the [`Child`].
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Send `signal` (`-TERM`, `-HUP`) to `child`.
 pub fn signal(child: &Child, signal: &str) {
     let status = Command::new("kill")
