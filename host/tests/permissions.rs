@@ -2,7 +2,8 @@
 //! password in the environment. The README's "NATS permissions" block, filled in, is all
 //! a host needs: a JetStream handler and a core one go down every path they have, and the
 //! server logs no refusal; the same on a leaf node, with the host's own inbox prefix and
-//! the hub's JetStream domain written in. A permission left out stops the start with the
+//! the hub's JetStream domain written in; the same in an account that imports another
+//! account's JetStream under a prefix of its own. A permission left out stops the start with the
 //! subject the server refused; one refused while the host runs is logged and counted, a
 //! reload it stops says so, and it is not held against a reload once allowed again.
 
@@ -251,6 +252,77 @@ async fn a_host_on_a_leaf_node_with_its_own_inbox_prefix_needs_only_those() {
     })
     .await;
     runs_every_path_refused_nothing(&leaf, &hub, &prefixes).await;
+}
+
+/// The prefixes of a host whose account imports another account's JetStream API
+/// (`jetstream_api_prefix`), as [`cross_account`] sets it up.
+const IMPORTED_API: Prefixes = Prefixes {
+    broker_keys: "jetstream_api_prefix = \"JS.events.API\"\n",
+    inbox: "_INBOX",
+    jetstream_api: "JS.events.API",
+};
+
+/// A server with two accounts: EVENTS has JetStream and user `admin`, and exports its
+/// JetStream API, the acks, the subjects the handlers publish to streams (`chaos.>`, the
+/// dead letters) and the core events; APP has no JetStream of its own and user `host`
+/// with `permissions`, and imports all that, the API under `JS.events.API`.
+fn cross_account(permissions: &str) -> NatsServer {
+    NatsServer::start_with_config(&format!(
+        "accounts {{\n\
+           EVENTS {{\n\
+             jetstream: enabled\n\
+             users = [ {{ user: admin, password: admin }} ]\n\
+             exports = [\n\
+               {{ service: \"$JS.API.>\", response: stream }}\n\
+               {{ service: \"$JS.ACK.>\" }}\n\
+               {{ service: \"chaos.>\" }}\n\
+               {{ service: \"wasmev.dlq.>\" }}\n\
+               {{ stream: \"core.>\" }}\n\
+             ]\n\
+           }}\n\
+           APP {{\n\
+             users = [ {{ user: host, password: host, {permissions} }} ]\n\
+             imports = [\n\
+               {{ service: {{ account: EVENTS, subject: \"$JS.API.>\" }}, to: \"{api}.>\" }}\n\
+               {{ service: {{ account: EVENTS, subject: \"$JS.ACK.>\" }} }}\n\
+               {{ service: {{ account: EVENTS, subject: \"chaos.>\" }} }}\n\
+               {{ service: {{ account: EVENTS, subject: \"wasmev.dlq.>\" }} }}\n\
+               {{ stream: {{ account: EVENTS, subject: \"core.>\" }} }}\n\
+             ]\n\
+           }}\n\
+         }}\n",
+        api = IMPORTED_API.jetstream_api,
+    ))
+}
+
+/// A host whose account reads JetStream in another account, through the API that account
+/// exports and its own imports under a prefix of its choosing (`jetstream_api_prefix`):
+/// the README's block with that prefix written in is all its user needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_reading_jetstream_in_another_account_needs_only_the_prefix_it_imports() {
+    let permissions = readme_permissions_for(&IMPORTED_API);
+    assert!(!permissions.contains("\"$JS.API."));
+    let server = cross_account(&permissions);
+    runs_every_path_refused_nothing(&server, &server, &IMPORTED_API).await;
+}
+
+/// There, a refusal names the imported subject the host used, which is the one the
+/// server checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_an_imported_api_a_refusal_names_the_subject_the_host_used() {
+    let permissions: String = readme_permissions_for(&IMPORTED_API)
+        .lines()
+        .filter(|l| !l.contains("CONSUMER.CREATE.WASMEV_GIVEN_UP"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    start_fails_on(
+        cross_account(&permissions),
+        IMPORTED_API.broker_keys,
+        "error: handler \"chaos\": failed to get or create consumer \"wasmev\" on stream \
+         \"WASMEV_GIVEN_UP_EVENTS_chaos\": the nats server refused this host's user \
+         permission to publish to \"JS.events.API.CONSUMER.CREATE.WASMEV_GIVEN_UP_EVENTS_chaos.wasmev\"",
+    )
+    .await;
 }
 
 /// A host on `server`, connecting with `prefixes`, goes down every path a JetStream

@@ -26,7 +26,8 @@ const BUFFERED: usize = 64;
 #[derive(Debug)]
 struct Prefixes {
     /// The JetStream API's, with its dot, when it is not the default (a
-    /// `jetstream_domain`): see [`Prefixes::in_host_api`].
+    /// `jetstream_domain`, or a `jetstream_api_prefix`, whose refusals already name it as
+    /// the host does): see [`Prefixes::in_host_api`].
     domain_api: Option<String>,
     /// JetStream pull requests: `<JetStream API prefix>.CONSUMER.MSG.NEXT.`, and
     /// `<stream>.<durable>` follows.

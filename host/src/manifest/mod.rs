@@ -170,8 +170,8 @@ pub struct BrokerSettings {
     /// The host's reply inboxes are `<this>.<id>`: every request's answer, the JetStream
     /// API's among them, comes back on one.
     pub inbox_prefix: String,
-    /// The JetStream API's subjects start with this: `$JS.API`, or `$JS.<domain>.API` with
-    /// `jetstream_domain`.
+    /// The JetStream API's subjects start with this: `$JS.API`, `$JS.<domain>.API` with
+    /// `jetstream_domain`, or `jetstream_api_prefix` as written.
     pub jetstream_api: String,
 }
 
@@ -306,6 +306,11 @@ mod tests {
             (own.inbox_prefix.as_str(), own.jetstream_api.as_str()),
             ("_INBOX_orders", "$JS.hub.API")
         );
+        let imported = parse(&format!("{url}jetstream_api_prefix = \"JS.orders.API\"\n"))
+            .unwrap()
+            .broker
+            .unwrap();
+        assert_eq!(imported.jetstream_api, "JS.orders.API");
     }
 
     #[test]

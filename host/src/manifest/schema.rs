@@ -39,6 +39,7 @@ pub(super) struct RawBroker {
     pub(super) tls_key: Option<Spanned<PathBuf>>,
     pub(super) inbox_prefix: Option<InboxPrefix>,
     pub(super) jetstream_domain: Option<Name>,
+    pub(super) jetstream_api_prefix: Option<Spanned<ApiPrefix>>,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +130,25 @@ impl TryFrom<String> for InboxPrefix {
                  wildcards, like \"_INBOX_orders\"; the host adds `.<id>` to it"
             )),
             Err(e) => Err(format!("invalid inbox prefix {s:?}: {e}")),
+        }
+    }
+}
+
+/// The subject prefix an account imports another account's JetStream API under, in place
+/// of `$JS.API`: the host adds `.STREAM.INFO.<stream>` and the like to it.
+pub(super) struct ApiPrefix(pub(super) String);
+
+impl TryFrom<String> for ApiPrefix {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match crate::subject::Subject::new(s.clone()) {
+            Ok(_) => Ok(Self(s)),
+            Err(crate::subject::SubjectError::Wildcard) => Err(format!(
+                "invalid JetStream API prefix {s:?}: write the subject the account imports \
+                 the JetStream API under, without wildcards, like \"JS.orders.API\"; the \
+                 host adds `.STREAM.INFO.<stream>` and the like to it"
+            )),
+            Err(e) => Err(format!("invalid JetStream API prefix {s:?}: {e}")),
         }
     }
 }
@@ -239,6 +259,7 @@ deserialize_from_string!(
     NatsUrl,
     ConcreteSubject,
     InboxPrefix,
+    ApiPrefix,
     Name,
     SubscribePattern,
     HumanDuration,

@@ -9,7 +9,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::schema::{
-    InstancesMode, RawBroker, RawHandler, RawJetStream, RawManifest, Size, parse_raw,
+    ApiPrefix, InstancesMode, Name, RawBroker, RawHandler, RawJetStream, RawManifest, Size,
+    parse_raw,
 };
 use super::{
     Auth, BrokerSettings, DEFAULT_INBOX_PREFIX, DEFAULT_JETSTREAM_API, Deliver, DevSpec,
@@ -547,10 +548,31 @@ impl Validator<'_> {
             inbox_prefix: b
                 .inbox_prefix
                 .map_or_else(|| DEFAULT_INBOX_PREFIX.to_string(), |p| p.0),
-            jetstream_api: b.jetstream_domain.map_or_else(
-                || DEFAULT_JETSTREAM_API.to_string(),
-                |domain| format!("$JS.{}.API", domain.0),
-            ),
+            jetstream_api: self.jetstream_api(b.jetstream_domain, b.jetstream_api_prefix),
+        }
+    }
+
+    /// Where the host sends its JetStream API requests: `$JS.API`, a domain's
+    /// `$JS.<domain>.API`, or the prefix the account imports another account's API under.
+    fn jetstream_api(
+        &mut self,
+        domain: Option<Name>,
+        prefix: Option<Spanned<ApiPrefix>>,
+    ) -> String {
+        match (domain, prefix) {
+            (None, None) => DEFAULT_JETSTREAM_API.to_string(),
+            (Some(domain), None) => format!("$JS.{}.API", domain.0),
+            (None, Some(prefix)) => prefix.into_inner().0,
+            (Some(_), Some(prefix)) => {
+                self.report(
+                    prefix.span(),
+                    "broker.jetstream_api_prefix".into(),
+                    "set jetstream_domain or jetstream_api_prefix, not both: a domain is \
+                     the prefix \"$JS.<domain>.API\""
+                        .into(),
+                );
+                DEFAULT_JETSTREAM_API.to_string()
+            }
         }
     }
 
