@@ -123,14 +123,13 @@ pub(super) struct InboxPrefix(pub(super) String);
 impl TryFrom<String> for InboxPrefix {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        match crate::subject::Subject::new(s.clone()) {
-            Ok(_) => Ok(Self(s)),
-            Err(crate::subject::SubjectError::Wildcard) => Err(format!(
-                "invalid inbox prefix {s:?}: write where the inbox subjects start, without \
-                 wildcards, like \"_INBOX_orders\"; the host adds `.<id>` to it"
-            )),
-            Err(e) => Err(format!("invalid inbox prefix {s:?}: {e}")),
-        }
+        subject_prefix(
+            s,
+            "inbox prefix",
+            "where the inbox subjects start",
+            "\"_INBOX_orders\"; the host adds `.<id>` to it",
+        )
+        .map(Self)
     }
 }
 
@@ -141,15 +140,26 @@ pub(super) struct ApiPrefix(pub(super) String);
 impl TryFrom<String> for ApiPrefix {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        match crate::subject::Subject::new(s.clone()) {
-            Ok(_) => Ok(Self(s)),
-            Err(crate::subject::SubjectError::Wildcard) => Err(format!(
-                "invalid JetStream API prefix {s:?}: write the subject the account imports \
-                 the JetStream API under, without wildcards, like \"JS.orders.API\"; the \
-                 host adds `.STREAM.INFO.<stream>` and the like to it"
-            )),
-            Err(e) => Err(format!("invalid JetStream API prefix {s:?}: {e}")),
-        }
+        subject_prefix(
+            s,
+            "JetStream API prefix",
+            "the subject the account imports the JetStream API under",
+            "\"JS.orders.API\"; the host adds `.STREAM.INFO.<stream>` and the like to it",
+        )
+        .map(Self)
+    }
+}
+
+/// `s` if it is a subject without wildcards, which the host writes more tokens after; the
+/// error names it as `what`, and says to write `meaning` and gives `example` for a
+/// wildcard.
+fn subject_prefix(s: String, what: &str, meaning: &str, example: &str) -> Result<String, String> {
+    match crate::subject::Subject::new(s.clone()) {
+        Ok(_) => Ok(s),
+        Err(crate::subject::SubjectError::Wildcard) => Err(format!(
+            "invalid {what} {s:?}: write {meaning}, without wildcards, like {example}"
+        )),
+        Err(e) => Err(format!("invalid {what} {s:?}: {e}")),
     }
 }
 
