@@ -101,16 +101,7 @@ fn component_of_another_world_is_refused_at_load() {
 }
 
 /// A `wasmev run` process, killed if a test fails before stopping it.
-struct Running(Option<std::process::Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+type Running = KillOnDrop;
 
 /// `wasmev run` in `dir` on a manifest of `handlers` with its admin endpoint on `port`,
 /// once `/healthz` answers 200.
@@ -125,7 +116,7 @@ fn run_with_until_healthy(dir: &Path, port: u16, handlers: &str, args: &[&str]) 
         format!("version = 1\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{handlers}"),
     )
     .unwrap();
-    let running = Running(Some(
+    let running = KillOnDrop(
         wasmev_command()
             .args(["run", "runtime.toml"])
             .args(args)
@@ -134,7 +125,7 @@ fn run_with_until_healthy(dir: &Path, port: u16, handlers: &str, args: &[&str]) 
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    ));
+    );
     wait_healthy(port, Duration::from_secs(30));
     running
 }
@@ -142,7 +133,7 @@ fn run_with_until_healthy(dir: &Path, port: u16, handlers: &str, args: &[&str]) 
 /// SIGTERM the host and wait for it: its exit code and everything it logged.
 fn terminate(mut running: Running) -> (Option<i32>, String) {
     // Left in `running`: should the host not exit, the panic below still kills it.
-    let child = running.0.as_mut().unwrap();
+    let child = &mut *running;
     let code = terminate_within(child, Duration::from_secs(15));
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();

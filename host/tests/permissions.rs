@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -137,12 +137,12 @@ fn write_manifest_with(dir: &Path, server: &NatsServer, admin: Option<u16>, brok
 
 /// `wasmev run` as user `host`, logging to `host.log` in `dir`; killed if a test fails
 /// before it stops.
-struct Host(Option<Child>);
+struct Host(KillOnDrop);
 
 impl Host {
     fn run(dir: &Path) -> Self {
         let log = std::fs::File::create(dir.join("host.log")).unwrap();
-        Self(Some(
+        Self(KillOnDrop(
             wasmev_command()
                 .args(["run", "runtime.toml"])
                 .current_dir(dir)
@@ -164,7 +164,7 @@ impl Host {
             if log.contains(" ready on the nats") {
                 return;
             }
-            let exited = self.0.as_mut().unwrap().try_wait().unwrap();
+            let exited = self.0.try_wait().unwrap();
             assert!(
                 exited.is_none(),
                 "the host exited ({exited:?}); its log:\n{log}"
@@ -179,32 +179,18 @@ impl Host {
 
     /// Its exit code, once it exits (by itself, or after SIGTERM with `terminate`).
     fn exit(mut self, terminate: bool) -> Option<i32> {
-        let child = self.0.as_mut().unwrap();
+        let child = &mut *self.0;
         if terminate {
-            let pid = child.id().to_string();
-            let status = std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap();
-            assert!(status.success());
+            signal(child, "-TERM");
         }
         let start = Instant::now();
         loop {
+            // Reaped here, so dropping the guard signals nothing.
             if let Some(status) = child.try_wait().unwrap() {
-                self.0 = None;
                 return status.code();
             }
             assert!(start.elapsed() < WAIT, "the host did not exit");
             std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }
