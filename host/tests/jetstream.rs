@@ -350,6 +350,29 @@ async fn a_missing_stream_is_a_clear_startup_error() {
     host.stop().await.unwrap();
 }
 
+/// A server without JetStream does not answer the JetStream API at all. The host said the
+/// stream was missing and to create it (or, with `stream_subjects`, failed to create it);
+/// it now says what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_jetstream_is_named_as_such_not_as_a_missing_stream() {
+    let server = NatsServer::start_without_jetstream();
+    let (_dir, m) = manifest(&js_manifest(&server, "stream_subjects = [\"js.in\"]"));
+    let err = match wasmev::Host::start(&m, wasmev::Options::default()).await {
+        Ok(_) => panic!("started without JetStream"),
+        Err(e) => format!("{e:#}"),
+    };
+    let url = server.url();
+    assert_eq!(
+        err,
+        format!(
+            "handler \"chaos\": failed to look up stream \"EVENTS\" on nats at {url}: nothing \
+             answers the JetStream API at \"$JS.API.>\" (no responders); the server runs \
+             without JetStream: start nats-server with -js (or a jetstream block in its \
+             configuration)"
+        )
+    );
+}
+
 /// Start `wasmev run` on `manifest` as a separate process.
 fn spawn_host(manifest: &std::path::Path) -> std::process::Child {
     wasmev_command()

@@ -253,6 +253,19 @@ const IMPORTED_API: Prefixes = Prefixes {
 /// dead letters) and the core events; APP has no JetStream of its own and user `host`
 /// with `permissions`, and imports all that, the API under `JS.events.API`.
 fn cross_account(permissions: &str) -> NatsServer {
+    cross_account_importing(permissions, true)
+}
+
+/// [`cross_account`], with APP importing the JetStream API only if `api`.
+fn cross_account_importing(permissions: &str, api: bool) -> NatsServer {
+    let api_import = if api {
+        format!(
+            "{{ service: {{ account: EVENTS, subject: \"$JS.API.>\" }}, to: \"{}.>\" }}",
+            IMPORTED_API.jetstream_api
+        )
+    } else {
+        String::new()
+    };
     NatsServer::start_with_config(&format!(
         "accounts {{\n\
            EVENTS {{\n\
@@ -269,7 +282,7 @@ fn cross_account(permissions: &str) -> NatsServer {
            APP {{\n\
              users = [ {{ user: host, password: host, {permissions} }} ]\n\
              imports = [\n\
-               {{ service: {{ account: EVENTS, subject: \"$JS.API.>\" }}, to: \"{api}.>\" }}\n\
+               {api_import}\n\
                {{ service: {{ account: EVENTS, subject: \"$JS.ACK.>\" }} }}\n\
                {{ service: {{ account: EVENTS, subject: \"chaos.>\" }} }}\n\
                {{ service: {{ account: EVENTS, subject: \"wasmev.dlq.>\" }} }}\n\
@@ -277,7 +290,6 @@ fn cross_account(permissions: &str) -> NatsServer {
              ]\n\
            }}\n\
          }}\n",
-        api = IMPORTED_API.jetstream_api,
     ))
 }
 
@@ -307,6 +319,29 @@ async fn through_an_imported_api_a_refusal_names_the_subject_the_host_used() {
         "error: handler \"chaos\": failed to get or create consumer \"wasmev\" on stream \
          \"WASMEV_GIVEN_UP_EVENTS_chaos\": the nats server refused this host's user \
          permission to publish to \"JS.events.API.CONSUMER.CREATE.WASMEV_GIVEN_UP_EVENTS_chaos.wasmev\"",
+    )
+    .await;
+}
+
+/// Where the host's account has no JetStream of its own, the start fails saying so, and
+/// what to set; where it asks under a prefix its account does not import, the same.
+/// Both used to read "stream not found: create it".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_without_jetstream_or_its_import_is_named_not_a_missing_stream() {
+    start_fails_on(
+        cross_account(&readme_permissions()),
+        "",
+        ": jetstream error: JetStream not enabled for account (code 503, error code 10039); \
+         enable JetStream for the host's account, or set jetstream_api_prefix to where the \
+         account imports another account's",
+    )
+    .await;
+    start_fails_on(
+        cross_account_importing(&readme_permissions_for(&IMPORTED_API), false),
+        IMPORTED_API.broker_keys,
+        ": nothing answers the JetStream API at \"JS.events.API.>\" (no responders); does the \
+         host's account import another account's JetStream API under \"JS.events.API\" \
+         (jetstream_api_prefix)?",
     )
     .await;
 }

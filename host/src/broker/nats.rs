@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
 use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -20,7 +22,7 @@ use futures::StreamExt;
 use super::refusals::{Refusal, Refusals};
 use super::{Message, Outgoing, PublishError, RequestError, validate_header};
 use crate::limits;
-use crate::manifest::{Auth, BrokerSettings, Deliver, JetStreamSpec};
+use crate::manifest::{Auth, BrokerSettings, DEFAULT_JETSTREAM_API, Deliver, JetStreamSpec};
 use crate::metrics::BrokerCounters;
 use crate::publish::{HOPS, MSG_ID};
 use crate::subject::Pattern;
@@ -237,6 +239,56 @@ fn tls_hint(e: &async_nats::ConnectError, settings: &BrokerSettings) -> Option<&
             "the server asks for a client certificate; set tls_cert and tls_key"
         }),
         _ => None,
+    }
+}
+
+/// Whether looking a stream up failed because JetStream has no such stream (rather than
+/// because JetStream could not be asked).
+fn stream_missing(e: &GetStreamError) -> bool {
+    matches!(e.kind(), GetStreamErrorKind::JetStream(err)
+        if err.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// A stream lookup `e` that did not get as far as the stream, as the user reads it: what
+/// went wrong, and which setting to check for the JetStream API prefix `api` the host asked
+/// (`$JS.API`, a domain's `$JS.<domain>.API`, or an imported `jetstream_api_prefix`).
+fn unreachable_jetstream(e: &GetStreamError, api: &str) -> String {
+    use async_nats::jetstream::context::{RequestError as ApiError, RequestErrorKind};
+    let no_responders = e.kind() == GetStreamErrorKind::Request
+        && std::error::Error::source(e)
+            .and_then(|source| source.downcast_ref::<ApiError>())
+            .is_some_and(|source| source.kind() == RequestErrorKind::NoResponders);
+    let domain = api
+        .strip_prefix("$JS.")
+        .and_then(|rest| rest.strip_suffix(".API"))
+        .filter(|domain| !domain.contains('.'));
+    if no_responders {
+        let check = if api == DEFAULT_JETSTREAM_API {
+            "the server runs without JetStream: start nats-server with -js (or a jetstream \
+             block in its configuration)"
+                .to_string()
+        } else if let Some(domain) = domain {
+            format!("is JetStream domain {domain:?} (jetstream_domain) reachable from this server?")
+        } else {
+            format!(
+                "does the host's account import another account's JetStream API under \
+                 {api:?} (jetstream_api_prefix)?"
+            )
+        };
+        return format!(
+            "nothing answers the JetStream API at \"{api}.>\" (no responders); {check}"
+        );
+    }
+    match e.kind() {
+        GetStreamErrorKind::JetStream(err)
+            if err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT =>
+        {
+            format!(
+                "{e}; enable JetStream for the host's account, or set jetstream_api_prefix to \
+                 where the account imports another account's"
+            )
+        }
+        _ => e.to_string(),
     }
 }
 
@@ -612,6 +664,17 @@ impl NatsBroker {
             .with_context(|| format!("failed to look up stream {:?}", spec.stream))?;
         let stream = match looked_up {
             Ok(stream) => stream,
+            // Only a stream JetStream says it does not have is missing; an account without
+            // JetStream, or nothing answering the API at all, read as "not found" and told
+            // the user to create a stream that already existed.
+            Err(e) if !stream_missing(&e) => {
+                return Err(anyhow::anyhow!(
+                    "failed to look up stream {:?} on nats at {}: {}",
+                    spec.stream,
+                    self.url,
+                    unreachable_jetstream(&e, &self.jetstream_api)
+                ));
+            }
             Err(e) if spec.stream_subjects.is_empty() => {
                 return Err(anyhow::anyhow!(
                     "stream {:?} not found on nats at {} ({e}); create it, or set \
@@ -834,6 +897,40 @@ mod tests {
             ),
             @r#"stream "WASMEV_GIVEN_UP_USERS_email-sender" exists on ["audit.>"]; wasmev keeps max-deliveries advisories there and needs it on "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USERS.email-sender" alone: delete or rename that stream"#
         );
+    }
+
+    #[test]
+    fn a_stream_lookup_that_never_reached_the_stream_says_what_to_check() {
+        use async_nats::jetstream::context::{RequestError as ApiError, RequestErrorKind};
+        let no_responders = || {
+            GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                ApiError::new(RequestErrorKind::NoResponders),
+            )
+        };
+        let api_error = |code: u64, text: &str| {
+            let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+                "code": 503, "err_code": code, "description": text
+            }))
+            .unwrap();
+            GetStreamError::new(GetStreamErrorKind::JetStream(error))
+        };
+        let not_enabled = api_error(10039, "JetStream not enabled for account");
+        let missing = api_error(10059, "stream not found");
+        assert!(stream_missing(&missing));
+        assert!(!stream_missing(&not_enabled) && !stream_missing(&no_responders()));
+        let each = [
+            unreachable_jetstream(&no_responders(), "$JS.API"),
+            unreachable_jetstream(&no_responders(), "$JS.hub.API"),
+            unreachable_jetstream(&no_responders(), "JS.events.API"),
+            unreachable_jetstream(&not_enabled, "$JS.API"),
+        ];
+        insta::assert_snapshot!(each.join("\n"), @r#"
+            nothing answers the JetStream API at "$JS.API.>" (no responders); the server runs without JetStream: start nats-server with -js (or a jetstream block in its configuration)
+            nothing answers the JetStream API at "$JS.hub.API.>" (no responders); is JetStream domain "hub" (jetstream_domain) reachable from this server?
+            nothing answers the JetStream API at "JS.events.API.>" (no responders); does the host's account import another account's JetStream API under "JS.events.API" (jetstream_api_prefix)?
+            jetstream error: JetStream not enabled for account (code 503, error code 10039); enable JetStream for the host's account, or set jetstream_api_prefix to where the account imports another account's
+            "#);
     }
 
     #[test]

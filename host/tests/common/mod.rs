@@ -193,10 +193,21 @@ pub struct NatsServer {
     configured: bool,
     /// The JetStream domain of a server started with [`NatsServer::start_in_domain`].
     domain: Option<String>,
+    /// Off for [`NatsServer::start_without_jetstream`].
+    jetstream: bool,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::plain(true)
+    }
+
+    /// A server as [`NatsServer::start`] makes one, without JetStream.
+    pub fn start_without_jetstream() -> Self {
+        Self::plain(false)
+    }
+
+    fn plain(jetstream: bool) -> Self {
         // Port 0 here means "let the server pick": a port probed free and then handed to
         // the server can be taken by a parallel test's server in between, and that
         // server's death later looks like ours.
@@ -206,6 +217,7 @@ impl NatsServer {
             child: None,
             configured: false,
             domain: None,
+            jetstream,
         };
         server.spawn();
         server
@@ -230,6 +242,7 @@ impl NatsServer {
             child: None,
             configured: true,
             domain,
+            jetstream: true,
         };
         server.write_config(config);
         server.spawn();
@@ -327,7 +340,7 @@ impl NatsServer {
                 self.store.path().join("nats.log"),
             );
             command.arg("-c").arg(config).arg("-l").arg(log);
-        } else {
+        } else if self.jetstream {
             command.arg("-js").arg("-sd").arg(self.store.path());
         }
         let child = command
