@@ -54,9 +54,10 @@ config = { from = "hello@example.com", subject = "Welcome, {name}!" }"#,
     (dir, host, client, sent)
 }
 
+/// On a server without JetStream: core handlers use none of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_created_becomes_email_sent() {
-    let server = NatsServer::start();
+    let server = NatsServer::start_without_jetstream();
     let (_dir, host, client, mut sent) = email_sender(&server).await;
 
     publish_json(
