@@ -350,6 +350,77 @@ async fn a_missing_stream_is_a_clear_startup_error() {
     host.stop().await.unwrap();
 }
 
+/// The durable consumer outlives the host: a host started on an edited manifest finds the
+/// consumer an earlier one made, and the edit must reach it. It did not: the server's
+/// consumer kept its first settings, and the manifest's new ones were silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_jetstream_setting_reaches_the_consumer_an_earlier_host_made() {
+    let (server, _client, js) = js_env(&[("EVENTS", &["js.in", "js.more"])]).await;
+    let (_dir, m) = manifest(&js_manifest(
+        &server,
+        "max_deliver = 2\nack_wait = \"2s\"\nmax_ack_pending = 100",
+    ));
+    TestHost::start(&m).await.stop().await.unwrap();
+    let config = chaos_consumer(&js).await.cached_info().config.clone();
+    assert_eq!(
+        (config.max_deliver, config.ack_wait, config.max_ack_pending),
+        (2, Duration::from_secs(2), 100)
+    );
+
+    let edited = js_manifest(
+        &server,
+        "max_deliver = 4\nack_wait = \"3s\"\nmax_ack_pending = 50",
+    );
+    let (_dir, m) = manifest(&edited);
+    let host = TestHost::start(&m).await;
+    let config = chaos_consumer(&js).await.cached_info().config.clone();
+    assert_eq!(
+        (config.max_deliver, config.ack_wait, config.max_ack_pending),
+        (4, Duration::from_secs(3), 50)
+    );
+    host.stop().await.unwrap();
+
+    // Its subjects, and where it starts: that applies to a new consumer only, and the one
+    // there keeps its place.
+    let moved = edited.replace("subscribe = [\"js.in\"]", "subscribe = [\"js.more\"]")
+        + "deliver = \"new\"\n";
+    let (_dir, m) = manifest(&moved);
+    let host = TestHost::start(&m).await;
+    let config = chaos_consumer(&js).await.cached_info().config.clone();
+    assert_eq!(
+        (config.filter_subject.as_str(), config.deliver_policy),
+        ("js.more", jetstream::consumer::DeliverPolicy::All)
+    );
+    host.stop().await.unwrap();
+}
+
+/// A durable the server will not change to the manifest's settings (made by someone else
+/// with another ack policy) stops the start, saying what differs and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_server_will_not_update_stops_the_start_saying_what_differs() {
+    let (server, _client, js) = js_env(&[EVENTS]).await;
+    js.get_stream("EVENTS")
+        .await
+        .unwrap()
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("chaos".into()),
+            ack_policy: jetstream::consumer::AckPolicy::All,
+            filter_subject: "js.in".into(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            max_ack_pending: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (_dir, m) = manifest(&js_manifest(&server, ""));
+    let err = match wasmev::Host::start(&m, wasmev::Options::default()).await {
+        Ok(_) => panic!("started on a consumer with another ack policy"),
+        Err(e) => format!("{e:#}"),
+    };
+    insta::assert_snapshot!(err, @r#"handler "chaos": consumer "chaos" on stream "EVENTS" has other settings than the manifest's (ack_policy All → Explicit), and the server would not update it: JetStream error: ack policy can not be updated (code 500, error code 10012); delete the consumer (it loses its place in the stream) or give the handler a new durable"#);
+}
+
 /// A server without JetStream does not answer the JetStream API at all. The host said the
 /// stream was missing and to create it (or, with `stream_subjects`, failed to create it);
 /// it now says what is missing.

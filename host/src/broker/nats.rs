@@ -292,6 +292,62 @@ fn unreachable_jetstream(e: &GetStreamError, api: &str) -> String {
     }
 }
 
+/// The settings the host gives its consumers where `made_with` (the server's consumer)
+/// differs from `wanted`, each as `name was → now`. `deliver` is not among them: it only
+/// says where a new consumer starts.
+fn consumer_edits(
+    made_with: &async_nats::jetstream::consumer::Config,
+    wanted: &async_nats::jetstream::consumer::pull::Config,
+) -> Vec<String> {
+    fn filters(one: &str, many: &[String]) -> Vec<String> {
+        let mut all = if many.is_empty() && !one.is_empty() {
+            vec![one.to_string()]
+        } else {
+            many.to_vec()
+        };
+        all.sort();
+        all
+    }
+    let mut edits = Vec::new();
+    let mut check = |name: &str, was: String, now: String| {
+        if was != now {
+            edits.push(format!("{name} {was} → {now}"));
+        }
+    };
+    check(
+        "filter",
+        format!(
+            "{:?}",
+            filters(&made_with.filter_subject, &made_with.filter_subjects)
+        ),
+        format!(
+            "{:?}",
+            filters(&wanted.filter_subject, &wanted.filter_subjects)
+        ),
+    );
+    check(
+        "ack_policy",
+        format!("{:?}", made_with.ack_policy),
+        format!("{:?}", wanted.ack_policy),
+    );
+    check(
+        "ack_wait",
+        format!("{:?}", made_with.ack_wait),
+        format!("{:?}", wanted.ack_wait),
+    );
+    check(
+        "max_deliver",
+        made_with.max_deliver.to_string(),
+        wanted.max_deliver.to_string(),
+    );
+    check(
+        "max_ack_pending",
+        made_with.max_ack_pending.to_string(),
+        wanted.max_ack_pending.to_string(),
+    );
+    edits
+}
+
 /// What getting or creating consumer `durable` on `stream` publishes to, under the
 /// JetStream API prefix `api`: the info request, then the create request (whose subject
 /// goes on with the consumer's filter, when it has one).
@@ -721,16 +777,54 @@ impl NatsBroker {
             [one] => config.filter_subject = one.as_str().to_string(),
             many => config.filter_subjects = many.iter().map(|p| p.as_str().to_string()).collect(),
         }
-        self.unless_refused(
-            &consumer_api(&self.jetstream_api, &spec.stream, &spec.durable),
-            stream.get_or_create_consumer(&spec.durable, config),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "failed to get or create consumer {:?} on stream {:?}",
-                spec.durable, spec.stream
+        let api = consumer_api(&self.jetstream_api, &spec.stream, &spec.durable);
+        let found = self
+            .unless_refused(
+                &api,
+                stream.get_or_create_consumer(&spec.durable, config.clone()),
             )
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to get or create consumer {:?} on stream {:?}",
+                    spec.durable, spec.stream
+                )
+            })?;
+        // The durable consumer outlives the host, and getting it does not change it: the
+        // one an earlier host (or another) made keeps its settings until they are updated.
+        // Without this an edited manifest never reached it.
+        let made_with = &found.cached_info().config;
+        let edited = consumer_edits(made_with, &config);
+        if edited.is_empty() {
+            return Ok(found);
+        }
+        // Where a consumer starts applies only when it is made (README: `deliver`), and
+        // JetStream refuses to change it.
+        config.deliver_policy = made_with.deliver_policy;
+        tracing::info!(
+            stream = %spec.stream,
+            durable = %spec.durable,
+            "updating the durable consumer to the manifest's settings: {}",
+            edited.join(", ")
+        );
+        let updated = self
+            .unless_refused(&api[1..], stream.update_consumer(config))
+            .await;
+        updated.map_err(|e| {
+            let what = format!(
+                "consumer {:?} on stream {:?} has other settings than the manifest's ({})",
+                spec.durable,
+                spec.stream,
+                edited.join(", ")
+            );
+            if e.downcast_ref::<Refusal>().is_some() {
+                e.context(format!("{what}, and updating it failed"))
+            } else {
+                anyhow::anyhow!(
+                    "{what}, and the server would not update it: {e}; delete the consumer (it \
+                     loses its place in the stream) or give the handler a new durable"
+                )
+            }
         })
     }
 
