@@ -384,12 +384,64 @@ async fn an_edited_jetstream_setting_reaches_the_consumer_an_earlier_host_made()
     // there keeps its place.
     let moved = edited.replace("subscribe = [\"js.in\"]", "subscribe = [\"js.more\"]")
         + "deliver = \"new\"\n";
-    let (_dir, m) = manifest(&moved);
+    let (dir, m) = manifest(&moved);
     let host = TestHost::start(&m).await;
     let config = chaos_consumer(&js).await.cached_info().config.clone();
     assert_eq!(
         (config.filter_subject.as_str(), config.deliver_policy),
         ("js.more", jetstream::consumer::DeliverPolicy::All)
+    );
+
+    // And a hot reload of the running host.
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        moved.replace("max_deliver = 4", "max_deliver = 6"),
+    )
+    .unwrap();
+    let report = host.reload().await;
+    assert_eq!(report.result, "ok", "{report:#?}");
+    assert_eq!(report.swapped[0].changed, ["jetstream"], "{report:#?}");
+    let config = chaos_consumer(&js).await.cached_info().config.clone();
+    assert_eq!(config.max_deliver, 6);
+    host.stop().await.unwrap();
+}
+
+/// A reload that moves a JetStream handler to another durable consumer makes and reads
+/// that one. The intake was started with the settings of the version still live, so the
+/// old durable was made again, and read on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_renames_the_durable_reads_from_the_new_one() {
+    let (server, _client, js) = js_env(&[EVENTS, SEEN]).await;
+    let toml = js_manifest(&server, "");
+    let (dir, m) = manifest(&toml);
+    let host = TestHost::start(&m).await;
+    std::fs::write(
+        dir.path().join("runtime.toml"),
+        toml + "durable = \"renamed\"\n",
+    )
+    .unwrap();
+    let report = host.reload().await;
+    assert_eq!(report.result, "ok", "{report:#?}");
+    let stream = js.get_stream("EVENTS").await.unwrap();
+    stream
+        .get_consumer::<jetstream::consumer::pull::Config>("renamed")
+        .await
+        .expect("the renamed durable exists");
+
+    publish_ops(&js, [("after".to_string(), json!({"op": "record"}))]).await;
+    wait_for("the event to be handled", WAIT, || async {
+        (count(&js, "SEEN").await == 1).then_some(())
+    })
+    .await;
+    let renamed = stream
+        .get_consumer::<jetstream::consumer::pull::Config>("renamed")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(
+        renamed.delivered.stream_sequence, 1,
+        "read from the new durable"
     );
     host.stop().await.unwrap();
 }

@@ -102,7 +102,7 @@ impl Host {
                         Handler::new(compiled, self.broker.clone(), self.metrics.handler(&name));
                     let wanted = Intake::of(&handler.spec, &self.host_id);
                     let live = Live::new(handler, self.metrics.clone());
-                    match self.start_intakes(&live, wanted).await {
+                    match self.start_intakes(&live, &live.current(), wanted).await {
                         Ok(intakes) => {
                             self.handlers
                                 .insert(name.clone(), Running { live, intakes });
@@ -143,7 +143,8 @@ impl Host {
                         });
                     }
                     let new: BTreeSet<Intake> = wanted.difference(&old_intakes).cloned().collect();
-                    let started = match self.start_intakes(&live, new).await {
+                    // With the new version's settings: it is not live yet.
+                    let started = match self.start_intakes(&live, &handler, new).await {
                         Ok(started) => started,
                         Err(e) => {
                             refuse(&mut report, &name, e);
@@ -260,7 +261,7 @@ impl Host {
         if stopped.is_empty() {
             return;
         }
-        match self.start_intakes(live, stopped).await {
+        match self.start_intakes(live, &live.current(), stopped).await {
             Ok(intakes) => {
                 if let Some(running) = self.handlers.get_mut(name) {
                     running.intakes.extend(intakes);
@@ -270,16 +271,20 @@ impl Host {
         }
     }
 
-    /// Subscribe (or create the consumer) for each intake and start its loop. All or
-    /// nothing: on an error, the intakes started here are stopped again.
+    /// Subscribe (or create the consumer) for each intake and start its loop, with the
+    /// settings of `version`: the live one, or the one a swap is about to make live (a
+    /// JetStream consumer made from the live one kept the old stream, durable and settings
+    /// through a reload that changed them). All or nothing: on an error, the intakes
+    /// started here are stopped again.
     async fn start_intakes(
         &mut self,
         live: &Arc<Live>,
+        version: &Handler,
         wanted: BTreeSet<Intake>,
     ) -> anyhow::Result<BTreeMap<Intake, IntakeStop>> {
         let mut started = BTreeMap::new();
         for intake in wanted {
-            match self.start_intake(live, &intake).await {
+            match self.start_intake(live, version, &intake).await {
                 Ok(token) => {
                     started.insert(intake, token);
                 }
@@ -297,9 +302,9 @@ impl Host {
     async fn start_intake(
         &mut self,
         live: &Arc<Live>,
+        handler: &Handler,
         intake: &Intake,
     ) -> anyhow::Result<IntakeStop> {
-        let handler = live.current();
         let stop = self.token.child_token();
         let (handle, unsubscribed) = IntakeStop::new(stop.clone());
         match intake {
