@@ -330,14 +330,20 @@ async fn a_redelivery_does_not_duplicate_the_guests_downstream_publish() {
     host.stop().await.unwrap();
 }
 
+/// Why a host on `m` does not start (its whole error chain); panics, saying it
+/// `started_anyway`, if it does.
+async fn start_error(m: &wasmev::Manifest, started_anyway: &str) -> String {
+    match wasmev::Host::start(m, wasmev::Options::default()).await {
+        Ok(_) => panic!("{started_anyway}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_stream_is_a_clear_startup_error() {
     let server = NatsServer::start();
     let (_dir, m) = manifest(&js_manifest(&server, ""));
-    let err = match wasmev::Host::start(&m, wasmev::Options::default()).await {
-        Ok(_) => panic!("started without its stream"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = start_error(&m, "started without its stream").await;
     assert!(err.contains("handler \"chaos\""), "{err}");
     assert!(err.contains("stream \"EVENTS\" not found"), "{err}");
     assert!(err.contains("stream_subjects"), "says how to fix it: {err}");
@@ -466,10 +472,7 @@ async fn a_consumer_the_server_will_not_update_stops_the_start_saying_what_diffe
         .await
         .unwrap();
     let (_dir, m) = manifest(&js_manifest(&server, ""));
-    let err = match wasmev::Host::start(&m, wasmev::Options::default()).await {
-        Ok(_) => panic!("started on a consumer with another ack policy"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = start_error(&m, "started on a consumer with another ack policy").await;
     insta::assert_snapshot!(err, @r#"handler "chaos": consumer "chaos" on stream "EVENTS" has other settings than the manifest's (ack_policy All → Explicit), and the server would not update it: JetStream error: ack policy can not be updated (code 500, error code 10012); delete the consumer (it loses its place in the stream) or give the handler a new durable"#);
 }
 
@@ -480,10 +483,7 @@ async fn a_consumer_the_server_will_not_update_stops_the_start_saying_what_diffe
 async fn a_server_without_jetstream_is_named_as_such_not_as_a_missing_stream() {
     let server = NatsServer::start_without_jetstream();
     let (_dir, m) = manifest(&js_manifest(&server, "stream_subjects = [\"js.in\"]"));
-    let err = match wasmev::Host::start(&m, wasmev::Options::default()).await {
-        Ok(_) => panic!("started without JetStream"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = start_error(&m, "started without JetStream").await;
     let url = server.url();
     assert_eq!(
         err,
@@ -891,10 +891,7 @@ async fn a_given_up_letter_still_refused_when_the_host_stops_is_sent_by_the_next
 async fn a_stream_in_the_way_of_the_advisories_is_a_clear_startup_error() {
     let (server, _client, js) = js_env(&[EVENTS, (GIVEN_UP, &["other.>"])]).await;
     let (_dir, m) = manifest(&js_manifest(&server, ""));
-    let err = match wasmev::Host::start(&m, wasmev::Options::default()).await {
-        Ok(_) => panic!("started with the advisories' stream taken"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = start_error(&m, "started with the advisories' stream taken").await;
     assert!(err.contains("handler \"chaos\""), "{err}");
     assert!(
         err.contains(&format!("stream \"{GIVEN_UP}\" exists on [\"other.>\"]")),
