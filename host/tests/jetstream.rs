@@ -412,6 +412,64 @@ async fn an_edited_jetstream_setting_reaches_the_consumer_an_earlier_host_made()
     host.stop().await.unwrap();
 }
 
+/// What the host does about what it found on the server is in its log: the consumer
+/// updated (from, to), and `stream_subjects` that differ from an existing stream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_says_what_was_updated_and_what_stream_subjects_did_not_change() {
+    let (server, _client, js) = js_env(&[EVENTS]).await;
+    let (_dir, m) = manifest(&js_manifest(&server, "max_deliver = 2"));
+    TestHost::start(&m).await.stop().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("runtime.toml");
+    std::fs::write(
+        &path,
+        js_manifest(
+            &server,
+            "max_deliver = 3\nstream_subjects = [\"js.in\", \"js.more\"]",
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("host.log");
+    let mut host = KillOnDrop(
+        wasmev_command()
+            .arg("run")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let read = || std::fs::read_to_string(&log).unwrap();
+    wait_for("the host to be ready", WAIT, || async {
+        read().contains(" ready on the nats").then_some(())
+    })
+    .await;
+    assert_eq!(terminate_within(&mut host, WAIT), Some(0));
+    let log = read();
+    let line = |part: &str| {
+        log.lines()
+            .find(|l| l.contains(part))
+            .unwrap_or_else(|| panic!("no line with {part:?} in:\n{log}"))
+            .split_once(' ')
+            .map(|(_time, rest)| rest.trim_start().to_string())
+            .unwrap()
+    };
+    insta::assert_snapshot!(
+        [line("stream_subjects"), line("updating the durable consumer")].join("\n"),
+        @r#"
+        WARN wasmev::broker::nats: stream "EVENTS" exists and captures ["js.in"], not the ["js.in", "js.more"] of stream_subjects, which only makes a missing stream: change the stream itself to capture others stream=EVENTS
+        INFO wasmev::broker::nats: updating the durable consumer to the manifest's settings: max_deliver 2 → 3 stream=EVENTS durable=chaos
+        "#
+    );
+    assert_eq!(
+        chaos_consumer(&js).await.cached_info().config.max_deliver,
+        3
+    );
+}
+
 /// A reload that moves a JetStream handler to another durable consumer makes and reads
 /// that one. The intake was started with the settings of the version still live, so the
 /// old durable was made again, and read on.

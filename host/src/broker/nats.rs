@@ -292,6 +292,27 @@ fn unreachable_jetstream(e: &GetStreamError, api: &str) -> String {
     }
 }
 
+/// `stream_subjects` makes a stream only when it is missing: say so when the stream found
+/// captures other subjects than the manifest lists, rather than let an edit to the list
+/// look applied.
+fn warn_if_other_subjects(captured: &[String], spec: &JetStreamSpec) {
+    if spec.stream_subjects.is_empty() {
+        return;
+    }
+    let mut listed: Vec<&str> = spec.stream_subjects.iter().map(Pattern::as_str).collect();
+    let mut found: Vec<&str> = captured.iter().map(String::as_str).collect();
+    listed.sort_unstable();
+    found.sort_unstable();
+    if listed != found {
+        tracing::warn!(
+            stream = %spec.stream,
+            "stream {:?} exists and captures {found:?}, not the {listed:?} of stream_subjects, \
+             which only makes a missing stream: change the stream itself to capture others",
+            spec.stream
+        );
+    }
+}
+
 /// The settings the host gives its consumers where `made_with` (the server's consumer)
 /// differs from `wanted`, each as `name was → now`. `deliver` is not among them: it only
 /// says where a new consumer starts.
@@ -719,7 +740,10 @@ impl NatsBroker {
             .await
             .with_context(|| format!("failed to look up stream {:?}", spec.stream))?;
         let stream = match looked_up {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                warn_if_other_subjects(&stream.cached_info().config.subjects, spec);
+                stream
+            }
             // Only a stream JetStream says it does not have is missing; an account without
             // JetStream, or nothing answering the API at all, read as "not found" and told
             // the user to create a stream that already existed.
