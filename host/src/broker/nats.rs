@@ -329,42 +329,36 @@ fn consumer_edits(
         all.sort();
         all
     }
-    let mut edits = Vec::new();
-    let mut check = |name: &str, was: String, now: String| {
+    fn edit<T: PartialEq + std::fmt::Debug>(edits: &mut Vec<String>, name: &str, was: T, now: T) {
         if was != now {
-            edits.push(format!("{name} {was} → {now}"));
+            edits.push(format!("{name} {was:?} → {now:?}"));
         }
-    };
-    check(
+    }
+    let mut edits = Vec::new();
+    edit(
+        &mut edits,
         "filter",
-        format!(
-            "{:?}",
-            filters(&made_with.filter_subject, &made_with.filter_subjects)
-        ),
-        format!(
-            "{:?}",
-            filters(&wanted.filter_subject, &wanted.filter_subjects)
-        ),
+        filters(&made_with.filter_subject, &made_with.filter_subjects),
+        filters(&wanted.filter_subject, &wanted.filter_subjects),
     );
-    check(
+    edit(
+        &mut edits,
         "ack_policy",
-        format!("{:?}", made_with.ack_policy),
-        format!("{:?}", wanted.ack_policy),
+        made_with.ack_policy,
+        wanted.ack_policy,
     );
-    check(
-        "ack_wait",
-        format!("{:?}", made_with.ack_wait),
-        format!("{:?}", wanted.ack_wait),
-    );
-    check(
+    edit(&mut edits, "ack_wait", made_with.ack_wait, wanted.ack_wait);
+    edit(
+        &mut edits,
         "max_deliver",
-        made_with.max_deliver.to_string(),
-        wanted.max_deliver.to_string(),
+        made_with.max_deliver,
+        wanted.max_deliver,
     );
-    check(
+    edit(
+        &mut edits,
         "max_ack_pending",
-        made_with.max_ack_pending.to_string(),
-        wanted.max_ack_pending.to_string(),
+        made_with.max_ack_pending,
+        wanted.max_ack_pending,
     );
     edits
 }
