@@ -421,34 +421,18 @@ async fn the_log_says_what_was_updated_and_what_stream_subjects_did_not_change()
     TestHost::start(&m).await.stop().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("runtime.toml");
     std::fs::write(
-        &path,
+        dir.path().join("runtime.toml"),
         js_manifest(
             &server,
             "max_deliver = 3\nstream_subjects = [\"js.in\", \"js.more\"]",
         ),
     )
     .unwrap();
-    let log = dir.path().join("host.log");
-    let mut host = KillOnDrop(
-        wasmev_command()
-            .arg("run")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let read = || std::fs::read_to_string(&log).unwrap();
-    wait_for("the host to be ready", WAIT, || async {
-        read().contains(" ready on the nats").then_some(())
-    })
-    .await;
-    assert_eq!(terminate_within(&mut host, WAIT), Some(0));
-    let log = read();
+    let mut host = LoggedHost::run(dir.path(), &[("RUST_LOG", "info")]);
+    host.ready(dir.path()).await;
+    assert_eq!(host.exit(true), Some(0));
+    let log = logged(dir.path());
     let line = |part: &str| {
         log.lines()
             .find(|l| l.contains(part))

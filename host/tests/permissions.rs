@@ -10,8 +10,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use common::js::*;
@@ -135,68 +134,15 @@ fn write_manifest_with(dir: &Path, server: &NatsServer, admin: Option<u16>, brok
     std::fs::write(dir.join("runtime.toml"), toml).unwrap();
 }
 
-/// `wasmev run` as user `host`, logging to `host.log` in `dir`; killed if a test fails
-/// before it stops.
-struct Host(KillOnDrop);
-
-impl Host {
-    fn run(dir: &Path) -> Self {
-        let log = std::fs::File::create(dir.join("host.log")).unwrap();
-        Self(KillOnDrop(
-            wasmev_command()
-                .args(["run", "runtime.toml"])
-                .current_dir(dir)
-                .env("WASMEV_TEST_NATS_USER", "host")
-                .env("WASMEV_TEST_NATS_PASSWORD", "host")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        ))
-    }
-
-    /// Wait until it has logged that it is ready; fail with its log if it exits first or
-    /// is not ready in time.
-    async fn ready(&mut self, dir: &Path) {
-        let start = Instant::now();
-        loop {
-            let log = host_log(dir);
-            if log.contains(" ready on the nats") {
-                return;
-            }
-            let exited = self.0.try_wait().unwrap();
-            assert!(
-                exited.is_none(),
-                "the host exited ({exited:?}); its log:\n{log}"
-            );
-            assert!(
-                start.elapsed() < WAIT,
-                "the host was not ready within {WAIT:?}; its log:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Its exit code, once it exits (by itself, or after SIGTERM with `terminate`).
-    fn exit(mut self, terminate: bool) -> Option<i32> {
-        let child = &mut *self.0;
-        if terminate {
-            signal(child, "-TERM");
-        }
-        let start = Instant::now();
-        loop {
-            // Reaped here, so dropping the guard signals nothing.
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(start.elapsed() < WAIT, "the host did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn host_log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("host.log")).unwrap()
+/// `wasmev run` in `dir` as user `host` (its password in the environment).
+fn run_host(dir: &Path) -> LoggedHost {
+    LoggedHost::run(
+        dir,
+        &[
+            ("WASMEV_TEST_NATS_USER", "host"),
+            ("WASMEV_TEST_NATS_PASSWORD", "host"),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,11 +309,11 @@ async fn runs_every_path_refused_nothing(
     write_manifest_with(dir.path(), server, None, prefixes.broker_keys);
 
     // A first host creates the consumers and the advisories' stream, then stops.
-    let mut host = Host::run(dir.path());
+    let mut host = run_host(dir.path());
     host.ready(dir.path()).await;
     let advisories = js.get_stream(GIVEN_UP).await.unwrap();
     advisories.consumer_info("wasmev").await.unwrap();
-    assert_eq!(host.exit(true), Some(0), "{}", host_log(dir.path()));
+    assert_eq!(host.exit(true), Some(0), "{}", logged(dir.path()));
 
     // A message given up while no host runs: the next host reads its advisory, reads the
     // message back and dead-letters it. Once the stopped host's pull is gone: through a
@@ -381,7 +327,7 @@ async fn runs_every_path_refused_nothing(
     publish_ops(&js, [("lost".to_string(), json!({"op": "record"}))]).await;
     given_up_unsettled(&js, WAIT).await;
 
-    let mut host = Host::run(dir.path());
+    let mut host = run_host(dir.path());
     host.ready(dir.path()).await;
     // Handled and acked, publishing to a stream (the stream lookup, its ack); rejected
     // and dead-lettered; a core event, on a subscription the round trip confirmed.
@@ -414,9 +360,9 @@ async fn runs_every_path_refused_nothing(
     })
     .await;
     assert_eq!(count(&js, GIVEN_UP).await, 0, "the advisory was acked");
-    assert_eq!(host.exit(true), Some(0), "{}", host_log(dir.path()));
+    assert_eq!(host.exit(true), Some(0), "{}", logged(dir.path()));
 
-    let log = host_log(dir.path());
+    let log = logged(dir.path());
     assert!(!log.contains("refused"), "{log}");
     let server_log = server.log();
     let refused: Vec<&str> = server_log
@@ -452,8 +398,8 @@ async fn start_fails_on(server: NatsServer, broker_keys: &str, error: &str) {
     create_stream(&js, "EVENTS", &["js.in"]).await;
     let dir = tempfile::tempdir().unwrap();
     write_manifest_with(dir.path(), &server, None, broker_keys);
-    let code = Host::run(dir.path()).exit(false);
-    let log = host_log(dir.path());
+    let code = run_host(dir.path()).exit(false);
+    let log = logged(dir.path());
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains(error), "{log}");
 }
@@ -518,7 +464,7 @@ async fn a_refused_plain_publish_is_logged_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     write_manifest(dir.path(), &server, Some(port));
-    let mut host = Host::run(dir.path());
+    let mut host = run_host(dir.path());
     host.ready(dir.path()).await;
     let refused = || {
         let metrics = http_get(port, "/metrics").expect("the admin endpoint answers");
@@ -539,7 +485,7 @@ async fn a_refused_plain_publish_is_logged_and_counted() {
     })
     .await;
     assert_eq!(host.exit(true), Some(0));
-    let log = host_log(dir.path());
+    let log = logged(dir.path());
     assert!(
         log.contains(
             "WARN wasmev::broker::nats: the nats server refused this host's user permission \
@@ -561,7 +507,7 @@ async fn a_reload_whose_subscription_is_refused_changes_nothing() {
     create_stream(&js, "SEEN", &["chaos.seen"]).await;
     let dir = tempfile::tempdir().unwrap();
     write_manifest(dir.path(), &server, None);
-    let mut host = Host::run(dir.path());
+    let mut host = run_host(dir.path());
     host.ready(dir.path()).await;
 
     // This user may subscribe to `core.>` only: `other.in` is refused, `core.more` is not.
@@ -579,9 +525,7 @@ async fn a_reload_whose_subscription_is_refused_changes_nothing() {
     ) + &handler_block("more", "chaos", "subscribe = [\"core.more\"]");
     std::fs::write(&manifest, toml).unwrap();
     wait_for("the reload", WAIT, || async {
-        host_log(dir.path())
-            .contains("reload refused")
-            .then_some(())
+        logged(dir.path()).contains("reload refused").then_some(())
     })
     .await;
     let record = json!({"op": "record"}).to_string();
@@ -597,7 +541,7 @@ async fn a_reload_whose_subscription_is_refused_changes_nothing() {
     )
     .await;
     assert_eq!(host.exit(true), Some(0));
-    let log = host_log(dir.path());
+    let log = logged(dir.path());
     assert!(
         log.contains(
             "reload refused, nothing changed:\nthe nats server refused this host's user \
@@ -621,13 +565,13 @@ async fn pulls_refused_a_while_ago_do_not_fail_a_later_reload() {
     create_stream(&js, "SEEN", &["chaos.seen"]).await;
     let dir = tempfile::tempdir().unwrap();
     write_manifest(dir.path(), &server, None);
-    let mut host = Host::run(dir.path());
+    let mut host = run_host(dir.path());
     host.ready(dir.path()).await;
 
     let pull = "CONSUMER.MSG.NEXT.EVENTS.chaos";
     server.reconfigure(&users(&permissions_without(pull)));
     wait_for("a refused pull", WAIT, || async {
-        host_log(dir.path())
+        logged(dir.path())
             .contains(&format!("permission to publish to \"$JS.API.{pull}\""))
             .then_some(())
     })
@@ -653,7 +597,7 @@ async fn pulls_refused_a_while_ago_do_not_fail_a_later_reload() {
     );
     std::fs::write(&manifest, toml).unwrap();
     wait_for("the reload", WAIT, || async {
-        let log = host_log(dir.path());
+        let log = logged(dir.path());
         (log.contains("handler added") || log.contains("reload refused")).then_some(())
     })
     .await;
@@ -666,6 +610,6 @@ async fn pulls_refused_a_while_ago_do_not_fail_a_later_reload() {
     })
     .await;
     assert_eq!(host.exit(true), Some(0));
-    let log = host_log(dir.path());
+    let log = logged(dir.path());
     assert!(!log.contains("reload refused"), "{log}");
 }

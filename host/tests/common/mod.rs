@@ -653,6 +653,64 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `wasmev run runtime.toml` in `dir`, with `env` set and its log (info level) written to
+/// `host.log` there; killed if a test fails before it stops.
+pub struct LoggedHost(KillOnDrop);
+
+impl LoggedHost {
+    pub fn run(dir: &Path, env: &[(&str, &str)]) -> Self {
+        let log = std::fs::File::create(dir.join("host.log")).unwrap();
+        Self(KillOnDrop(
+            wasmev_command()
+                .args(["run", "runtime.toml"])
+                .current_dir(dir)
+                .envs(env.iter().copied())
+                .env("NO_COLOR", "1")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    /// Wait until it has logged that it is ready on NATS; fail with its log if it exits
+    /// first or is not ready within 30 s.
+    pub async fn ready(&mut self, dir: &Path) {
+        const WAIT: Duration = Duration::from_secs(30);
+        let start = Instant::now();
+        loop {
+            let log = logged(dir);
+            if log.contains(" ready on the nats") {
+                return;
+            }
+            let exited = self.0.try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "the host exited ({exited:?}); its log:\n{log}"
+            );
+            assert!(
+                start.elapsed() < WAIT,
+                "the host was not ready within {WAIT:?}; its log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Its exit code, once it exits (by itself, or after SIGTERM with `terminate`), within
+    /// 30 s.
+    pub fn exit(mut self, terminate: bool) -> Option<i32> {
+        if terminate {
+            signal(&self.0, "-TERM");
+        }
+        exit_within(&mut self.0, Duration::from_secs(30))
+    }
+}
+
+/// What a [`LoggedHost`] in `dir` has logged so far.
+pub fn logged(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("host.log")).unwrap()
+}
+
 /// Send `signal` (`-TERM`, `-HUP`) to `child`.
 pub fn signal(child: &Child, signal: &str) {
     let status = Command::new("kill")
@@ -665,15 +723,18 @@ pub fn signal(child: &Child, signal: &str) {
 /// SIGTERM `child` and wait at most `timeout` for it to exit: its exit code.
 pub fn terminate_within(child: &mut Child, timeout: Duration) -> Option<i32> {
     signal(child, "-TERM");
+    exit_within(child, timeout)
+}
+
+/// `child`'s exit code, once it exits; panics if that takes longer than `timeout`. Reaped
+/// here, so a [`KillOnDrop`] around it signals nothing afterwards.
+pub fn exit_within(child: &mut Child, timeout: Duration) -> Option<i32> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status.code();
         }
-        assert!(
-            start.elapsed() < timeout,
-            "did not exit within {timeout:?} of SIGTERM"
-        );
+        assert!(start.elapsed() < timeout, "did not exit within {timeout:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
