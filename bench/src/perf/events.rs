@@ -16,8 +16,8 @@ use super::load::{
     nats_baseline, nats_route, on_one_worker, rate_row, throughput, worker_rows,
 };
 use super::{
-    ECHO, ECHO_LEAN, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row,
-    Server, WINDOW, median, rate, table,
+    BARE, ECHO, ECHO_LEAN, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD,
+    Row, Server, WINDOW, median, rate, table,
 };
 
 /// JetStream runs per figure (each stores its events again, then consumes them). Why 3:
@@ -282,7 +282,10 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              `no_std` through the SDK without its `std` feature), whose component imports \
              wasmev's interfaces and no WASI one, where the std build imports a dozen WASI \
              interfaces it never calls (std's stderr, wasi-libc's stdio and environment, \
-             exit). {}.\n",
+             exit). The reference component: `bench/bare`, the least a component can be \
+             (one export, `handle(list<u8>)`, taking the same payload; no imports), on an \
+             engine with the host's settings, called through an empty linker on a fiber \
+             as wasmev calls handlers, and again synchronously. {}.\n",
             events / 2,
             Server::version()
         ),
@@ -546,6 +549,34 @@ fn floor_rows(
             format!("{:.0} %", 100.0 * dispatched / nats.cpu_us),
         ));
     }
+    // The reference component beside the echo: what any component call costs here, and
+    // how much of the echo's cost is wasmev's interface (the event record, the publish).
+    let r = &floor.reference;
+    for (what, figure, sync, echo) in [
+        (
+            "a call on a warm instance",
+            r.warm,
+            r.warm_sync,
+            floor.warm_call,
+        ),
+        (
+            "fresh instance (store + instantiate + call + drop)",
+            r.fresh,
+            r.fresh_sync,
+            floor.fresh.total(),
+        ),
+    ] {
+        rows.push(Row::new(
+            &format!(
+                "one thread, no broker I/O: the reference component (`bench/bare`: \
+                 `handle(list<u8>)`, no imports), {what}"
+            ),
+            format!("{} (without a fiber {})", us(figure), us(sync)),
+            format!("{} (the echo, wasmtime alone)", us(echo)),
+            format!("{:.2}×", figure / echo),
+            "",
+        ));
+    }
     // What growing memory during an event costs a fresh instance, what linking the room
     // in from the start saves it, and what either costs the events that need no heap
     // (the README's advice to `per-event` handler authors).
@@ -613,6 +644,7 @@ const FLOOR_MODULES: floor::Modules = floor::Modules {
     echo: ECHO,
     sized: ECHO_SIZED_MEMORY,
     lean: ECHO_LEAN,
+    bare: BARE,
 };
 
 /// One throughput case on its own, repeated for `secs` seconds (for a profiler to attach
@@ -632,7 +664,9 @@ pub async fn one(
              wasmev dispatch per-event {:.2} µs, reuse {:.2} µs; fresh instance, event \
              filling 256 KiB of heap {} (the plain event after it, same pool {}), with a \
              2 MiB initial memory {} (after it {}); plain event with a 2 MiB initial \
-             memory {}; plain event built without std (no WASI imports) {}; heap \
+             memory {}; plain event built without std (no WASI imports) {}; the \
+             reference component (`bench/bare`, no imports): warm call {:.2} µs ({:.2} \
+             without a fiber), fresh instance {:.2} µs ({:.2} without a fiber); heap \
              allocations per event: fresh instance {:.2} (wasmtime alone), {:.2} \
              (dispatch), warm call {:.2} (wasmtime alone), {:.2} (dispatch)",
             f.fresh.phases(),
@@ -645,6 +679,10 @@ pub async fn one(
             f.fresh_sized_after_scratch.phases(),
             f.fresh_sized.phases(),
             f.fresh_lean.phases(),
+            f.reference.warm,
+            f.reference.warm_sync,
+            f.reference.fresh,
+            f.reference.fresh_sync,
             f.fresh.allocations,
             f.dispatch_fresh_allocations,
             f.warm_call_allocations,

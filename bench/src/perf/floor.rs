@@ -12,6 +12,11 @@
 //! than the echo handler's initial memory has free, on the default build (the memory
 //! grows) and on one linked with room for it, and what each costs the plain events that
 //! run in the same pool after it.
+//!
+//! And it measures a reference beside the echo: `bench/bare`, the least a component can
+//! be (`handle(list<u8>)`, no imports), on an engine with the host's settings. What the
+//! echo costs past it is wasmev's interface (the event record, the publish import); the
+//! reference itself is what any component call costs on this machine.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -120,6 +125,8 @@ pub struct Floor {
     /// wasmev's dispatch of the same event, per-event and reuse.
     pub dispatch_fresh: f64,
     pub dispatch_warm: f64,
+    /// The reference component (`bench/bare`), called as the premise has it.
+    pub reference: Reference,
     /// Heap allocations per event on this thread: the warm call (wasmtime alone), and
     /// each dispatch. A count does not vary with the machine's speed, so what dispatch
     /// adds to wasmtime's own is exact, where its time is within the noise.
@@ -141,7 +148,32 @@ impl Floor {
     }
 }
 
-/// The echo handler builds the floor measures.
+/// The reference component's figures, in mean microseconds per event: its call on a warm
+/// instance and a fresh instance (store + instantiate + call + drop), each made async (on
+/// a fiber, as wasmev calls handlers) and synchronously.
+#[derive(Debug, Clone, Copy)]
+pub struct Reference {
+    pub warm: f64,
+    pub warm_sync: f64,
+    pub fresh: f64,
+    pub fresh_sync: f64,
+}
+
+impl Reference {
+    fn middle(rounds: &[Floor]) -> Reference {
+        let figure = |pick: fn(&Reference) -> f64| {
+            median(rounds.iter().map(|f| pick(&f.reference)).collect())
+        };
+        Reference {
+            warm: figure(|r| r.warm),
+            warm_sync: figure(|r| r.warm_sync),
+            fresh: figure(|r| r.fresh),
+            fresh_sync: figure(|r| r.fresh_sync),
+        }
+    }
+}
+
+/// The modules the floor measures.
 pub struct Modules {
     /// As built by default.
     pub echo: &'static str,
@@ -149,6 +181,8 @@ pub struct Modules {
     pub sized: &'static str,
     /// Built without std: no WASI imports.
     pub lean: &'static str,
+    /// The reference component (`bench/bare`).
+    pub bare: &'static str,
 }
 
 /// Measure the echo handler on a blocking thread with a single-threaded runtime of its
@@ -158,6 +192,7 @@ pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
     let reuse = echo_manifest(dir, modules.echo, "reuse", None, "")?;
     let sized = echo_manifest(dir, modules.sized, "per-event", None, "")?;
     let lean = echo_manifest(dir, modules.lean, "per-event", None, "")?;
+    let bare = Path::new(modules.bare);
     tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -175,9 +210,10 @@ pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
             check_growth(&handlers.sized_scratch, false).await?;
             check_no_wasi(&handlers.fresh, &handlers.lean)?;
             let warm_sync = sync::pre(&handlers.warm)?;
+            let bare = reference::load(bare)?;
             let mut rounds = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
-                rounds.push(round(&handlers, &warm_sync).await?);
+                rounds.push(round(&handlers, &warm_sync, &bare).await?);
             }
             let middle = |figure: fn(&Floor) -> f64| median(rounds.iter().map(figure).collect());
             let fresh = |figure: fn(&Floor) -> Fresh| Fresh::middle(rounds.iter().map(figure));
@@ -194,6 +230,7 @@ pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
                 warm_quiet_sync: middle(|f| f.warm_quiet_sync),
                 dispatch_fresh: middle(|f| f.dispatch_fresh),
                 dispatch_warm: middle(|f| f.dispatch_warm),
+                reference: Reference::middle(&rounds),
                 warm_call_allocations: middle(|f| f.warm_call_allocations),
                 dispatch_fresh_allocations: middle(|f| f.dispatch_fresh_allocations),
                 dispatch_warm_allocations: middle(|f| f.dispatch_warm_allocations),
@@ -341,7 +378,11 @@ const WASM_PAGE: u64 = 64 << 10;
 
 /// One round: every figure once, in turn, so a slow spell on the machine falls on all of
 /// them rather than on one figure's rounds.
-async fn round(handlers: &Handlers, warm_sync: &sync::HandlerPre<State>) -> anyhow::Result<Floor> {
+async fn round(
+    handlers: &Handlers,
+    warm_sync: &sync::HandlerPre<State>,
+    bare: &reference::Bare,
+) -> anyhow::Result<Floor> {
     let Handlers {
         fresh,
         warm,
@@ -370,6 +411,7 @@ async fn round(handlers: &Handlers, warm_sync: &sync::HandlerPre<State>) -> anyh
         warm_quiet_sync: sync::quiet(warm, warm_sync)?,
         dispatch_fresh,
         dispatch_warm,
+        reference: reference::measure(bare).await?,
         warm_call_allocations,
         dispatch_fresh_allocations,
         dispatch_warm_allocations,
@@ -581,6 +623,122 @@ mod sync {
         ) -> wasmtime::Result<Result<types::Response, types::RequestError>> {
             refused()
         }
+    }
+}
+
+/// The reference component: `handle(list<u8>)` and no imports (`bench/bare`), on an
+/// engine (and instance pool) of its own with the host's settings, called with the bench's
+/// payload through an empty linker.
+mod reference {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use anyhow::Context as _;
+    use wasmev::limits;
+    use wasmtime::Store;
+    use wasmtime::component::{Component, Instance, InstancePre, Linker, TypedFunc};
+
+    use super::{FRESH_EVENTS, PAYLOAD, Reference, WARM_EVENTS, per_event};
+
+    pub struct Bare {
+        pre: InstancePre<()>,
+        payload: Vec<u8>,
+    }
+
+    /// Compile `module` on an engine made as the host makes one for a handler with the
+    /// default limits; it must import nothing (the empty linker refuses it otherwise).
+    pub fn load(module: &Path) -> anyhow::Result<Bare> {
+        let engine =
+            wasmev::engine::new_engine(false, limits::DEFAULT_WASM_STACK, limits::INSTANCE_POOL)?;
+        let component = Component::from_file(&engine, module)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                    "cannot load the floor's reference component {}: build it with ./scripts/bench",
+                    module.display()
+                )
+            })?;
+        let pre = Linker::new(&engine)
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{} should import nothing", module.display()))?;
+        Ok(Bare {
+            pre,
+            payload: vec![b'x'; PAYLOAD],
+        })
+    }
+
+    /// One round of each figure.
+    pub async fn measure(bare: &Bare) -> anyhow::Result<Reference> {
+        Ok(Reference {
+            warm: warm(bare, Call::Async).await?,
+            warm_sync: warm(bare, Call::Sync).await?,
+            fresh: fresh(bare, Call::Async).await?,
+            fresh_sync: fresh(bare, Call::Sync).await?,
+        })
+    }
+
+    /// How the call is made: on a fiber, as wasmev calls handlers, or on the thread.
+    #[derive(Clone, Copy)]
+    enum Call {
+        Async,
+        Sync,
+    }
+
+    /// A store with no state; its deadline cannot pass (no epoch ticker runs here).
+    fn store(bare: &Bare) -> Store<()> {
+        let mut store = Store::new(bare.pre.engine(), ());
+        store.set_epoch_deadline(1 << 40);
+        store
+    }
+
+    async fn instantiate(
+        bare: &Bare,
+        store: &mut Store<()>,
+        how: Call,
+    ) -> anyhow::Result<Instance> {
+        Ok(match how {
+            Call::Async => bare.pre.instantiate_async(store).await?,
+            Call::Sync => bare.pre.instantiate(store)?,
+        })
+    }
+
+    /// `handle(payload)`. (wasmtime 48 runs the post-return itself.)
+    async fn call<'a>(
+        handle: TypedFunc<(&'a [u8],), ()>,
+        store: &mut Store<()>,
+        payload: &'a [u8],
+        how: Call,
+    ) -> anyhow::Result<()> {
+        match how {
+            Call::Async => handle.call_async(store, (payload,)).await?,
+            Call::Sync => handle.call(store, (payload,))?,
+        }
+        Ok(())
+    }
+
+    /// µs per call on one instance.
+    async fn warm(bare: &Bare, how: Call) -> anyhow::Result<f64> {
+        let mut store = store(bare);
+        let instance = instantiate(bare, &mut store, how).await?;
+        let handle = instance.get_typed_func::<(&[u8],), ()>(&mut store, "handle")?;
+        let started = Instant::now();
+        for _ in 0..WARM_EVENTS {
+            call(handle, &mut store, &bare.payload, how).await?;
+        }
+        Ok(per_event(started.elapsed(), WARM_EVENTS))
+    }
+
+    /// µs per event with a fresh instance each: store, instantiate, call, drop.
+    async fn fresh(bare: &Bare, how: Call) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        for _ in 0..FRESH_EVENTS {
+            let mut store = store(bare);
+            let instance = instantiate(bare, &mut store, how).await?;
+            let handle = instance.get_typed_func::<(&[u8],), ()>(&mut store, "handle")?;
+            call(handle, &mut store, &bare.payload, how).await?;
+        }
+        Ok(per_event(started.elapsed(), FRESH_EVENTS))
     }
 }
 

@@ -46,6 +46,9 @@ const ECHO_SIZED_MEMORY: &str = "target/echo-2m-memory/wasm32-wasip2/release/ben
 /// `publisher` and no WASI interface, where the std build imports a dozen, so a fresh
 /// instance lowers one import instead of two dozen (`./scripts/bench` builds it too).
 const ECHO_LEAN: &str = "target/wasm32-wasip2/release/bench_echo_lean.wasm";
+/// The floor's reference component (`bench/bare`): `handle(list<u8>)` and no imports, the
+/// least a component can be (`./scripts/bench` builds it too).
+const BARE: &str = "target/wasm32-wasip2/release/bench_bare.wasm";
 
 /// A nats-server of our own on a free loopback port, killed on drop.
 pub struct Server {
