@@ -44,11 +44,13 @@ enum Bench {
     /// For profiling: `perf record -p $(pgrep wasmev-bench)` while it runs.
     One {
         /// baseline, baseline-hops (the baseline adding wasmev's hop header to each
-        /// publish), per-event, reuse, per-event-lean (per-event with the echo built without
-        /// std, which imports no WASI interface), jetstream (consume+ack of stored events,
-        /// per-event), jetstream-reuse (the same with reuse), or jetstream-baseline (the same
-        /// by a plain async-nats pull consumer), or floor (one event on one thread without
-        /// broker I/O: wasmtime alone and wasmev's dispatch).
+        /// publish), baseline-call (that, and a call of the reference component
+        /// `bench/bare` on a warm instance per event), per-event, reuse, per-event-lean
+        /// (per-event with the echo built without std, which imports no WASI interface),
+        /// jetstream (consume+ack of stored events, per-event), jetstream-reuse (the same
+        /// with reuse), or jetstream-baseline (the same by a plain async-nats pull
+        /// consumer), or floor (one event on one thread without broker I/O: wasmtime alone
+        /// and wasmev's dispatch).
         #[arg(long, default_value = "reuse")]
         mode: String,
         /// Use the embedded broker instead of a nats-server.

@@ -11,10 +11,11 @@ use super::cpu;
 use super::floor::{self, Floor};
 use super::jetstream::{jetstream, jetstream_baseline, plain_consumer_rows, repeat};
 use super::load::{
-    Baseline, LATENCY_RUNS, LatencyRun, Measured, RUNS, Route, Running, SLOW_US, WorkersUse,
-    baseline_row, cpu_row, echo_host, latency, latency_row, latency_run, measure, memory_baseline,
-    nats_baseline, nats_route, on_one_worker, rate_row, throughput, worker_rows,
+    Baseline, LATENCY_RUNS, LatencyRun, Measured, RUNS, Republish, Route, Running, SLOW_US,
+    WorkersUse, baseline_row, cpu_row, echo_host, latency, latency_row, latency_run, measure,
+    memory_baseline, nats_baseline, nats_route, on_one_worker, rate_row, throughput, worker_rows,
 };
+use super::reference::Bare;
 use super::{
     BARE, ECHO, ECHO_LEAN, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD,
     Row, Server, WINDOW, median, rate, table,
@@ -47,6 +48,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
     let [
         raw,
         hops,
+        called,
         per_event,
         reuse,
         small,
@@ -75,6 +77,22 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         "NATS",
         "subscriber with the header",
         &Measured::summary(hops),
+        &raw_m,
+    ));
+    // Nor this: the least any Wasm host with wasmev's loop guard does, a call of the least
+    // component there is on a warm instance. Where `reuse` could get to at best.
+    rows.push(round_row(
+        "NATS: the same subscriber with the header, calling the reference component \
+         (`bench/bare`: `handle(list<u8>)`, no imports) on a warm instance before each \
+         publish",
+        called,
+        raw,
+        "",
+    ));
+    rows.extend(worker_rows(
+        "NATS",
+        "subscriber with the header and the reference call",
+        &Measured::summary(called),
         &raw_m,
     ));
 
@@ -285,7 +303,9 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              exit). The reference component: `bench/bare`, the least a component can be \
              (one export, `handle(list<u8>)`, taking the same payload; no imports), on an \
              engine with the host's settings, called through an empty linker on a fiber \
-             as wasmev calls handlers, and again synchronously. {}.\n",
+             as wasmev calls handlers, and again synchronously; on NATS the subscriber with \
+             the header also calls it, on one warm instance, for each event before it \
+             republishes, taking its turn in the same rounds. {}.\n",
             events / 2,
             Server::version()
         ),
@@ -303,9 +323,10 @@ fn jetstream_mode(mode: &str) -> Option<&'static str> {
 }
 
 /// Who answers `bench.in` on NATS in the throughput rounds, in the order they take turns.
-const CONTENDERS: [Contender; 9] = [
+const CONTENDERS: [Contender; 10] = [
     Contender::Plain,
     Contender::PlainWithHops,
+    Contender::PlainWithCall,
     Contender::Host("per-event", ECHO),
     Contender::Host("reuse", ECHO),
     Contender::Host("per-event", ECHO_SMALL_STACK),
@@ -322,6 +343,9 @@ enum Contender {
     Plain,
     /// The same, adding wasmev's hop header to each publish.
     PlainWithHops,
+    /// The same with the header, calling the reference component on a warm instance for
+    /// each event before it republishes ([`Republish::WithHopsAndCall`]).
+    PlainWithCall,
     /// A host running the echo handler: its `instances` mode and its module.
     Host(&'static str, &'static str),
     /// Another contender on a runtime with one worker thread (NATS only).
@@ -372,7 +396,7 @@ impl Contender {
                         Route::Memory(memory),
                     ))
                 }
-                Contender::PlainWithHops | Contender::OneWorker(_) => {
+                Contender::PlainWithHops | Contender::PlainWithCall | Contender::OneWorker(_) => {
                     bail!("the hop-header and one-worker contenders answer on NATS only")
                 }
                 Contender::Host(mode, module) => {
@@ -389,8 +413,17 @@ impl Contender {
     /// Start answering on the nats-server at `url`, on the runtime this is called on.
     async fn start_nats(self, dir: &Path, url: &str) -> anyhow::Result<Started> {
         Ok(match self {
-            Contender::Plain => Started::Plain(nats_baseline(url, false).await?),
-            Contender::PlainWithHops => Started::Plain(nats_baseline(url, true).await?),
+            Contender::Plain => Started::Plain(nats_baseline(url, Republish::Plain).await?),
+            Contender::PlainWithHops => {
+                Started::Plain(nats_baseline(url, Republish::WithHops).await?)
+            }
+            Contender::PlainWithCall => Started::Plain(
+                nats_baseline(
+                    url,
+                    Republish::WithHopsAndCall(Bare::load(Path::new(BARE))?),
+                )
+                .await?,
+            ),
             Contender::Host(mode, module) => {
                 Started::Host(echo_host(dir, module, mode, Some(url), "").await?.0)
             }
@@ -697,11 +730,18 @@ pub async fn one(
     let url = server.as_ref().map(|s| s.url.clone());
     let memory = wasmev::broker::memory::MemoryBroker::new();
     let (route, running, base) = match (mode, &url) {
-        ("baseline" | "baseline-hops", Some(url)) => (
-            nats_route(url).await?,
-            None,
-            Some(nats_baseline(url, mode == "baseline-hops").await?),
-        ),
+        ("baseline" | "baseline-hops" | "baseline-call", Some(url)) => {
+            let republish = match mode {
+                "baseline" => Republish::Plain,
+                "baseline-hops" => Republish::WithHops,
+                _ => Republish::WithHopsAndCall(Bare::load(Path::new(BARE))?),
+            };
+            (
+                nats_route(url).await?,
+                None,
+                Some(nats_baseline(url, republish).await?),
+            )
+        }
         ("baseline", None) => (
             Route::Memory(memory.clone()),
             None,
@@ -746,7 +786,7 @@ pub async fn one(
             ));
         }
         _ => bail!(
-            "mode is baseline, baseline-hops (NATS only), per-event, reuse, per-event-lean, \
+            "mode is baseline, baseline-hops or baseline-call (NATS only), per-event, reuse, per-event-lean, \
              jetstream, jetstream-reuse or jetstream-baseline (NATS only), or floor, not \
              {mode:?}"
         ),

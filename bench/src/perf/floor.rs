@@ -33,6 +33,7 @@ use wasmev::publish::Delivery;
 use wasmev::sandbox::State;
 
 use super::load::echo_manifest;
+use super::reference::{Bare, Call};
 use super::{PAYLOAD, median, us_per_event};
 use crate::alloc::allocations;
 
@@ -210,7 +211,7 @@ pub async fn measure(dir: &Path, modules: Modules) -> anyhow::Result<Floor> {
             check_growth(&handlers.sized_scratch, false).await?;
             check_no_wasi(&handlers.fresh, &handlers.lean)?;
             let warm_sync = sync::pre(&handlers.warm)?;
-            let bare = reference::load(bare)?;
+            let bare = Bare::load(bare)?;
             let mut rounds = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
                 rounds.push(round(&handlers, &warm_sync, &bare).await?);
@@ -381,7 +382,7 @@ const WASM_PAGE: u64 = 64 << 10;
 async fn round(
     handlers: &Handlers,
     warm_sync: &sync::HandlerPre<State>,
-    bare: &reference::Bare,
+    bare: &Bare,
 ) -> anyhow::Result<Floor> {
     let Handlers {
         fresh,
@@ -411,7 +412,7 @@ async fn round(
         warm_quiet_sync: sync::quiet(warm, warm_sync)?,
         dispatch_fresh,
         dispatch_warm,
-        reference: reference::measure(bare).await?,
+        reference: reference(bare).await?,
         warm_call_allocations,
         dispatch_fresh_allocations,
         dispatch_warm_allocations,
@@ -626,120 +627,35 @@ mod sync {
     }
 }
 
-/// The reference component: `handle(list<u8>)` and no imports (`bench/bare`), on an
-/// engine (and instance pool) of its own with the host's settings, called with the bench's
-/// payload through an empty linker.
-mod reference {
-    use std::path::Path;
-    use std::time::Instant;
+/// One round of each of the reference component's figures.
+async fn reference(bare: &Bare) -> anyhow::Result<Reference> {
+    Ok(Reference {
+        warm: reference_warm(bare, Call::Async).await?,
+        warm_sync: reference_warm(bare, Call::Sync).await?,
+        fresh: reference_fresh(bare, Call::Async).await?,
+        fresh_sync: reference_fresh(bare, Call::Sync).await?,
+    })
+}
 
-    use anyhow::Context as _;
-    use wasmev::limits;
-    use wasmtime::Store;
-    use wasmtime::component::{Component, Instance, InstancePre, Linker, TypedFunc};
-
-    use super::{FRESH_EVENTS, PAYLOAD, Reference, WARM_EVENTS, per_event};
-
-    pub struct Bare {
-        pre: InstancePre<()>,
-        payload: Vec<u8>,
+/// µs per call on one instance of the reference component.
+async fn reference_warm(bare: &Bare, how: Call) -> anyhow::Result<f64> {
+    let payload = vec![b'x'; PAYLOAD];
+    let mut warm = bare.instance(how).await?;
+    let started = Instant::now();
+    for _ in 0..WARM_EVENTS {
+        warm.call(&payload, how).await?;
     }
+    Ok(per_event(started.elapsed(), WARM_EVENTS))
+}
 
-    /// Compile `module` on an engine made as the host makes one for a handler with the
-    /// default limits; it must import nothing (the empty linker refuses it otherwise).
-    pub fn load(module: &Path) -> anyhow::Result<Bare> {
-        let engine =
-            wasmev::engine::new_engine(false, limits::DEFAULT_WASM_STACK, limits::INSTANCE_POOL)?;
-        let component = Component::from_file(&engine, module)
-            .map_err(anyhow::Error::from)
-            .with_context(|| {
-                format!(
-                    "cannot load the floor's reference component {}: build it with ./scripts/bench",
-                    module.display()
-                )
-            })?;
-        let pre = Linker::new(&engine)
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("{} should import nothing", module.display()))?;
-        Ok(Bare {
-            pre,
-            payload: vec![b'x'; PAYLOAD],
-        })
+/// µs per event with a fresh instance of it each: store, instantiate, call, drop.
+async fn reference_fresh(bare: &Bare, how: Call) -> anyhow::Result<f64> {
+    let payload = vec![b'x'; PAYLOAD];
+    let started = Instant::now();
+    for _ in 0..FRESH_EVENTS {
+        bare.instance(how).await?.call(&payload, how).await?;
     }
-
-    /// One round of each figure.
-    pub async fn measure(bare: &Bare) -> anyhow::Result<Reference> {
-        Ok(Reference {
-            warm: warm(bare, Call::Async).await?,
-            warm_sync: warm(bare, Call::Sync).await?,
-            fresh: fresh(bare, Call::Async).await?,
-            fresh_sync: fresh(bare, Call::Sync).await?,
-        })
-    }
-
-    /// How the call is made: on a fiber, as wasmev calls handlers, or on the thread.
-    #[derive(Clone, Copy)]
-    enum Call {
-        Async,
-        Sync,
-    }
-
-    /// A store with no state; its deadline cannot pass (no epoch ticker runs here).
-    fn store(bare: &Bare) -> Store<()> {
-        let mut store = Store::new(bare.pre.engine(), ());
-        store.set_epoch_deadline(1 << 40);
-        store
-    }
-
-    async fn instantiate(
-        bare: &Bare,
-        store: &mut Store<()>,
-        how: Call,
-    ) -> anyhow::Result<Instance> {
-        Ok(match how {
-            Call::Async => bare.pre.instantiate_async(store).await?,
-            Call::Sync => bare.pre.instantiate(store)?,
-        })
-    }
-
-    /// `handle(payload)`. (wasmtime 48 runs the post-return itself.)
-    async fn call<'a>(
-        handle: TypedFunc<(&'a [u8],), ()>,
-        store: &mut Store<()>,
-        payload: &'a [u8],
-        how: Call,
-    ) -> anyhow::Result<()> {
-        match how {
-            Call::Async => handle.call_async(store, (payload,)).await?,
-            Call::Sync => handle.call(store, (payload,))?,
-        }
-        Ok(())
-    }
-
-    /// µs per call on one instance.
-    async fn warm(bare: &Bare, how: Call) -> anyhow::Result<f64> {
-        let mut store = store(bare);
-        let instance = instantiate(bare, &mut store, how).await?;
-        let handle = instance.get_typed_func::<(&[u8],), ()>(&mut store, "handle")?;
-        let started = Instant::now();
-        for _ in 0..WARM_EVENTS {
-            call(handle, &mut store, &bare.payload, how).await?;
-        }
-        Ok(per_event(started.elapsed(), WARM_EVENTS))
-    }
-
-    /// µs per event with a fresh instance each: store, instantiate, call, drop.
-    async fn fresh(bare: &Bare, how: Call) -> anyhow::Result<f64> {
-        let started = Instant::now();
-        for _ in 0..FRESH_EVENTS {
-            let mut store = store(bare);
-            let instance = instantiate(bare, &mut store, how).await?;
-            let handle = instance.get_typed_func::<(&[u8],), ()>(&mut store, "handle")?;
-            call(handle, &mut store, &bare.payload, how).await?;
-        }
-        Ok(per_event(started.elapsed(), FRESH_EVENTS))
-    }
+    Ok(per_event(started.elapsed(), FRESH_EVENTS))
 }
 
 /// One round of `events` through wasmev's dispatch: µs and heap allocations per event.

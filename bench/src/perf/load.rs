@@ -15,6 +15,7 @@ use wasmev::subject::Pattern;
 use wasmev::{Host, Manifest, Options};
 
 use super::cpu;
+use super::reference::{Bare, Call};
 use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, median, rate, us_per_event};
 use crate::alloc;
 
@@ -395,11 +396,29 @@ impl Baseline {
     }
 }
 
-/// The baseline: a plain async-nats subscriber on `bench.in` republishing on `bench.out`.
-/// With `hop_header`, each republish also carries the header wasmev stamps on every guest
-/// publish (`Wasmev-Hops: 1`), built per message as the host builds it: what that header
-/// alone costs async-nats.
-pub(super) async fn nats_baseline(url: &str, hop_header: bool) -> anyhow::Result<Baseline> {
+/// What a baseline subscriber does with an event besides republishing its payload.
+#[derive(Clone)]
+pub(super) enum Republish {
+    /// Nothing: the plain subscriber.
+    Plain,
+    /// Each republish also carries the header wasmev stamps on every guest publish
+    /// (`Wasmev-Hops: 1`), built per message as the host builds it: what that header alone
+    /// costs async-nats.
+    WithHops,
+    /// The same, and before it the payload goes through a call of the reference component
+    /// (`bench/bare`: `handle(list<u8>)`, no imports) on one warm instance, made async as
+    /// wasmev makes its calls: the least a Wasm host with wasmev's loop guard does.
+    WithHopsAndCall(Bare),
+}
+
+/// The baseline: a plain async-nats subscriber on `bench.in` republishing on `bench.out`,
+/// doing `republish`'s extra work.
+pub(super) async fn nats_baseline(url: &str, republish: Republish) -> anyhow::Result<Baseline> {
+    let mut instance = match &republish {
+        Republish::WithHopsAndCall(bare) => Some(bare.instance(Call::Async).await?),
+        Republish::Plain | Republish::WithHops => None,
+    };
+    let hop_header = !matches!(republish, Republish::Plain);
     let client = async_nats::connect(url).await?;
     let mut sub = client.subscribe("bench.in").await?;
     // Subscribed at the server before the load starts on another connection: a flush
@@ -415,6 +434,12 @@ pub(super) async fn nats_baseline(url: &str, hop_header: bool) -> anyhow::Result
                 _ = &mut stopped => break,
                 m = sub.next() => match m {
                     Some(m) => {
+                        if let Some(instance) = &mut instance
+                            && let Err(e) = instance.call(&m.payload, Call::Async).await
+                        {
+                            eprintln!("the baseline's call of the reference component failed: {e:#}");
+                            return;
+                        }
                         let sent = if hop_header {
                             let mut headers = async_nats::HeaderMap::new();
                             headers.insert(wasmev::publish::HOPS, "1");

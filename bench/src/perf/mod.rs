@@ -4,7 +4,8 @@
 //!
 //! `load`: the load generator, the baselines and the host under test; `events`: the
 //! throughput and latency figures; `jetstream`: JetStream consume+ack; `floor`: one event
-//! on one thread without broker I/O, in wasmtime alone and through dispatch; `cpu`: CPU
+//! on one thread without broker I/O, in wasmtime alone and through dispatch; `reference`:
+//! the least a component can be, for the floor and a baseline to call; `cpu`: CPU
 //! time per thread; `process`: start-up and memory of the host as a process.
 
 mod cpu;
@@ -13,6 +14,7 @@ mod floor;
 mod jetstream;
 mod load;
 mod process;
+mod reference;
 
 pub use events::{events, one};
 pub use process::{memory, startup, wasmev_binary};
