@@ -18,6 +18,9 @@ const CASES: &str = include_str!("../templates/cases.toml");
 pub enum Lang {
     /// Rust with wit-bindgen, built for wasm32-wasip2.
     Rust,
+    /// The same without Rust's standard library: the component imports no WASI interface,
+    /// so a fresh instance per event costs less (every dependency must be `no_std`).
+    RustNoStd,
     /// JavaScript with componentize-js (npm).
     Js,
     /// Python with componentize-py (pip).
@@ -30,6 +33,7 @@ impl fmt::Display for Lang {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Lang::Rust => "rust",
+            Lang::RustNoStd => "rust-no-std",
             Lang::Js => "js",
             Lang::Python => "python",
             Lang::C => "c",
@@ -45,6 +49,24 @@ impl Lang {
                 ("Cargo.toml", include_str!("../templates/rust/Cargo.toml")),
                 ("build.sh", include_str!("../templates/rust/build.sh")),
                 ("src/lib.rs", include_str!("../templates/rust/src/lib.rs")),
+            ],
+            Lang::RustNoStd => &[
+                (
+                    "Cargo.toml",
+                    include_str!("../templates/rust-no-std/Cargo.toml"),
+                ),
+                (
+                    "build.sh",
+                    include_str!("../templates/rust-no-std/build.sh"),
+                ),
+                (
+                    "src/lib.rs",
+                    include_str!("../templates/rust-no-std/src/lib.rs"),
+                ),
+                (
+                    "src/no_std.rs",
+                    include_str!("../templates/rust-no-std/src/no_std.rs"),
+                ),
             ],
             Lang::Js => &[
                 ("package.json", include_str!("../templates/js/package.json")),
@@ -65,7 +87,7 @@ impl Lang {
     /// The component the build writes, relative to the scaffold.
     fn module(self, ident: &str) -> String {
         match self {
-            Lang::Rust => format!("target/wasm32-wasip2/release/{ident}.wasm"),
+            Lang::Rust | Lang::RustNoStd => format!("target/wasm32-wasip2/release/{ident}.wasm"),
             Lang::Js | Lang::Python | Lang::C => format!("{ident}.wasm"),
         }
     }
@@ -73,7 +95,7 @@ impl Lang {
     /// What `wasmev dev` watches, relative to the scaffold.
     fn watch(self) -> &'static str {
         match self {
-            Lang::Rust => "src/**/*.rs",
+            Lang::Rust | Lang::RustNoStd => "src/**/*.rs",
             Lang::Js => "*.js",
             Lang::Python => "*.py",
             Lang::C => "*.c",
@@ -83,7 +105,7 @@ impl Lang {
     /// What the build needs, for the README and the next-steps text.
     fn needs(self) -> &'static str {
         match self {
-            Lang::Rust => "rustup target add wasm32-wasip2",
+            Lang::Rust | Lang::RustNoStd => "rustup target add wasm32-wasip2",
             Lang::Js => "node and npm (componentize-js is installed into node_modules)",
             Lang::Python => "pip install componentize-py==0.25.1",
             Lang::C => {
@@ -296,7 +318,7 @@ mod tests {
 
     #[test]
     fn every_template_placeholder_is_filled() {
-        for lang in [Lang::Rust, Lang::Js, Lang::Python, Lang::C] {
+        for lang in [Lang::Rust, Lang::RustNoStd, Lang::Js, Lang::Python, Lang::C] {
             let dir = tempfile::tempdir().unwrap();
             let made = create("order-sync", lang, &dir.path().join("h")).unwrap();
             for file in &made.files {

@@ -223,12 +223,59 @@ fn a_broken_case_file_says_why() {
     insta::assert_snapshot!("contract_broken_files", report);
 }
 
+/// The std-free Rust scaffold's own panic handler (std's is not there): a handler that
+/// panics has the message in the host's log, and the event traps. The scaffold is made to
+/// panic on one name, rebuilt, and run on a case file of its own.
+fn panics_are_logged_and_trap(scaffold: &Path, name: &str) {
+    let lib = scaffold.join("src/lib.rs");
+    let code = std::fs::read_to_string(&lib).unwrap();
+    let panicking = code.replace(
+        "        let greeting =",
+        "        if name == \"panic\" {\n            panic!(\"asked to panic\");\n        }\n        let greeting =",
+    );
+    assert_ne!(
+        panicking, code,
+        "the scaffold's handler changed; update this test"
+    );
+    std::fs::write(&lib, panicking).unwrap();
+    let built = std::process::Command::new(scaffold.join("build.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let cases = scaffold.join("panic.toml");
+    std::fs::write(
+        &cases,
+        format!(
+            "manifest = \"wasmev.toml\"\n\n[[case]]\nname = \"a panic is logged and traps\"\n\
+             subject = \"{name}.requested\"\npayload = \"panic\"\nexpect.result = \"trap\"\n\
+             expect.logs = [\"panicked at src/lib.rs\", \"asked to panic\"]\n"
+        ),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let output = wasmev_command()
+        .args(["test", &cases.display().to_string()])
+        .env("WASMEV_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.ends_with("test result: ok. 1 passed, 0 failed\n"),
+        "{stdout}"
+    );
+}
+
 /// `wasmev new` in each language, then its build.sh, then `wasmev test` on the result:
 /// the scaffold passes its own cases untouched.
 #[test]
 fn new_scaffolds_build_and_pass_their_own_cases() {
     let dir = tempfile::tempdir().unwrap();
-    for lang in ["rust", "js", "python", "c"] {
+    for lang in ["rust", "rust-no-std", "js", "python", "c"] {
         let name = format!("hello-{lang}");
         let output = run(&["new", &name, "--lang", lang], dir.path());
         let (stdout, stderr) = text(&output);
@@ -246,6 +293,19 @@ fn new_scaffolds_build_and_pass_their_own_cases() {
             "{lang}: build.sh failed:\n{}",
             String::from_utf8_lossy(&built.stderr)
         );
+        // What the std-free scaffold is for: its component imports wasmev's interfaces and
+        // no WASI one (the std build imports a dozen).
+        if lang.starts_with("rust") {
+            let module = format!(
+                "target/wasm32-wasip2/release/{}.wasm",
+                name.replace('-', "_")
+            );
+            let wasi = component_imports(&scaffold.join(module))
+                .into_iter()
+                .filter(|name| name.starts_with("wasi:"))
+                .count();
+            assert_eq!(wasi > 0, lang == "rust", "{lang}: {wasi} WASI imports");
+        }
         // An empty artifact cache: a first test compiles the component.
         let cache = tempfile::tempdir().unwrap();
         let output = wasmev_command()
@@ -274,6 +334,9 @@ fn new_scaffolds_build_and_pass_their_own_cases() {
         // The manifest it wrote is one `wasmev check` accepts.
         let output = run(&["check", &format!("{name}/wasmev.toml")], dir.path());
         assert!(output.status.success(), "{lang}: {}", text(&output).1);
+        if lang == "rust-no-std" {
+            panics_are_logged_and_trap(&scaffold, &name);
+        }
     }
 
     // The next-steps text and the block to paste, for one language.
