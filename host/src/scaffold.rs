@@ -50,6 +50,7 @@ impl Lang {
                 ("build.sh", include_str!("../templates/rust/build.sh")),
                 ("src/lib.rs", include_str!("../templates/rust/src/lib.rs")),
             ],
+            // The same handler as `Rust`'s, after its own prelude (`prelude`).
             Lang::RustNoStd => &[
                 (
                     "Cargo.toml",
@@ -59,13 +60,14 @@ impl Lang {
                     "build.sh",
                     include_str!("../templates/rust-no-std/build.sh"),
                 ),
+                ("src/lib.rs", include_str!("../templates/rust/src/lib.rs")),
                 (
-                    "src/lib.rs",
-                    include_str!("../templates/rust-no-std/src/lib.rs"),
+                    "src/heap.rs",
+                    include_str!("../templates/rust-no-std/src/heap.rs"),
                 ),
                 (
-                    "src/no_std.rs",
-                    include_str!("../templates/rust-no-std/src/no_std.rs"),
+                    "src/panic.rs",
+                    include_str!("../templates/rust-no-std/src/panic.rs"),
                 ),
             ],
             Lang::Js => &[
@@ -81,6 +83,30 @@ impl Lang {
                 ("build.sh", include_str!("../templates/c/build.sh")),
                 ("handler.c", include_str!("../templates/c/handler.c")),
             ],
+        }
+    }
+
+    /// What a template's `{{prelude}}` line becomes: the Rust handler's lines before its
+    /// bindings, which make it `no_std` for `RustNoStd` (and are nothing otherwise).
+    fn prelude(self) -> &'static str {
+        match self {
+            Lang::RustNoStd => {
+                "//!\n\
+                 //! Built without Rust's standard library: `heap.rs` and `panic.rs` supply what \
+                 std would.\n\
+                 \n\
+                 #![no_std]\n\
+                 \n\
+                 extern crate alloc;\n\
+                 \n\
+                 mod heap;\n\
+                 mod panic;\n\
+                 \n\
+                 use alloc::format;\n\
+                 use alloc::string::{String, ToString};\n\
+                 use alloc::vec::Vec;\n"
+            }
+            Lang::Rust | Lang::Js | Lang::Python | Lang::C => "",
         }
     }
 
@@ -193,6 +219,7 @@ pub fn create(name: &str, lang: Lang, dir: &Path) -> Result<Scaffold, ScaffoldEr
             .replace("{{ident}}", &ident)
             .replace("{{module}}", &module)
             .replace("{{watch}}", &format!("{:?}", lang.watch()))
+            .replace("{{prelude}}", lang.prelude())
     };
     let readme = format!(
         "# {name} ({lang})\n\n\

@@ -1,7 +1,7 @@
 //! {{name}}: a wasmev handler. On `{{name}}.requested` with a name as the payload, it
 //! publishes "<greeting>, <name>!" on `{{name}}.done`, passing the `source` header on.
 //! An empty name is rejected; while config `paused` is "true" it asks for a retry.
-
+{{prelude}}
 wit_bindgen::generate!({ path: "wit", world: "handler" });
 
 // The world `use`s `event` and `handle-error`, so the bindings define them at the root.
