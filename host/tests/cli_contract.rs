@@ -18,6 +18,30 @@ fn run(args: &[&str], dir: &Path) -> Output {
         .unwrap()
 }
 
+/// Run a scaffold's build.sh; `what` names it if the build fails.
+fn build_scaffold(scaffold: &Path, what: &str) {
+    let built = std::process::Command::new(scaffold.join("build.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{what}: build.sh failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+}
+
+/// `wasmev test CASES` in `dir` with an empty artifact cache (a first test compiles the
+/// component).
+fn test_uncached(cases: &str, dir: &Path) -> Output {
+    let cache = tempfile::tempdir().unwrap();
+    wasmev_command()
+        .args(["test", cases])
+        .current_dir(dir)
+        .env("WASMEV_CACHE_DIR", cache.path())
+        .output()
+        .unwrap()
+}
+
 fn text(output: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -238,14 +262,7 @@ fn panics_are_logged_and_trap(scaffold: &Path, name: &str) {
         "the scaffold's handler changed; update this test"
     );
     std::fs::write(&lib, panicking).unwrap();
-    let built = std::process::Command::new(scaffold.join("build.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    build_scaffold(scaffold, "rust-no-std, made to panic");
     let cases = scaffold.join("panic.toml");
     std::fs::write(
         &cases,
@@ -256,12 +273,7 @@ fn panics_are_logged_and_trap(scaffold: &Path, name: &str) {
         ),
     )
     .unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let output = wasmev_command()
-        .args(["test", &cases.display().to_string()])
-        .env("WASMEV_CACHE_DIR", cache.path())
-        .output()
-        .unwrap();
+    let output = test_uncached("panic.toml", scaffold);
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(
@@ -285,14 +297,7 @@ fn new_scaffolds_build_and_pass_their_own_cases() {
             "{stdout}"
         );
         let scaffold = dir.path().join(&name);
-        let built = std::process::Command::new(scaffold.join("build.sh"))
-            .output()
-            .unwrap();
-        assert!(
-            built.status.success(),
-            "{lang}: build.sh failed:\n{}",
-            String::from_utf8_lossy(&built.stderr)
-        );
+        build_scaffold(&scaffold, lang);
         // What the std-free scaffold is for: its component imports wasmev's interfaces and
         // no WASI one (the std build imports a dozen).
         if lang.starts_with("rust") {
@@ -306,14 +311,7 @@ fn new_scaffolds_build_and_pass_their_own_cases() {
                 .count();
             assert_eq!(wasi > 0, lang == "rust", "{lang}: {wasi} WASI imports");
         }
-        // An empty artifact cache: a first test compiles the component.
-        let cache = tempfile::tempdir().unwrap();
-        let output = wasmev_command()
-            .args(["test", &name])
-            .current_dir(dir.path())
-            .env("WASMEV_CACHE_DIR", cache.path())
-            .output()
-            .unwrap();
+        let output = test_uncached(&name, dir.path());
         let (stdout, stderr) = text(&output);
         assert!(output.status.success(), "{lang}: {stdout}\n{stderr}");
         assert!(
