@@ -45,7 +45,8 @@ enum Bench {
     One {
         /// baseline, baseline-hops (the baseline adding wasmev's hop header to each
         /// publish), baseline-call (that, and a call of the reference component
-        /// `bench/bare` on a warm instance per event), per-event, reuse, per-event-lean
+        /// `bench/bare` on a warm instance per event), baseline-call-fresh (the same on a
+        /// fresh instance per event), per-event, reuse, per-event-lean
         /// (per-event with the echo built without std, which imports no WASI interface),
         /// jetstream (consume+ack of stored events, per-event), jetstream-reuse (the same
         /// with reuse), or jetstream-baseline (the same by a plain async-nats pull

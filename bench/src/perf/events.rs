@@ -49,6 +49,7 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         raw,
         hops,
         called,
+        called_fresh,
         per_event,
         reuse,
         small,
@@ -93,6 +94,23 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
         "NATS",
         "subscriber with the header and the reference call",
         &Measured::summary(called),
+        &raw_m,
+    ));
+    // And with a fresh instance of it per event: where `per-event` could get to at best.
+    rows.push(round_row(
+        &format!(
+            "NATS: the same subscriber with the header, a fresh instance of the reference \
+             component per event (store, instantiate, call, drop), each event on a task of \
+             its own, at most {IN_FLIGHT} at once"
+        ),
+        called_fresh,
+        raw,
+        "",
+    ));
+    rows.extend(worker_rows(
+        "NATS",
+        "subscriber with the header and a fresh reference instance",
+        &Measured::summary(called_fresh),
         &raw_m,
     ));
 
@@ -305,7 +323,8 @@ pub async fn events(events: u64, latency_secs: u64) -> anyhow::Result<String> {
              engine with the host's settings, called through an empty linker on a fiber \
              as wasmev calls handlers, and again synchronously; on NATS the subscriber with \
              the header also calls it, on one warm instance, for each event before it \
-             republishes, taking its turn in the same rounds. {}.\n",
+             republishes, and again on a fresh instance for each event, each event on a \
+             task of its own, taking their turns in the same rounds. {}.\n",
             events / 2,
             Server::version()
         ),
@@ -323,10 +342,11 @@ fn jetstream_mode(mode: &str) -> Option<&'static str> {
 }
 
 /// Who answers `bench.in` on NATS in the throughput rounds, in the order they take turns.
-const CONTENDERS: [Contender; 10] = [
+const CONTENDERS: [Contender; 11] = [
     Contender::Plain,
     Contender::PlainWithHops,
     Contender::PlainWithCall,
+    Contender::PlainWithFreshCall,
     Contender::Host("per-event", ECHO),
     Contender::Host("reuse", ECHO),
     Contender::Host("per-event", ECHO_SMALL_STACK),
@@ -346,6 +366,8 @@ enum Contender {
     /// The same with the header, calling the reference component on a warm instance for
     /// each event before it republishes ([`Republish::WithHopsAndCall`]).
     PlainWithCall,
+    /// The same with a fresh instance for each event ([`Republish::WithHopsAndFreshCall`]).
+    PlainWithFreshCall,
     /// A host running the echo handler: its `instances` mode and its module.
     Host(&'static str, &'static str),
     /// Another contender on a runtime with one worker thread (NATS only).
@@ -396,7 +418,10 @@ impl Contender {
                         Route::Memory(memory),
                     ))
                 }
-                Contender::PlainWithHops | Contender::PlainWithCall | Contender::OneWorker(_) => {
+                Contender::PlainWithHops
+                | Contender::PlainWithCall
+                | Contender::PlainWithFreshCall
+                | Contender::OneWorker(_) => {
                     bail!("the hop-header and one-worker contenders answer on NATS only")
                 }
                 Contender::Host(mode, module) => {
@@ -421,6 +446,13 @@ impl Contender {
                 nats_baseline(
                     url,
                     Republish::WithHopsAndCall(Bare::load(Path::new(BARE))?),
+                )
+                .await?,
+            ),
+            Contender::PlainWithFreshCall => Started::Plain(
+                nats_baseline(
+                    url,
+                    Republish::WithHopsAndFreshCall(Bare::load(Path::new(BARE))?),
                 )
                 .await?,
             ),
@@ -730,11 +762,12 @@ pub async fn one(
     let url = server.as_ref().map(|s| s.url.clone());
     let memory = wasmev::broker::memory::MemoryBroker::new();
     let (route, running, base) = match (mode, &url) {
-        ("baseline" | "baseline-hops" | "baseline-call", Some(url)) => {
+        ("baseline" | "baseline-hops" | "baseline-call" | "baseline-call-fresh", Some(url)) => {
             let republish = match mode {
                 "baseline" => Republish::Plain,
                 "baseline-hops" => Republish::WithHops,
-                _ => Republish::WithHopsAndCall(Bare::load(Path::new(BARE))?),
+                "baseline-call" => Republish::WithHopsAndCall(Bare::load(Path::new(BARE))?),
+                _ => Republish::WithHopsAndFreshCall(Bare::load(Path::new(BARE))?),
             };
             (
                 nats_route(url).await?,
@@ -786,7 +819,7 @@ pub async fn one(
             ));
         }
         _ => bail!(
-            "mode is baseline, baseline-hops or baseline-call (NATS only), per-event, reuse, per-event-lean, \
+            "mode is baseline, baseline-hops, baseline-call or baseline-call-fresh (NATS only), per-event, reuse, per-event-lean, \
              jetstream, jetstream-reuse or jetstream-baseline (NATS only), or floor, not \
              {mode:?}"
         ),

@@ -15,7 +15,7 @@ use wasmev::subject::Pattern;
 use wasmev::{Host, Manifest, Options};
 
 use super::cpu;
-use super::reference::{Bare, Call};
+use super::reference::{Bare, Call, Instance};
 use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, median, rate, us_per_event};
 use crate::alloc;
 
@@ -409,14 +409,25 @@ pub(super) enum Republish {
     /// (`bench/bare`: `handle(list<u8>)`, no imports) on one warm instance, made async as
     /// wasmev makes its calls: the least a Wasm host with wasmev's loop guard does.
     WithHopsAndCall(Bare),
+    /// The same with a fresh instance of it for each event (store, instantiate, call,
+    /// drop), each event on a task of its own and at most [`IN_FLIGHT`] at once, as a
+    /// `per-event` handler's are: the least such a host does with a fresh instance.
+    WithHopsAndFreshCall(Bare),
 }
 
 /// The baseline: a plain async-nats subscriber on `bench.in` republishing on `bench.out`,
 /// doing `republish`'s extra work.
 pub(super) async fn nats_baseline(url: &str, republish: Republish) -> anyhow::Result<Baseline> {
-    let mut instance = match &republish {
+    let mut warm = match &republish {
         Republish::WithHopsAndCall(bare) => Some(bare.instance(Call::Async).await?),
-        Republish::Plain | Republish::WithHops => None,
+        _ => None,
+    };
+    let fresh = match &republish {
+        Republish::WithHopsAndFreshCall(bare) => Some((
+            bare.clone(),
+            Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT as usize)),
+        )),
+        _ => None,
     };
     let hop_header = !matches!(republish, Republish::Plain);
     let client = async_nats::connect(url).await?;
@@ -434,20 +445,25 @@ pub(super) async fn nats_baseline(url: &str, republish: Republish) -> anyhow::Re
                 _ = &mut stopped => break,
                 m = sub.next() => match m {
                     Some(m) => {
-                        if let Some(instance) = &mut instance
-                            && let Err(e) = instance.call(&m.payload, Call::Async).await
+                        if let Some((bare, in_flight)) = &fresh {
+                            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                                return;
+                            };
+                            let (bare, client) = (bare.clone(), client.clone());
+                            tokio::spawn(async move {
+                                let _permit = permit;
+                                if called(bare.instance(Call::Async).await, &m.payload).await {
+                                    let _ = publish_out(&client, hop_header, m.payload).await;
+                                }
+                            });
+                            continue;
+                        }
+                        if let Some(instance) = &mut warm
+                            && !called(Ok(instance), &m.payload).await
                         {
-                            eprintln!("the baseline's call of the reference component failed: {e:#}");
                             return;
                         }
-                        let sent = if hop_header {
-                            let mut headers = async_nats::HeaderMap::new();
-                            headers.insert(wasmev::publish::HOPS, "1");
-                            client.publish_with_headers("bench.out", headers, m.payload).await
-                        } else {
-                            client.publish("bench.out", m.payload).await
-                        };
-                        if sent.is_err() {
+                        if publish_out(&client, hop_header, m.payload).await.is_err() {
                             return;
                         }
                     }
@@ -459,6 +475,40 @@ pub(super) async fn nats_baseline(url: &str, republish: Republish) -> anyhow::Re
         let _ = client.flush().await;
     });
     Ok(Baseline { stop, task })
+}
+
+/// Call the reference component on `instance`; false (and the error on stderr) when it
+/// could not be made or the call failed.
+async fn called(
+    instance: anyhow::Result<impl std::borrow::BorrowMut<Instance>>,
+    payload: &[u8],
+) -> bool {
+    let called = match instance {
+        Ok(mut instance) => instance.borrow_mut().call(payload, Call::Async).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &called {
+        eprintln!("the baseline's call of the reference component failed: {e:#}");
+    }
+    called.is_ok()
+}
+
+/// The baseline's publish of an event's payload on `bench.out`, with wasmev's hop header
+/// when `hop_header`, built per message as the host builds it.
+async fn publish_out(
+    client: &async_nats::Client,
+    hop_header: bool,
+    payload: Bytes,
+) -> Result<(), async_nats::PublishError> {
+    if hop_header {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(wasmev::publish::HOPS, "1");
+        client
+            .publish_with_headers("bench.out", headers, payload)
+            .await
+    } else {
+        client.publish("bench.out", payload).await
+    }
 }
 
 /// The same on the embedded broker.
