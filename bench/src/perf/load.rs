@@ -402,8 +402,8 @@ pub(super) enum Republish {
     /// Nothing: the plain subscriber.
     Plain,
     /// Each republish also carries the header wasmev stamps on every guest publish
-    /// (`Wasmev-Hops: 1`), built per message as the host builds it: what that header alone
-    /// costs async-nats.
+    /// (`Wasmev-Hops: 1`), made as the host makes it: what that header alone costs
+    /// async-nats.
     WithHops,
     /// The same, and before it the payload goes through a call of the reference component
     /// (`bench/bare`: `handle(list<u8>)`, no imports) on one warm instance, made async as
@@ -494,15 +494,14 @@ async fn called(
 }
 
 /// The baseline's publish of an event's payload on `bench.out`, with wasmev's hop header
-/// when `hop_header`, built per message as the host builds it.
+/// when `hop_header`, made per message as the host makes it (a clone of a map built once).
 async fn publish_out(
     client: &async_nats::Client,
     hop_header: bool,
     payload: Bytes,
 ) -> Result<(), async_nats::PublishError> {
     if hop_header {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(wasmev::publish::HOPS, "1");
+        let headers = wasmev::broker::nats::hops_only(1);
         client
             .publish_with_headers("bench.out", headers, payload)
             .await
