@@ -15,7 +15,6 @@ use super::load::{
     WorkersUse, baseline_row, cpu_row, echo_host, latency, latency_row, latency_run, measure,
     memory_baseline, nats_baseline, nats_route, on_one_worker, rate_row, throughput, worker_rows,
 };
-use super::reference::Bare;
 use super::{
     BARE, ECHO, ECHO_LEAN, ECHO_SIZED_MEMORY, ECHO_SMALL_STACK, IN_FLIGHT, LATENCY_RATE, PAYLOAD,
     Row, Server, WINDOW, median, rate, table,
@@ -343,15 +342,15 @@ fn jetstream_mode(mode: &str) -> Option<&'static str> {
 
 /// Who answers `bench.in` on NATS in the throughput rounds, in the order they take turns.
 const CONTENDERS: [Contender; 11] = [
-    Contender::Plain,
-    Contender::PlainWithHops,
-    Contender::PlainWithCall,
-    Contender::PlainWithFreshCall,
+    Contender::Plain(Republish::Plain),
+    Contender::Plain(Republish::WithHops),
+    Contender::Plain(Republish::WithHopsAndCall),
+    Contender::Plain(Republish::WithHopsAndFreshCall),
     Contender::Host("per-event", ECHO),
     Contender::Host("reuse", ECHO),
     Contender::Host("per-event", ECHO_SMALL_STACK),
     Contender::Host("per-event", ECHO_LEAN),
-    Contender::OneWorker(&Contender::Plain),
+    Contender::OneWorker(&Contender::Plain(Republish::Plain)),
     Contender::OneWorker(&Contender::Host("per-event", ECHO)),
     Contender::OneWorker(&Contender::Host("reuse", ECHO)),
 ];
@@ -359,15 +358,9 @@ const CONTENDERS: [Contender; 11] = [
 /// One subscriber the NATS figures compare.
 #[derive(Clone, Copy)]
 enum Contender {
-    /// The baseline: a plain async-nats subscriber republishing.
-    Plain,
-    /// The same, adding wasmev's hop header to each publish.
-    PlainWithHops,
-    /// The same with the header, calling the reference component on a warm instance for
-    /// each event before it republishes ([`Republish::WithHopsAndCall`]).
-    PlainWithCall,
-    /// The same with a fresh instance for each event ([`Republish::WithHopsAndFreshCall`]).
-    PlainWithFreshCall,
+    /// The baseline: a plain async-nats subscriber republishing, doing what else
+    /// [`Republish`] says (on the embedded broker: nothing else).
+    Plain(Republish),
     /// A host running the echo handler: its `instances` mode and its module.
     Host(&'static str, &'static str),
     /// Another contender on a runtime with one worker thread (NATS only).
@@ -377,7 +370,7 @@ enum Contender {
 /// Who answers `bench.in` in the latency rounds (NATS and embedded), in turn: the baseline
 /// first, then each mode.
 const LATENCY_CONTENDERS: [Contender; 3] = [
-    Contender::Plain,
+    Contender::Plain(Republish::Plain),
     Contender::Host("per-event", ECHO),
     Contender::Host("reuse", ECHO),
 ];
@@ -411,18 +404,18 @@ impl Contender {
                 Ok((started, route.clone()))
             }
             On::Embedded => match self {
-                Contender::Plain => {
+                Contender::Plain(Republish::Plain) => {
                     let memory = wasmev::broker::memory::MemoryBroker::new();
                     Ok((
                         Started::Plain(memory_baseline(&memory)?),
                         Route::Memory(memory),
                     ))
                 }
-                Contender::PlainWithHops
-                | Contender::PlainWithCall
-                | Contender::PlainWithFreshCall
-                | Contender::OneWorker(_) => {
-                    bail!("the hop-header and one-worker contenders answer on NATS only")
+                Contender::Plain(_) | Contender::OneWorker(_) => {
+                    bail!(
+                        "the baselines with the hop header or a call, and the one-worker \
+                         contenders, answer on NATS only"
+                    )
                 }
                 Contender::Host(mode, module) => {
                     let (host, broker) = echo_host(dir, module, mode, None, "").await?;
@@ -438,24 +431,7 @@ impl Contender {
     /// Start answering on the nats-server at `url`, on the runtime this is called on.
     async fn start_nats(self, dir: &Path, url: &str) -> anyhow::Result<Started> {
         Ok(match self {
-            Contender::Plain => Started::Plain(nats_baseline(url, Republish::Plain).await?),
-            Contender::PlainWithHops => {
-                Started::Plain(nats_baseline(url, Republish::WithHops).await?)
-            }
-            Contender::PlainWithCall => Started::Plain(
-                nats_baseline(
-                    url,
-                    Republish::WithHopsAndCall(Bare::load(Path::new(BARE))?),
-                )
-                .await?,
-            ),
-            Contender::PlainWithFreshCall => Started::Plain(
-                nats_baseline(
-                    url,
-                    Republish::WithHopsAndFreshCall(Bare::load(Path::new(BARE))?),
-                )
-                .await?,
-            ),
+            Contender::Plain(republish) => Started::Plain(nats_baseline(url, republish).await?),
             Contender::Host(mode, module) => {
                 Started::Host(echo_host(dir, module, mode, Some(url), "").await?.0)
             }
@@ -766,8 +742,8 @@ pub async fn one(
             let republish = match mode {
                 "baseline" => Republish::Plain,
                 "baseline-hops" => Republish::WithHops,
-                "baseline-call" => Republish::WithHopsAndCall(Bare::load(Path::new(BARE))?),
-                _ => Republish::WithHopsAndFreshCall(Bare::load(Path::new(BARE))?),
+                "baseline-call" => Republish::WithHopsAndCall,
+                _ => Republish::WithHopsAndFreshCall,
             };
             (
                 nats_route(url).await?,
@@ -819,9 +795,9 @@ pub async fn one(
             ));
         }
         _ => bail!(
-            "mode is baseline, baseline-hops, baseline-call or baseline-call-fresh (NATS only), per-event, reuse, per-event-lean, \
-             jetstream, jetstream-reuse or jetstream-baseline (NATS only), or floor, not \
-             {mode:?}"
+            "mode is baseline, baseline-hops, baseline-call or baseline-call-fresh (NATS \
+             only), per-event, reuse, per-event-lean, jetstream, jetstream-reuse or \
+             jetstream-baseline (NATS only), or floor, not {mode:?}"
         ),
     };
     let broker = if embedded {

@@ -16,7 +16,7 @@ use wasmev::{Host, Manifest, Options};
 
 use super::cpu;
 use super::reference::{Bare, Call, Instance};
-use super::{IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, median, rate, us_per_event};
+use super::{BARE, IN_FLIGHT, LATENCY_RATE, PAYLOAD, Row, WINDOW, median, rate, us_per_event};
 use crate::alloc;
 
 /// The broker events travel through: where they go in and where answers are counted.
@@ -397,7 +397,7 @@ impl Baseline {
 }
 
 /// What a baseline subscriber does with an event besides republishing its payload.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 pub(super) enum Republish {
     /// Nothing: the plain subscriber.
     Plain,
@@ -408,23 +408,29 @@ pub(super) enum Republish {
     /// The same, and before it the payload goes through a call of the reference component
     /// (`bench/bare`: `handle(list<u8>)`, no imports) on one warm instance, made async as
     /// wasmev makes its calls: the least a Wasm host with wasmev's loop guard does.
-    WithHopsAndCall(Bare),
+    WithHopsAndCall,
     /// The same with a fresh instance of it for each event (store, instantiate, call,
     /// drop), each event on a task of its own and at most [`IN_FLIGHT`] at once, as a
     /// `per-event` handler's are: the least such a host does with a fresh instance.
-    WithHopsAndFreshCall(Bare),
+    WithHopsAndFreshCall,
 }
 
 /// The baseline: a plain async-nats subscriber on `bench.in` republishing on `bench.out`,
 /// doing `republish`'s extra work.
 pub(super) async fn nats_baseline(url: &str, republish: Republish) -> anyhow::Result<Baseline> {
-    let mut warm = match &republish {
-        Republish::WithHopsAndCall(bare) => Some(bare.instance(Call::Async).await?),
+    let bare = match republish {
+        Republish::WithHopsAndCall | Republish::WithHopsAndFreshCall => {
+            Some(Bare::load(Path::new(BARE))?)
+        }
+        Republish::Plain | Republish::WithHops => None,
+    };
+    let mut warm = match (&bare, republish) {
+        (Some(bare), Republish::WithHopsAndCall) => Some(bare.instance(Call::Async).await?),
         _ => None,
     };
-    let fresh = match &republish {
-        Republish::WithHopsAndFreshCall(bare) => Some((
-            bare.clone(),
+    let fresh = match (bare, republish) {
+        (Some(bare), Republish::WithHopsAndFreshCall) => Some((
+            bare,
             Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT as usize)),
         )),
         _ => None,

@@ -69,7 +69,7 @@ impl Bare {
         let handle = instance
             .get_func(&mut store, "handle")
             .context("the reference component exports no `handle`")?;
-        handle.typed::<(&[u8],), ()>(&store)?;
+        let _: Handle<'_> = handle.typed(&store)?;
         Ok(Instance { store, handle })
     }
 }
