@@ -653,7 +653,7 @@ async fn reference_fresh(bare: &Bare, how: Call) -> anyhow::Result<f64> {
     let payload = vec![b'x'; PAYLOAD];
     let started = Instant::now();
     for _ in 0..FRESH_EVENTS {
-        bare.instance(how).await?.call(&payload, how).await?;
+        bare.call_fresh(&payload, how).await?;
     }
     Ok(per_event(started.elapsed(), FRESH_EVENTS))
 }

@@ -418,22 +418,15 @@ pub(super) enum Republish {
 /// The baseline: a plain async-nats subscriber on `bench.in` republishing on `bench.out`,
 /// doing `republish`'s extra work.
 pub(super) async fn nats_baseline(url: &str, republish: Republish) -> anyhow::Result<Baseline> {
-    let bare = match republish {
-        Republish::WithHopsAndCall | Republish::WithHopsAndFreshCall => {
-            Some(Bare::load(Path::new(BARE))?)
+    let mut calls = match republish {
+        Republish::Plain | Republish::WithHops => Calls::None,
+        Republish::WithHopsAndCall => {
+            Calls::Warm(Bare::load(Path::new(BARE))?.instance(Call::Async).await?)
         }
-        Republish::Plain | Republish::WithHops => None,
-    };
-    let mut warm = match (&bare, republish) {
-        (Some(bare), Republish::WithHopsAndCall) => Some(bare.instance(Call::Async).await?),
-        _ => None,
-    };
-    let fresh = match (bare, republish) {
-        (Some(bare), Republish::WithHopsAndFreshCall) => Some((
-            bare,
+        Republish::WithHopsAndFreshCall => Calls::Fresh(
+            Bare::load(Path::new(BARE))?,
             Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT as usize)),
-        )),
-        _ => None,
+        ),
     };
     let hop_header = !matches!(republish, Republish::Plain);
     let client = async_nats::connect(url).await?;
@@ -451,23 +444,26 @@ pub(super) async fn nats_baseline(url: &str, republish: Republish) -> anyhow::Re
                 _ = &mut stopped => break,
                 m = sub.next() => match m {
                     Some(m) => {
-                        if let Some((bare, in_flight)) = &fresh {
-                            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                                return;
-                            };
-                            let (bare, client) = (bare.clone(), client.clone());
-                            tokio::spawn(async move {
-                                let _permit = permit;
-                                if called(bare.instance(Call::Async).await, &m.payload).await {
-                                    let _ = publish_out(&client, hop_header, m.payload).await;
+                        match &mut calls {
+                            Calls::None => {}
+                            Calls::Warm(instance) => {
+                                if !reported(instance.call(&m.payload, Call::Async).await) {
+                                    return;
                                 }
-                            });
-                            continue;
-                        }
-                        if let Some(instance) = &mut warm
-                            && !called(Ok(instance), &m.payload).await
-                        {
-                            return;
+                            }
+                            Calls::Fresh(bare, in_flight) => {
+                                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                                    return;
+                                };
+                                let (bare, client) = (bare.clone(), client.clone());
+                                tokio::spawn(async move {
+                                    let _permit = permit;
+                                    if reported(bare.call_fresh(&m.payload, Call::Async).await) {
+                                        let _ = publish_out(&client, hop_header, m.payload).await;
+                                    }
+                                });
+                                continue;
+                            }
                         }
                         if publish_out(&client, hop_header, m.payload).await.is_err() {
                             return;
@@ -483,20 +479,23 @@ pub(super) async fn nats_baseline(url: &str, republish: Republish) -> anyhow::Re
     Ok(Baseline { stop, task })
 }
 
-/// Call the reference component on `instance`; false (and the error on stderr) when it
-/// could not be made or the call failed.
-async fn called(
-    instance: anyhow::Result<impl std::borrow::BorrowMut<Instance>>,
-    payload: &[u8],
-) -> bool {
-    let called = match instance {
-        Ok(mut instance) => instance.borrow_mut().call(payload, Call::Async).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = &called {
+/// The reference component's calls a baseline makes, as [`Republish`] chose them.
+enum Calls {
+    None,
+    /// On this one instance.
+    Warm(Instance),
+    /// On a fresh instance each, each event on a task of its own, at most as many at once
+    /// as the semaphore has permits.
+    Fresh(Bare, Arc<tokio::sync::Semaphore>),
+}
+
+/// Whether a call of the reference component went through; if not, it says why on stderr
+/// (the run then waits for answers that never come, and the bench says it stalled).
+fn reported(call: anyhow::Result<()>) -> bool {
+    if let Err(e) = &call {
         eprintln!("the baseline's call of the reference component failed: {e:#}");
     }
-    called.is_ok()
+    call.is_ok()
 }
 
 /// The baseline's publish of an event's payload on `bench.out`, with wasmev's hop header

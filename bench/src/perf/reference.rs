@@ -72,6 +72,11 @@ impl Bare {
         let _: Handle<'_> = handle.typed(&store)?;
         Ok(Instance { store, handle })
     }
+
+    /// `handle(payload)` on a fresh instance, dropped after the call.
+    pub async fn call_fresh(&self, payload: &[u8], how: Call) -> anyhow::Result<()> {
+        self.instance(how).await?.call(payload, how).await
+    }
 }
 
 impl Instance {
