@@ -826,6 +826,8 @@ impl NatsBroker {
             "updating the durable consumer to the manifest's settings: {}",
             edited.join(", ")
         );
+        // An update is a create request on an existing durable: the same subjects as
+        // `consumer_api`'s create, without its info lookup.
         let updated = self
             .unless_refused(&api[1..], stream.update_consumer(config))
             .await;
