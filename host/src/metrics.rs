@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 mod durations;
-mod shards;
+pub(crate) mod shards;
 
 pub use durations::Durations;
 pub use shards::Count;

@@ -13,13 +13,14 @@ use crossbeam_utils::CachePadded;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
-/// Shards of a sharded metric. Why 8: one per worker thread on the machines the host runs
-/// on (2-8 cores); with more workers, threads share shards, which stays correct and costs
-/// only some of the contention the shards avoid.
-pub(super) const SHARDS: usize = 8;
+/// Shards of a sharded metric (and of a warm pool's per-thread slots, `crate::warm`). Why
+/// 8: one per worker thread on the machines the host runs on (2-8 cores); with more
+/// workers, threads share shards, which stays correct and costs only some of the
+/// contention (or, for the warm pool, the cache locality) the shards are for.
+pub(crate) const SHARDS: usize = 8;
 
-/// The shard the calling thread updates: handed out round-robin as threads first ask.
-pub(super) fn shard() -> usize {
+/// The calling thread's shard: handed out round-robin as threads first ask.
+pub(crate) fn shard() -> usize {
     thread_local! {
         static SHARD: usize = {
             static NEXT: AtomicUsize = AtomicUsize::new(0);
