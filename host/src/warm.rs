@@ -97,16 +97,25 @@ impl<T> Idle<T> {
     }
 
     fn take(&self) -> Option<T> {
-        let mine = shard();
+        self.take_at(shard())
+    }
+
+    /// Into the thread's slot if it is free, otherwise the queue; a full queue drops it.
+    fn put(&self, item: T) {
+        self.put_at(shard(), item);
+    }
+
+    /// `take` for the thread whose slot is `mine`: apart so the tests can name the slots
+    /// instead of depending on which shard each of their threads is handed.
+    fn take_at(&self, mine: usize) -> Option<T> {
         self.slots[mine]
             .pop()
             .or_else(|| self.shared.pop())
             .or_else(|| (1..SHARDS).find_map(|i| self.slots[(mine + i) % SHARDS].pop()))
     }
 
-    /// Into the thread's slot if it is free, otherwise the queue; a full queue drops it.
-    fn put(&self, item: T) {
-        if let Err(item) = self.slots[shard()].push(item) {
+    fn put_at(&self, mine: usize, item: T) {
+        if let Err(item) = self.slots[mine].push(item) {
             let _ = self.shared.push(item);
         }
     }
@@ -121,8 +130,6 @@ impl<T> Idle<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Barrier;
-
     use super::*;
 
     #[test]
@@ -142,19 +149,32 @@ mod tests {
 
     #[test]
     fn an_item_idle_in_another_threads_slot_is_taken_rather_than_none() {
+        // Every pair of slots, both ways round: the scan wraps past the last slot.
+        for theirs in 0..SHARDS {
+            for mine in (0..SHARDS).filter(|&mine| mine != theirs) {
+                let idle = Idle::new(4);
+                idle.put_at(theirs, "theirs");
+                assert_eq!(
+                    idle.take_at(mine),
+                    Some("theirs"),
+                    "slot {theirs} from {mine}"
+                );
+                assert_eq!(idle.take_at(mine), None);
+                assert_eq!(idle.take_at(theirs), None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_thread_takes_its_own_slot_before_the_queue_and_the_queue_before_other_slots() {
         let idle = Idle::new(4);
-        let returned = Barrier::new(2);
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                idle.put("theirs");
-                returned.wait();
-            });
-            returned.wait();
-            // The other thread's shard may be this one's (shards are handed out round-robin);
-            // either way the item is found.
-            assert_eq!(idle.take(), Some("theirs"));
-            assert_eq!(idle.take(), None);
-        });
+        idle.put_at(1, "other thread's");
+        idle.put_at(0, "mine");
+        idle.put_at(0, "queued");
+        assert_eq!(idle.take_at(0), Some("mine"));
+        assert_eq!(idle.take_at(0), Some("queued"));
+        assert_eq!(idle.take_at(0), Some("other thread's"));
+        assert_eq!(idle.take_at(0), None);
     }
 
     #[test]
