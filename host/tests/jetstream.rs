@@ -444,8 +444,8 @@ async fn the_log_says_what_was_updated_and_what_stream_subjects_did_not_change()
     insta::assert_snapshot!(
         [line("stream_subjects"), line("updating the durable consumer")].join("\n"),
         @r#"
-        WARN wasmev::broker::nats: stream "EVENTS" exists and captures ["js.in"], not the ["js.in", "js.more"] of stream_subjects, which only makes a missing stream: change the stream itself to capture others stream=EVENTS
-        INFO wasmev::broker::nats: updating the durable consumer to the manifest's settings: max_deliver 2 → 3 stream=EVENTS durable=chaos
+        WARN wasmev::broker::nats::streams: stream "EVENTS" exists and captures ["js.in"], not the ["js.in", "js.more"] of stream_subjects, which only makes a missing stream: change the stream itself to capture others stream=EVENTS
+        INFO wasmev::broker::nats::streams: updating the durable consumer to the manifest's settings: max_deliver 2 → 3 stream=EVENTS durable=chaos
         "#
     );
     assert_eq!(
