@@ -120,11 +120,9 @@ impl<T> Idle<T> {
         }
     }
 
+    /// Empty it: a take from any slot reaches every slot and the queue.
     fn clear(&self) {
-        for slot in &self.slots {
-            while slot.pop().is_some() {}
-        }
-        while self.shared.pop().is_some() {}
+        while self.take_at(0).is_some() {}
     }
 }
 
